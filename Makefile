@@ -1,0 +1,51 @@
+# The two commands: `make demo` and `make test`. Both set up everything they need on a fresh
+# Debian machine (run as root): the virtualenv in .venv, the package with its test extras, and
+# the Debian packages the tests and the demo use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: test demo venv debs lint typecheck bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@# twistd finds the plugin through dropin.cache; write it now, as its owner.
+	$(PY) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@touch $(STAMP)
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+test: venv debs
+	$(VENV)/bin/ruff check cellvpn tests twisted bench
+	$(VENV)/bin/ruff format --check cellvpn tests twisted bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: venv debs
+	$(PY) -m cellvpn.demo
+
+lint: venv
+	$(VENV)/bin/ruff check cellvpn tests twisted bench
+	$(VENV)/bin/ruff format --check cellvpn tests twisted bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -name dropin.cache -delete
