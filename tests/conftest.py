@@ -1,0 +1,25 @@
+"""Shared fixtures. The reactor is imported inside fixtures only (pytest-twisted installs it)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def reactor() -> Any:
+    from twisted.internet import reactor as r
+
+    return r
+
+
+def require_root(what: str = "network namespaces and TUN devices") -> None:
+    """Skip when not root, unless CELLVPN_REQUIRE_NETNS=1 (CI), where it fails instead."""
+    if os.geteuid() == 0 and os.path.exists("/dev/net/tun"):
+        return
+    reason = f"needs root and /dev/net/tun for {what}"
+    if os.environ.get("CELLVPN_REQUIRE_NETNS") == "1":
+        pytest.fail(reason + " (CELLVPN_REQUIRE_NETNS=1)")
+    pytest.skip(reason)
