@@ -1,0 +1,32 @@
+"""twistd plugin ``cellvpn-client``: ``Options`` and ``makeService`` for the client."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+
+from cellvpn.config import load_client_config
+from cellvpn.tapsupport import BaseOptions, ExitOnStartupError, load_or_exit, log_warnings
+
+
+class Options(BaseOptions):
+    synopsis = "[--config FILE] [--set section.key=value ...]"
+    longdesc = (
+        "Run the cellvpn client: connect to [client] server (or wait for "
+        "`cellvpn-ctl vpn_client start`), set up the tunnel and keep it up. Every key of the "
+        "config file can be overridden with --set section.key=value."
+    )
+    shortcuts = [
+        ("server", "client.server", "Server to connect to, host:port"),
+        ("ca", "client.ca", "PEM file of the CA that signed the server certificate"),
+        ("fingerprint", "client.fingerprint", "SHA-256 fingerprint of the server certificate"),
+        ("tun-name", "client.tun_name", "TUN device name"),
+        ("control-socket", "control.socket", "Control socket path"),
+    ]
+
+
+def makeService(options: Options) -> IService:
+    from cellvpn.client.service import VPNClientService
+
+    config = load_or_exit(load_client_config, options)
+    log_warnings(config.warnings)
+    return ExitOnStartupError(VPNClientService(config))

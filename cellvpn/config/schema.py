@@ -1,0 +1,339 @@
+"""The sections and keys of the server and client config files, with their defaults and docs.
+
+One frozen dataclass per ``[section]``; the field name is the key. A section class's first
+docstring line heads its section in the example files, and its ``checks`` are rules across keys.
+"""
+
+# option() is this package's dataclass field specifier, like dataclasses.field: calling it in a
+# field default is the point, not a shared mutable default.
+# ruff: noqa: RUF009
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import ClassVar, get_type_hints
+
+from cellvpn.config.endpoints import endpoint
+from cellvpn.config.fields import Check, at_most_one, both_or_neither, option
+from cellvpn.config.parsers import (
+    BOOL,
+    FINGERPRINT,
+    HEX64,
+    HOST_PORT,
+    IFNAME,
+    IPV4,
+    NAME,
+    NETWORK,
+    PATH,
+    HostPort,
+    IPNetwork,
+    choice,
+    integer,
+    list_of,
+    netmask,
+    optional,
+    seconds,
+)
+
+_OPTIONAL_PATH = optional(PATH)
+_IPV4_LIST = list_of(IPV4, "IPv4 addresses")
+_NETWORK_LIST = list_of(NETWORK, "IPv4 or IPv6 networks such as 198.18.0.0/15 or 2001:db8::/32")
+
+
+def _idle_after_keepalive(keepalive: float, idle_timeout: float) -> str | None:
+    if idle_timeout <= keepalive:
+        return "expected idle_timeout longer than keepalive, or idle streams are cut off"
+    return None
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """Where the server listens for client streams, and how it keeps them alive."""
+
+    listen: str = option(
+        endpoint(tls=False),
+        "tcp:8089",
+        "Twisted endpoint string to listen on for clients; cellvpn wraps it in TLS.",
+    )
+    state_dir: Path = option(
+        PATH,
+        Path("/var/lib/cellvpn"),
+        "Folder for the server's state: ledger, saved usage limits, generated certificate.",
+    )
+    keepalive: float = option(
+        seconds(0.1, 3600), 3.0, "Seconds without traffic before a KEEPALIVE frame is sent."
+    )
+    idle_timeout: float = option(
+        seconds(1, 86400), 60.0, "Seconds with nothing received before a stream is closed."
+    )
+    max_frame: int = option(
+        integer(1500, 16 * 1024 * 1024),
+        262144,
+        "Largest frame payload accepted, in bytes; a bigger frame closes the stream.",
+    )
+
+    checks: ClassVar[tuple[Check, ...]] = (
+        Check(("keepalive", "idle_timeout"), _idle_after_keepalive),
+    )
+
+
+@dataclass(frozen=True)
+class TLSServerSection:
+    """The server's TLS identity, and whether clients must present certificates."""
+
+    certificate: Path | None = option(
+        _OPTIONAL_PATH,
+        None,
+        "PEM certificate (chain) of the server; empty = one generated in state_dir on first start.",
+    )
+    private_key: Path | None = option(
+        _OPTIONAL_PATH, None, "PEM private key of certificate; set both or neither."
+    )
+    client_ca: Path | None = option(
+        _OPTIONAL_PATH,
+        None,
+        "PEM CA certificates; when set, clients must present a certificate signed by one of them.",
+    )
+    names: tuple[str, ...] = option(
+        list_of(NAME, "DNS names and IP addresses"),
+        (),
+        "Names for the generated certificate; empty = the host name plus the listen address"
+        " when the endpoint names one, else every address of the host.",
+    )
+
+    checks: ClassVar[tuple[Check, ...]] = (both_or_neither("certificate", "private_key"),)
+
+
+class Offload(StrEnum):
+    """Whether a stream carries large packets (offload) instead of MTU-sized ones."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def _network_of_mask(address: IPv4Address, mask: IPv4Address) -> str | None:
+    network = IPv4Network(f"{address}/{mask}", strict=False)
+    if network.network_address != address:
+        return (
+            f"expected network_address to be the network of network_mask"
+            f" ({network.network_address}): it has host bits set"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class SrvVpnSection:
+    """The VPN service: address pool, TUN device, payment and the optional proxy."""
+
+    enabled: bool = option(BOOL, True, "Run the VPN service.")
+    network_address: IPv4Address = option(
+        IPV4,
+        IPv4Address("10.11.12.0"),
+        "Network of the client address pool; the server's TUN takes its first address.",
+    )
+    network_mask: IPv4Address = option(
+        netmask(8, 30), IPv4Address("255.255.255.0"), "Netmask of the client address pool."
+    )
+    tun_name: str | None = option(
+        optional(IFNAME), None, "Name of the TUN device; empty = the kernel chooses."
+    )
+    mtu: int = option(
+        integer(576, 65535), 1400, "MTU of the TUN device; TCP MSS is clamped to fit it."
+    )
+    allow_free_srv: bool = option(BOOL, True, "Serve clients free of charge when no price applies.")
+    grace_period: int = option(
+        integer(1, 86400),
+        60,
+        "Seconds of service before a payment must show up; a client that never pays is banned"
+        " for 50 times this.",
+    )
+    debug_more: bool = option(BOOL, False, "Log every packet (verbose, for debugging).")
+    dns: tuple[IPv4Address, ...] = option(
+        _IPV4_LIST, (), "DNS servers offered to clients; empty = none offered."
+    )
+    isolate_clients: bool = option(BOOL, False, "Drop packets from one client to another.")
+    lease_hold: float = option(
+        seconds(0, 86400),
+        300.0,
+        "Seconds a released address stays reserved for the same client to reconnect.",
+    )
+    proxy: bool = option(
+        BOOL, False, "Let clients open TCP connections through the server (CONNECT/SEND)."
+    )
+    proxy_allow: tuple[IPNetwork, ...] = option(
+        _NETWORK_LIST, (), "Networks the proxy may connect to; empty = any not denied."
+    )
+    proxy_deny: tuple[IPNetwork, ...] = option(
+        _NETWORK_LIST, (), "Networks the proxy never connects to, even when allowed."
+    )
+    offload: Offload = option(
+        choice(Offload),
+        Offload.AUTO,
+        "Large-packet offload: auto = when the host and the client support it, on = require it,"
+        " off = never.",
+    )
+    workers: int = option(integer(1, 1024), 1, "Packet-forwarding workers (TUN queues).")
+
+    checks: ClassVar[tuple[Check, ...]] = (
+        Check(("network_address", "network_mask"), _network_of_mask),
+    )
+
+    @property
+    def network(self) -> IPv4Network:
+        """The client address pool as a network."""
+        return IPv4Network(f"{self.network_address}/{self.network_mask}")
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    """The local control socket that cellvpn-ctl talks to."""
+
+    socket: Path = option(PATH, Path("/run/cellvpn/server.sock"), "Unix socket for cellvpn-ctl.")
+
+
+@dataclass(frozen=True)
+class ClientControlSection(ControlSection):
+    """The local control socket that cellvpn-ctl talks to (the client's own)."""
+
+    socket: Path = option(PATH, Path("/run/cellvpn/client.sock"), "Unix socket for cellvpn-ctl.")
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """The Prometheus metrics listener."""
+
+    listen: str | None = option(
+        optional(endpoint(tls=True)),
+        None,
+        "Twisted endpoint string to serve metrics on over HTTP; empty = off.",
+    )
+
+
+@dataclass(frozen=True)
+class ClientSection:
+    """Which server to use, how to trust it, and what the tunnel does on this host."""
+
+    server: HostPort | None = option(
+        optional(HOST_PORT),
+        None,
+        "Server to connect to, as host:port (an IPv6 address in brackets: [2001:db8::1]:8089).",
+    )
+    server_name: str | None = option(
+        optional(NAME),
+        None,
+        "Name or IP address to check in the server's certificate; empty = the host of server.",
+    )
+    ca: Path | None = option(
+        _OPTIONAL_PATH,
+        None,
+        "PEM CA certificates to verify the server with; empty = the system's trusted CAs.",
+    )
+    fingerprint: str | None = option(
+        optional(FINGERPRINT),
+        None,
+        "SHA-256 fingerprint of the server's certificate, pinned instead of a CA.",
+    )
+    certificate: Path | None = option(
+        _OPTIONAL_PATH, None, "PEM client certificate for mutual TLS; set with private_key."
+    )
+    private_key: Path | None = option(
+        _OPTIONAL_PATH, None, "PEM private key of certificate; set both or neither."
+    )
+    tun_name: str | None = option(
+        optional(IFNAME), None, "Name of the TUN device; empty = the kernel chooses."
+    )
+    default_route: bool = option(
+        BOOL, True, "Send all traffic through the tunnel (the server stays reachable directly)."
+    )
+    kill_switch: bool = option(
+        BOOL, False, "Block traffic outside the tunnel while the tunnel is down."
+    )
+    reconnect: bool = option(
+        BOOL, True, "Reconnect with back-off when the connection is lost, keeping the address."
+    )
+    keepalive: float = option(seconds(0.1, 3600), 3.0, "Seconds between PINGs to the server.")
+    dns: tuple[IPv4Address, ...] = option(
+        _IPV4_LIST, (), "DNS servers to use while connected; empty = the ones the server offers."
+    )
+    socks: str | None = option(
+        optional(endpoint(tls=False)),
+        None,
+        "Twisted endpoint string for a local SOCKS proxy into the tunnel; empty = off.",
+    )
+    state_dir: Path = option(
+        PATH, Path("/var/lib/cellvpn-client"), "Folder for the client's state."
+    )
+
+    checks: ClassVar[tuple[Check, ...]] = (
+        at_most_one("ca", "fingerprint"),
+        both_or_neither("certificate", "private_key"),
+    )
+
+    @property
+    def expected_name(self) -> str | None:
+        """The name the server's certificate must match: server_name, else the server's host."""
+        if self.server_name is not None:
+            return self.server_name
+        return None if self.server is None else self.server.host
+
+
+@dataclass(frozen=True)
+class WalletSection:
+    """The client's billing account and the deposit it pays from."""
+
+    key: Path | None = option(
+        _OPTIONAL_PATH, None, "Ed25519 private key of the account; empty = free service only."
+    )
+    deposit: str | None = option(
+        optional(HEX64), None, "Id of the deposit to pay from (64 hex digits); empty = none."
+    )
+    deposit_value: int = option(
+        integer(0), 0, "Value to lock when creating a deposit; 0 = do not create one."
+    )
+    max_unit_price: int = option(
+        integer(0), 0, "Highest price per unit the client accepts; 0 = free service only."
+    )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server reads from its config file, validated."""
+
+    source: Path | None = None
+    server: ServerSection = field(default_factory=ServerSection)
+    tls: TLSServerSection = field(default_factory=TLSServerSection)
+    srv_vpn: SrvVpnSection = field(default_factory=SrvVpnSection)
+    control: ControlSection = field(default_factory=ControlSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything the client reads from its config file, validated."""
+
+    source: Path | None = None
+    client: ClientSection = field(default_factory=ClientSection)
+    control: ClientControlSection = field(default_factory=ClientControlSection)
+    wallet: WalletSection = field(default_factory=WalletSection)
+    warnings: tuple[str, ...] = ()
+
+
+#: The config kinds by the name the example files and the tools use.
+KINDS: Mapping[str, type[ServerConfig] | type[ClientConfig]] = {
+    "server": ServerConfig,
+    "client": ClientConfig,
+}
+
+_NOT_SECTIONS = ("source", "warnings")
+
+
+def sections(config: type[ServerConfig] | type[ClientConfig]) -> dict[str, type]:
+    """The ``[section]`` names of a config class and their section classes, in file order."""
+    hints = get_type_hints(config)
+    return {name: hints[name] for name in config.__dataclass_fields__ if name not in _NOT_SECTIONS}

@@ -1,0 +1,167 @@
+"""The Twisted protocol that carries one stream: TLS bytes in and out of a StreamConnection.
+
+It owns no protocol logic. It feeds received bytes to the sans-IO connection, writes what the
+connection queues (once per batch of input), runs the keepalive tick, and hands setup events to
+the application object (a server session or the client), which decides what they mean.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cellvpn.stream.connection import (
+    Closed,
+    Established,
+    Event,
+    HelloReceived,
+    StreamConnection,
+)
+from cellvpn.wire.setup import CloseCode
+
+
+class StreamApplication(TypingProtocol):
+    """What sits on top of a stream: a server session or the client.
+
+    ``stream_connected`` runs when TLS is up (a client calls ``proto.conn.start()`` there);
+    ``hello_received`` must answer with ``conn.accept`` or ``proto.close``.
+    """
+
+    def stream_connected(self, proto: StreamProtocol) -> None: ...
+
+    def hello_received(self, proto: StreamProtocol, event: HelloReceived) -> None: ...
+
+    def established(self, proto: StreamProtocol, event: Established) -> None: ...
+
+    def stream_closed(self, proto: StreamProtocol, event: Closed) -> None: ...
+
+    def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None: ...
+
+
+def peer_name(transport: object) -> str:
+    """``host:port`` of the remote end, for log lines."""
+    try:
+        peer = transport.getPeer()  # type: ignore[attr-defined]
+    except Exception:
+        return "unknown peer"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is None:
+        return str(peer)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class StreamProtocol(Protocol):
+    """One TLS connection carrying one cellvpn stream."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        conn: StreamConnection,
+        app: StreamApplication,
+        clock: IReactorTime,
+    ) -> None:
+        self.conn = conn
+        self.app = app
+        self.clock = clock
+        self.peer = "unknown peer"
+        self._ticker: LoopingCall | None = None
+        self._abort_call: IDelayedCall | None = None
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.peer = peer_name(self.transport)
+        ticker = LoopingCall(self._tick)
+        ticker.clock = self.clock
+        ticker.start(self.conn.settings.keepalive_interval, now=False)
+        self._ticker = ticker
+        self.app.stream_connected(self)
+        self.flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        events = self.conn.receive_data(data)
+        if events:
+            self._dispatch(events)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write everything the connection queued, as one write."""
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    def _tick(self) -> None:
+        events = self.conn.tick()
+        if events:
+            self._dispatch(events)
+        self.flush()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, HelloReceived):
+                self.app.hello_received(self, event)
+            elif isinstance(event, Established):
+                self.app.established(self, event)
+            elif isinstance(event, Closed):
+                self._closed(event)
+
+    def _closed(self, event: Closed) -> None:
+        if event.by_peer:
+            self.log.info(
+                "{peer} closed the stream ({code}): {reason}",
+                peer=self.peer,
+                code=event.code_name,
+                reason=event.reason or "no reason given",
+            )
+        elif event.code == CloseCode.PROTOCOL_ERROR:
+            self.log.warn(
+                "closing the stream with {peer}: protocol error: {reason}",
+                peer=self.peer,
+                reason=event.reason,
+            )
+        elif event.code not in (CloseCode.NORMAL, CloseCode.SHUTDOWN):
+            self.log.info(
+                "closing the stream with {peer} ({code}): {reason}",
+                peer=self.peer,
+                code=event.code_name,
+                reason=event.reason,
+            )
+        self.app.stream_closed(self, event)
+        self.flush()
+        self.disconnect()
+
+    def close(self, code: int, reason: str) -> None:
+        """Send CLOSE with ``reason`` and disconnect (the application ends the stream)."""
+        event = self.conn.close(code, reason)
+        if event is not None:
+            self._closed(event)
+        else:
+            self.disconnect()
+
+    def disconnect(self) -> None:
+        """Let queued bytes (the CLOSE frame) go out, and abort if the peer does not read them."""
+        if self.lost or self.transport is None:
+            return
+        self.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(5, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self.lost and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        self.app.connection_lost(self, reason)

@@ -1,0 +1,1 @@
+"""The control socket: AMP over a UNIX socket, spoken by ``cellvpn-ctl``."""

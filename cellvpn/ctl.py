@@ -1,0 +1,159 @@
+"""``cellvpn-ctl``: talk to a running cellvpn service over its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cellvpn import __version__
+
+SERVER_SOCKET = "/run/cellvpn/server.sock"
+CLIENT_SOCKET = "/run/cellvpn/client.sock"
+
+
+class CtlError(Exception):
+    """One line for the user; the exit status is ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def call(socket_path: str, command: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
+    """Run one control command and return its result (blocking; this is a CLI)."""
+    from twisted.internet import defer, task
+    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+    from twisted.protocols import amp
+
+    from cellvpn.control.commands import Call
+
+    outcome: dict[str, Any] = {}
+
+    async def run(reactor: Any) -> None:
+        endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=5)
+        try:
+            proto = await connectProtocol(endpoint, amp.AMP())
+        except Exception as e:
+            outcome["error"] = CtlError(
+                f"cannot reach the cellvpn service at {socket_path}: {_reason(e)} "
+                "(is it running? --socket names another socket)"
+            )
+            return
+        try:
+            d = proto.callRemote(Call, command=command, args=args)
+            d.addTimeout(timeout, reactor)
+            response = await d
+            outcome["result"] = response["result"]
+        except defer.TimeoutError:
+            outcome["error"] = CtlError(f"no answer from {socket_path} within {timeout:g} s")
+        except Exception as e:
+            outcome["error"] = CtlError(_reason(e))
+        finally:
+            proto.transport.loseConnection()
+
+    def main(reactor: Any) -> defer.Deferred[None]:
+        return defer.ensureDeferred(run(reactor))
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise CtlError(f"control call failed (status {e.code})") from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")
+
+
+def _reason(e: BaseException) -> str:
+    from twisted.protocols.amp import RemoteAmpError
+
+    if isinstance(e, RemoteAmpError):
+        return str(e.description) if getattr(e, "description", None) else str(e)
+    text = str(e) or type(e).__name__
+    if "No such file" in text or "ENOENT" in text:
+        return "no such socket"
+    if "Connection refused" in text:
+        return "nothing is listening there"
+    return text
+
+
+def _print_status(result: dict[str, Any]) -> None:
+    if result.get("role") == "client":
+        print(result.get("text", result.get("status")))
+        for key in ("server", "session_id", "last_error", "ping_rtt_ms", "keepalive_rtt_ms"):
+            value = result.get(key)
+            if value is not None:
+                if key == "session_id":
+                    value = f"{value:#010x}"
+                elif key.endswith("_ms"):
+                    value = f"{value:.2f} ms"
+                print(f"{key.replace('_', ' ')}: {value}")
+        return
+    sessions = result.get("sessions", [])
+    print(f"cellvpn server on {result.get('listen')}: {len(sessions)} session(s)")
+    for s in sessions:
+        rtt = s.get("rtt_ms")
+        print(
+            f"  session {s['session_id']:#010x} {s['peer']}: keepalives "
+            f"{s['keepalives_sent']} sent / {s['alives_received']} answered, "
+            f"{s['keepalives_received']} received"
+            + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
+        )
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _status(ns: argparse.Namespace) -> int:
+    sock = ns.socket or _default_socket()
+    result = call(sock, "status", {})
+    if ns.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        _print_status(result)
+    return 0
+
+
+def _default_socket() -> str:
+    import os
+
+    for path in (CLIENT_SOCKET, SERVER_SOCKET):
+        if os.path.exists(path):
+            return path
+    return CLIENT_SOCKET
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellvpn-ctl", description="Control a running cellvpn server or client."
+    )
+    parser.add_argument("--version", action="version", version=f"cellvpn {__version__}")
+    parser.add_argument("--socket", help="control socket of the service to talk to")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("status", help="the service's stream status")
+    p.set_defaults(handler=_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    handler: Handler | None = getattr(ns, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(ns)
+    except CtlError as e:
+        print(f"cellvpn-ctl: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""twistd plugin ``cellvpn``: ``Options`` and ``makeService`` for the server."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+
+from cellvpn.config import load_server_config
+from cellvpn.tapsupport import BaseOptions, ExitOnStartupError, load_or_exit, log_warnings
+
+
+class Options(BaseOptions):
+    synopsis = "[--config FILE] [--set section.key=value ...]"
+    longdesc = (
+        "Run the cellvpn server: TLS streams from clients, addresses leased from the pool, "
+        "IP packets between the TUN device and the clients. Every key of the config file can "
+        "be overridden with --set section.key=value."
+    )
+    shortcuts = [
+        ("listen", "server.listen", "Twisted endpoint to listen on, e.g. tcp:8089"),
+        ("state-dir", "server.state_dir", "Folder for the TLS identity, ledger and state"),
+        ("network-address", "srv_vpn.network_address", "Lease pool network address"),
+        ("network-mask", "srv_vpn.network_mask", "Lease pool netmask"),
+        ("tun-name", "srv_vpn.tun_name", "TUN device name"),
+        ("control-socket", "control.socket", "Control socket path"),
+    ]
+
+
+def makeService(options: Options) -> IService:
+    from cellvpn.server.service import VPNServerService
+
+    config = load_or_exit(load_server_config, options)
+    log_warnings(config.warnings)
+    return ExitOnStartupError(VPNServerService(config))
