@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -22,19 +22,18 @@ T = TypeVar("T")
 
 
 class BaseOptions(usage.Options):
-    """``--config FILE``, ``--set section.key=value`` and per-plugin shortcuts for common keys."""
+    """``--config FILE``, ``--set section.key=value`` and per-plugin shortcuts for common keys.
 
-    #: (long option, "section.key", help) for the common keys of each plugin.
-    shortcuts: list[tuple[str, str, str]] = []
+    A subclass lists its shortcuts as ``(long option, "section.key", help)`` and passes them
+    through :func:`shortcut_parameters` into its own ``optParameters``.
+    """
+
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["config", "c", None, "Config file (INI). Without one, the built-in defaults."],
+    ]
+    shortcuts: ClassVar[list[tuple[str, str, str]]] = []
 
     def __init__(self) -> None:
-        self.optParameters = [
-            ["config", "c", None, "Config file (INI). Without one, the built-in defaults."],
-            *[
-                [name, None, None, f"{doc} (overrides [{key.replace('.', '] ')})"]
-                for name, key, doc in self.shortcuts
-            ],
-        ]
         super().__init__()
         self.overrides: dict[str, str] = {}
 
@@ -51,11 +50,21 @@ class BaseOptions(usage.Options):
                 self.overrides[key] = self[name]
 
 
+def shortcut_parameters(shortcuts: list[tuple[str, str, str]]) -> list[list[Any]]:
+    """usage.Options parameters for shortcuts: ``--name VALUE`` sets ``section.key``."""
+    params: list[list[Any]] = []
+    for name, key, doc in shortcuts:
+        section, _, option = key.partition(".")
+        params.append([name, None, None, f"{doc} ([{section}] {option})."])
+    return params
+
+
 def load_or_exit(loader: Callable[..., T], options: BaseOptions) -> T:
     """Load the config; on errors print one line per problem and exit 1."""
     try:
         return loader(options["config"], options.overrides)
     except ConfigError as e:
+        log_warnings(e.warnings)
         for line in e.messages:
             print(f"cellvpn: {line}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -76,7 +85,6 @@ class ExitOnStartupError(MultiService):
             super().privilegedStartService()
         except StartupError as e:
             self.log.critical("cellvpn cannot start: {why}", why=str(e))
-            print(f"cellvpn: cannot start: {e}", file=sys.stderr)
             raise SystemExit(1) from None
 
     def startService(self) -> None:
@@ -84,7 +92,6 @@ class ExitOnStartupError(MultiService):
             super().startService()
         except StartupError as e:
             self.log.critical("cellvpn cannot start: {why}", why=str(e))
-            print(f"cellvpn: cannot start: {e}", file=sys.stderr)
             raise SystemExit(1) from None
 
 

@@ -23,3 +23,23 @@ def require_root(what: str = "network namespaces and TUN devices") -> None:
     if os.environ.get("CELLVPN_REQUIRE_NETNS") == "1":
         pytest.fail(reason + " (CELLVPN_REQUIRE_NETNS=1)")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def netns() -> Any:
+    """A factory of network namespaces, all removed (with their processes) after the test."""
+    require_root()
+    from cellvpn.lab import Namespace
+
+    made: list[Namespace] = []
+
+    def make(tag: str) -> Namespace:
+        ns = Namespace(tag)
+        made.append(ns)
+        return ns
+
+    try:
+        yield make
+    finally:
+        for ns in reversed(made):
+            ns.close()

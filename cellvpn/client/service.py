@@ -42,6 +42,8 @@ CONNECT_TIMEOUT = 10.0
 
 
 class _Factory(Factory):
+    noisy = False
+
     def __init__(self, build: Any) -> None:
         self._build = build
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from twisted.application.service import IService
 
 from cellvpn.config import load_client_config
-from cellvpn.tapsupport import BaseOptions, ExitOnStartupError, load_or_exit, log_warnings
+from cellvpn.tapsupport import (
+    BaseOptions,
+    ExitOnStartupError,
+    load_or_exit,
+    log_warnings,
+    shortcut_parameters,
+)
 
 
 class Options(BaseOptions):
@@ -15,13 +23,14 @@ class Options(BaseOptions):
         "`cellvpn-ctl vpn_client start`), set up the tunnel and keep it up. Every key of the "
         "config file can be overridden with --set section.key=value."
     )
-    shortcuts = [
+    shortcuts: ClassVar[list[tuple[str, str, str]]] = [
         ("server", "client.server", "Server to connect to, host:port"),
         ("ca", "client.ca", "PEM file of the CA that signed the server certificate"),
         ("fingerprint", "client.fingerprint", "SHA-256 fingerprint of the server certificate"),
         ("tun-name", "client.tun_name", "TUN device name"),
         ("control-socket", "control.socket", "Control socket path"),
     ]
+    optParameters: ClassVar[list[list[Any]]] = shortcut_parameters(shortcuts)
 
 
 def makeService(options: Options) -> IService:

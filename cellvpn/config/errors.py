@@ -12,6 +12,8 @@ class ConfigError(Exception):
     instead of one restart per typo. ``str()`` gives the messages one per line.
     """
 
-    def __init__(self, messages: Iterable[str]) -> None:
+    def __init__(self, messages: Iterable[str], warnings: Iterable[str] = ()) -> None:
         self.messages: list[str] = list(messages)
+        #: Warnings found on the way (unknown keys), so a typo is reported with the errors.
+        self.warnings: list[str] = list(warnings)
         super().__init__("\n".join(self.messages))

@@ -85,7 +85,7 @@ def _load(kind: type[C], path: str | Path | None, overrides: Mapping[str, str]) 
 
     values = {name: _section_values(name, cls, given, errors) for name, cls in schema.items()}
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError(errors, warnings)
     built = {name: cls(**values[name]) for name, cls in schema.items()}
     return kind(source=source, warnings=tuple(warnings), **built)
 

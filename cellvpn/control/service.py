@@ -10,9 +10,10 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from cellvpn.conn.listen import listen_now
 from cellvpn.control.commands import Call, ControlError, UnknownCommandError
@@ -27,6 +28,14 @@ class ControlProtocol(amp.AMP):
     def __init__(self, target: Any) -> None:
         super().__init__()
         self.target = target
+
+    def makeConnection(self, transport: Any) -> None:
+        # AMP logs every connection; a status poll every second would flood the log.
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
     @Call.responder
     def call(self, command: str, args: Any) -> Any:
@@ -69,6 +78,7 @@ class ControlService(Service):
             raise StartupError(f"cannot create the control socket folder: {e}") from None
         endpoint = UNIXServerEndpoint(self.reactor, str(self.path), mode=0o600, wantPID=True)
         factory = Factory.forProtocol(lambda: ControlProtocol(self.target))
+        factory.noisy = False
         old_umask = os.umask(0o077)
         try:
             self.port = listen_now(endpoint, factory, f"control socket {self.path}")

@@ -36,6 +36,8 @@ from cellvpn.wire.setup import CloseCode
 
 
 class _StreamFactory(Factory):
+    noisy = False
+
     def __init__(self, server: VPNServerService) -> None:
         self.server = server
 
@@ -109,6 +111,7 @@ class VPNServerService(MultiService):
             )
         listen = self.config.server.listen
         factory = TLSMemoryBIOFactory(creator, False, _StreamFactory(self))
+        factory.noisy = False
         self.port = listen_now(serverFromString(self.reactor, listen), factory, listen)
         super().privilegedStartService()
         self.accepting = True
@@ -134,6 +137,9 @@ class VPNServerService(MultiService):
         return d
 
     # --- reporting -------------------------------------------------------------------------
+
+    def control_status(self) -> dict[str, Any]:
+        return self.status()
 
     def status(self) -> dict[str, Any]:
         return {

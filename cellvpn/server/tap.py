@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from twisted.application.service import IService
 
 from cellvpn.config import load_server_config
-from cellvpn.tapsupport import BaseOptions, ExitOnStartupError, load_or_exit, log_warnings
+from cellvpn.tapsupport import (
+    BaseOptions,
+    ExitOnStartupError,
+    load_or_exit,
+    log_warnings,
+    shortcut_parameters,
+)
 
 
 class Options(BaseOptions):
@@ -15,7 +23,7 @@ class Options(BaseOptions):
         "IP packets between the TUN device and the clients. Every key of the config file can "
         "be overridden with --set section.key=value."
     )
-    shortcuts = [
+    shortcuts: ClassVar[list[tuple[str, str, str]]] = [
         ("listen", "server.listen", "Twisted endpoint to listen on, e.g. tcp:8089"),
         ("state-dir", "server.state_dir", "Folder for the TLS identity, ledger and state"),
         ("network-address", "srv_vpn.network_address", "Lease pool network address"),
@@ -23,6 +31,7 @@ class Options(BaseOptions):
         ("tun-name", "srv_vpn.tun_name", "TUN device name"),
         ("control-socket", "control.socket", "Control socket path"),
     ]
+    optParameters: ClassVar[list[list[Any]]] = shortcut_parameters(shortcuts)
 
 
 def makeService(options: Options) -> IService:
