@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cellvpn import __version__
+from cellvpn.control import text
 
 SERVER_SOCKET = "/run/cellvpn/server.sock"
 CLIENT_SOCKET = "/run/cellvpn/client.sock"
@@ -80,18 +81,7 @@ def _reason(e: BaseException) -> str:
     return text
 
 
-def _print_status(result: dict[str, Any]) -> None:
-    if result.get("role") == "client":
-        print(result.get("text", result.get("status")))
-        for key in ("server", "session_id", "last_error", "ping_rtt_ms", "keepalive_rtt_ms"):
-            value = result.get(key)
-            if value is not None:
-                if key == "session_id":
-                    value = f"{value:#010x}"
-                elif key.endswith("_ms"):
-                    value = f"{value:.2f} ms"
-                print(f"{key.replace('_', ' ')}: {value}")
-        return
+def _print_server_status(result: dict[str, Any]) -> None:
     sessions = result.get("sessions", [])
     print(f"cellvpn server on {result.get('listen')}: {len(sessions)} session(s)")
     for s in sessions:
@@ -104,6 +94,18 @@ def _print_status(result: dict[str, Any]) -> None:
         )
 
 
+def _emit(ns: argparse.Namespace, result: Any, text: str) -> None:
+    if ns.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+def _exit_code(code: int) -> int:
+    """A return code of the original as an exit status: -1 is 255, -2 is 254, -3 is 253."""
+    return code & 0xFF
+
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -111,9 +113,45 @@ def _status(ns: argparse.Namespace) -> int:
     sock = ns.socket or _default_socket()
     result = call(sock, "status", {})
     if ns.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        _emit(ns, result, "")
+    elif result.get("role") == "client":
+        print(text.client_status(result))
     else:
-        _print_status(result)
+        _print_server_status(result)
+    return 0
+
+
+def _vpn_client(ns: argparse.Namespace) -> int:
+    sock = ns.socket or CLIENT_SOCKET
+    if ns.action == "status":
+        result = call(sock, "status", {})
+        _emit(ns, result, text.client_status(result))
+        return 0
+    if ns.action == "start":
+        if ns.addr is None:
+            raise CtlError("VPN server address not defined, use -addr <server_address>", 255)
+        if ns.port is None:
+            raise CtlError("VPN server port not defined, use -port <server_port>", 255)
+        answer = call(sock, "vpn_client_start", {"addr": ns.addr, "port": ns.port}, timeout=60)
+        code = int(answer["code"])
+        words = text.START_TEXT.get(code, "Can't start VPN client")
+        reason = answer["status"].get("last_error")
+        if code < 0 and reason:
+            words += f"\n{reason}"
+        _emit(ns, {"code": code, "text": words, **answer}, words)
+        return _exit_code(code)
+    answer = call(sock, "vpn_client_stop", {}, timeout=60)
+    code = int(answer["code"])
+    words = text.STOP_TEXT.get(code, "VPN client not stopped")
+    _emit(ns, {"code": code, "text": words, **answer}, words)
+    return _exit_code(code)
+
+
+def _vpn_stat(ns: argparse.Namespace) -> int:
+    sock = ns.socket or SERVER_SOCKET
+    result = call(sock, "vpn_stat", {"full": ns.full})
+    sessions = result["sessions"] + result.get("ended", [])
+    _emit(ns, result, text.vpn_stat(sessions, full=ns.full))
     return 0
 
 
@@ -136,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("status", help="the service's stream status")
     p.set_defaults(handler=_status)
+    p = sub.add_parser("vpn_client", help="start, stop or ask the VPN client")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("-addr", help="server address (start)")
+    p.add_argument("-port", type=int, help="server port (start)")
+    p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
+    p.set_defaults(handler=_vpn_client)
+    p = sub.add_parser("vpn_stat", help="the server's VPN sessions")
+    p.add_argument("-full", action="store_true", help="more per session, and ended sessions")
+    p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
+    p.set_defaults(handler=_vpn_stat)
     return parser
 
 

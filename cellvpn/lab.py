@@ -33,9 +33,12 @@ def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
 
 
 class Namespace:
-    """One network namespace with its own resolv.conf; ``close()`` removes all of it."""
+    """One network namespace with its own resolv.conf; ``close()`` removes all of it.
 
-    def __init__(self, tag: str, exact: bool = False) -> None:
+    IPv6 is off unless ``ipv6=True`` (then only link-local and 2001:db8::/32 are used).
+    """
+
+    def __init__(self, tag: str, exact: bool = False, ipv6: bool = False) -> None:
         self.name = f"cvpn-{tag}" if exact else f"cvpn-{tag}-{os.getpid()}-{next(_counter)}"
         if exact:
             run("ip", "netns", "del", self.name, check=False)  # a leftover of a killed run
@@ -44,6 +47,10 @@ class Namespace:
         self.etc.mkdir(parents=True, exist_ok=True)
         self.resolv_conf = self.etc / "resolv.conf"
         self.resolv_conf.write_text("# cellvpn test namespace\nnameserver 192.0.2.53\n")
+        if not ipv6:
+            # no IPv6 at all unless a test asks: nothing but the allowed IPv4 ranges is sent
+            for key in ("all", "default"):
+                self.sysctl(f"net.ipv6.conf.{key}.disable_ipv6", "1")
         self.ip("link", "set", "lo", "up")
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -170,3 +177,146 @@ def ctl(
 
 def ctl_json(ns: Namespace | None, socket: Path, *args: str) -> Any:
     return json.loads(ctl(ns, socket, "--json", *args).stdout)
+
+
+SERVER_IP = "192.0.2.1"
+NET_HOST_IP = "198.19.0.10"
+NET_GW_IP = "198.19.0.1"
+
+
+class VpnLab:
+    """A server host, an "internet" host behind it and any number of client hosts.
+
+    ::
+
+        [cli-N] 192.0.2.(N+1) --veth-- 192.0.2.1 [srv] 198.19.0.1 --veth-- 198.19.0.10 [net]
+
+    The clients share one underlay: each client namespace has a veth to the server namespace,
+    and the server's side of each is enslaved to one bridge (192.0.2.1/24). The server forwards
+    (ip_forward=1) between its TUN and the net host, which routes the pool back through it.
+    """
+
+    def __init__(
+        self,
+        make: Callable[..., Namespace],
+        workdir: Path,
+        pool: str = "198.18.5.0/24",
+        exact: bool = False,
+    ) -> None:
+        self.make = make
+        self.work = workdir
+        self.pool = pool
+        self.srv = make("srv") if not exact else make("demo-srv")
+        self.net = make("net") if not exact else make("demo-net")
+        self.clients: list[Namespace] = []
+        self.exact = exact
+        self.srv.ip("link", "add", "br0", "type", "bridge")
+        self.srv.ip("addr", "add", f"{SERVER_IP}/24", "dev", "br0")
+        self.srv.ip("link", "set", "br0", "up")
+        link(self.srv, f"{NET_GW_IP}/24", self.net, f"{NET_HOST_IP}/24", name="up")
+        self.net.ip("route", "add", pool, "via", NET_GW_IP)
+        self.srv.sysctl("net.ipv4.ip_forward", "1")
+        self.server: Twistd | None = None
+        self.server_socket = workdir / "server.sock"
+
+    def add_client_host(self) -> Namespace:
+        n = len(self.clients) + 1
+        ns = self.make(f"cli{n}") if not self.exact else self.make("demo-cli")
+        v = f"c{n}"
+        self.srv.ip(
+            "link", "add", f"{v}s", "type", "veth", "peer", "name", "eth0", "netns", ns.name
+        )
+        self.srv.ip("link", "set", f"{v}s", "master", "br0")
+        self.srv.ip("link", "set", f"{v}s", "up")
+        ns.ip("addr", "add", f"192.0.2.{n + 1}/24", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        ns.ip("route", "add", "default", "via", SERVER_IP)
+        self.clients.append(ns)
+        return ns
+
+    def cut(self, ns: Namespace) -> None:
+        """Take a client's underlay down (its veth), as if the cable were pulled."""
+        ns.ip("link", "set", "eth0", "down")
+
+    def mend(self, ns: Namespace) -> None:
+        ns.ip("link", "set", "eth0", "up")
+        ns.ip("route", "replace", "default", "via", SERVER_IP)
+
+    def start_server(self, extra: str = "") -> Twistd:
+        cfg = self.work / "server.cfg"
+        cfg.write_text(
+            "[server]\n"
+            f"listen = tcp:8089:interface={SERVER_IP}\n"
+            "state_dir = state\n"
+            "[tls]\n"
+            f"names = {SERVER_IP}\n"
+            "[srv_vpn]\n"
+            f"network_address = {self.pool.split('/')[0]}\n"
+            f"network_mask = {_mask(self.pool)}\n"
+            "tun_name = cvpn-srv\n"
+            "mtu = 1400\n"
+            "[control]\n"
+            f"socket = {self.server_socket}\n" + extra
+        )
+        self.server = Twistd(self.srv, "cellvpn", cfg, self.work / "server.log")
+        self.server.wait_log(r"TUN cvpn-srv up")
+        return self.server
+
+    @property
+    def ca(self) -> Path:
+        return self.work / "state" / "tls" / "ca.pem"
+
+    def client_config(self, name: str, extra: str = "", section_extra: str = "") -> Path:
+        cfg = self.work / f"{name}.cfg"
+        cfg.write_text(
+            "[client]\n"
+            f"server = {SERVER_IP}:8089\n"
+            f"ca = {self.ca}\n"
+            f"state_dir = {self.work / name}-state\n"
+            "tun_name = cvpn-cli\n"
+            + section_extra
+            + f"[control]\nsocket = {self.socket(name)}\n"
+            + extra
+        )
+        return cfg
+
+    def socket(self, name: str) -> Path:
+        return self.work / f"{name}.sock"
+
+    def start_client(
+        self, ns: Namespace, name: str, section_extra: str = "", wait: bool = True
+    ) -> Twistd:
+        cfg = self.client_config(name, section_extra=section_extra)
+        client = Twistd(ns, "cellvpn-client", cfg, self.work / f"{name}.log")
+        if wait:
+            client.wait_log(r"VPN up: ")
+        return client
+
+    def serve_http(self, page: bytes = b"hello from the cellvpn lab\n") -> None:
+        root = self.work / "www"
+        root.mkdir(exist_ok=True)
+        (root / "index.html").write_bytes(page)
+        self.net.popen(
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                "--bind",
+                NET_HOST_IP,
+                "--directory",
+                str(root),
+                "80",
+            ],
+            log=self.work / "http.log",
+        )
+        wait_for(
+            lambda: self.net.exec("ss", "-ltn", check=False).stdout.count(f"{NET_HOST_IP}:80") > 0,
+            timeout=10,
+            what="the HTTP server",
+        )
+
+
+def _mask(cidr: str) -> str:
+    import ipaddress
+
+    return str(ipaddress.IPv4Network(cidr).netmask)

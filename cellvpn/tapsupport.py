@@ -7,6 +7,7 @@ errors and start-up errors are printed here and the process exits with status 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -79,6 +80,19 @@ class ExitOnStartupError(MultiService):
         super().__init__()
         self.child = child
         child.setServiceParent(self)
+        if hasattr(child, "on_fatal"):
+            child.on_fatal = self.fatal
+
+    def fatal(self, why: str) -> None:
+        """A failure after start (e.g. the TUN cannot be configured): log, stop, exit 1."""
+        from twisted.internet import reactor
+
+        self.log.critical("cellvpn cannot go on: {why}", why=why)
+        # twistd has no exit status of its own after a clean reactor stop; leave with 1 once
+        # the shutdown (services stopped, devices closed) is done.
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[attr-defined]
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
 
     def privilegedStartService(self) -> None:
         try:

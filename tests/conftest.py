@@ -33,8 +33,8 @@ def netns() -> Any:
 
     made: list[Namespace] = []
 
-    def make(tag: str) -> Namespace:
-        ns = Namespace(tag)
+    def make(tag: str, ipv6: bool = False) -> Namespace:
+        ns = Namespace(tag, ipv6=ipv6)
         made.append(ns)
         return ns
 

@@ -2,58 +2,38 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
-import pytest_twisted
-from twisted.application.service import MultiService
-from twisted.internet import defer, task
+from cellvpn.lab import link
 
-from cellvpn.client import VPNClientService
-from cellvpn.config import load_client_config, load_server_config
-from cellvpn.server import VPNServerService
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "node_app.py"
 
 
-@pytest_twisted.ensureDeferred
-async def test_server_and_client_services_in_one_node_app(reactor: Any, tmp_path: Path) -> None:
-    """Both services under one MultiService: the client gets a session from the server."""
-    node = MultiService()
-    server = VPNServerService(
-        load_server_config(
-            None,
-            {
-                "server.listen": "tcp:0:interface=127.0.0.1",
-                "server.state_dir": str(tmp_path / "state"),
-                "srv_vpn.enabled": "false",
-                "control.socket": str(tmp_path / "server.sock"),
-            },
-        )
+def test_server_and_client_services_in_one_node_app(netns: Any, tmp_path: Path) -> None:
+    """docs/examples/node_app.py: both services under one MultiService; the client comes up."""
+    ns = netns("node")
+    peer = netns("peer")
+    link(ns, "192.0.2.1/24", peer, "192.0.2.2/24")
+    server_cfg = tmp_path / "server.cfg"
+    server_cfg.write_text(
+        "[server]\nlisten = tcp:8089:interface=192.0.2.1\nstate_dir = state\n"
+        "[srv_vpn]\nnetwork_address = 198.18.6.0\ntun_name = cvpn-srv\n"
+        f"[control]\nsocket = {tmp_path / 'server.sock'}\n"
     )
-    server.setServiceParent(node)
-    node.privilegedStartService()
-    node.startService()
-    try:
-        assert server.identity is not None
-        port = server.port.getHost().port
-        client = VPNClientService(
-            load_client_config(
-                None,
-                {
-                    "client.fingerprint": server.identity.fingerprint,
-                    "control.socket": str(tmp_path / "client.sock"),
-                },
-            )
-        )
-        client.setServiceParent(node)
-        code = await client.start("127.0.0.1", port).addTimeout(10, reactor)
-        assert code == 0
-        assert client.status()["status"] == "STARTED"
-        assert await client.start("127.0.0.1", port) == 1
-        await task.deferLater(reactor, 0.2, lambda: None)
-        [session] = server.status()["sessions"]
-        assert session["session_id"] == client.status()["session_id"]
-        assert client.stop() == 0
-        assert client.status()["status"] == "STOPPED"
-        assert client.stop() == -1
-    finally:
-        await defer.maybeDeferred(node.stopService)
+    client_cfg = tmp_path / "client.cfg"
+    client_cfg.write_text(
+        f"[client]\nca = {tmp_path / 'state' / 'tls' / 'ca.pem'}\ndefault_route = false\n"
+        f"tun_name = cvpn-cli\nstate_dir = {tmp_path / 'client-state'}\n"
+        f"[control]\nsocket = {tmp_path / 'client.sock'}\n"
+    )
+    done = ns.exec(sys.executable, str(EXAMPLE), str(server_cfg), str(client_cfg), timeout=60)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["start"] == 0
+    status = result["status"]
+    assert status["status"] == "STARTED" and status["address"] == "198.18.6.2"
+    assert status["tun"] == "cvpn-cli"
+    # everything is gone after the stop: no TUN left in the namespace
+    assert ns.ip("-o", "link", "show", "type", "tun").stdout == ""

@@ -2,10 +2,20 @@
 
 ``start(host, port)`` and ``stop()`` keep the original's return codes; ``status()`` its states.
 With ``[client] server`` set, the service starts by itself and keeps trying until it is up.
+
+A start goes: TLS, session setup, REQUEST -> SUCCESS on 'R', ADDR_REQUEST -> ADDR_REPLY on
+'S', then the TUN, routes and DNS; only then is the client STARTED. A lost link (the stream
+ends, or 3 PINGs go unanswered) is CONN_LOST: the client reconnects by itself, presenting its
+resume token so the server gives it the same address, and keeps or drops the tunnel routes
+meanwhile as ``kill_switch`` says.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -14,21 +24,23 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: F401  (documents the layering)
 from twisted.python.failure import Failure
 
 from cellvpn.client.backoff import Backoff
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
 from cellvpn.client.stream import ClientStream
+from cellvpn.client.tunnel import ClientTunnel
 from cellvpn.config import ClientConfig
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, client_tls
-from cellvpn.control.commands import ControlError
 from cellvpn.control.service import ControlService
 from cellvpn.errors import StartupError
+from cellvpn.net.netlink import NetConfigError
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
-from cellvpn.wire.setup import CloseCode
+from cellvpn.tun.device import TunError
+from cellvpn.wire import vpn
+from cellvpn.wire.service import Request
 
 # start() return codes of the original
 STARTED_OK = 0
@@ -37,8 +49,8 @@ BAD_PARAMETERS = -1
 CANNOT_CONNECT = -2
 NO_ANSWER = -3
 
-#: Seconds to wait for TCP, TLS and the session setup before ``start`` gives up.
-CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for TCP, TLS, the session setup, the grant and the address.
+CONNECT_TIMEOUT = 15.0
 
 
 class _Factory(Factory):
@@ -55,7 +67,9 @@ class _Factory(Factory):
 class VPNClientService(MultiService):
     log = Logger()
 
-    def __init__(self, config: ClientConfig, reactor: Any = None) -> None:
+    def __init__(
+        self, config: ClientConfig, reactor: Any = None, resolv_conf: Path | None = None
+    ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -68,36 +82,55 @@ class VPNClientService(MultiService):
         self.backoff = Backoff()
         self.host: str | None = None
         self.port: int | None = None
+        self.server_ip: ipaddress.IPv4Address | None = None
         self.stream: ClientStream | None = None
         self.last_error: str | None = None
         self.sessions_established = 0
+        self.resume_token = b""
+        self.dropped_not_connected = 0
+        self._keep_trying = False
         self._retry: IDelayedCall | None = None
         self._start_waiters: list[defer.Deferred[int]] = []
         self._tls: Any = None
+        self._busy: defer.Deferred[Any] | None = None
         c = config.client
-        self.stream_settings = StreamSettings(
-            keepalive_interval=3.0,
-            channels="RS",
-            caps=caps.KNOWN,
+        self.stream_settings = StreamSettings(channels="RS", caps=caps.KNOWN)
+        self.tunnel = ClientTunnel(
+            reactor,
+            c.tun_name,
+            c.state_dir,
+            self._tun_packets,
+            resolv_conf or Path("/etc/resolv.conf"),
         )
+        self.billing: Any = None
+        self.socks: Any = None
         self.control = ControlService(config.control.socket, self, reactor)
         self.control.setServiceParent(self)
-        self._auto = c.server
 
     # --- service ---------------------------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-
     def startService(self) -> None:
         super().startService()
-        if self._auto is not None:
-            host, port = self._auto
-            self.start(host, port, keep_trying=True)
+        d = defer.Deferred.fromCoroutine(self._cleanup_then_start())
+        d.addErrback(self._unexpected, "start")
+
+    async def _cleanup_then_start(self) -> None:
+        try:
+            for line in await self.tunnel.cleanup_leftovers():
+                self.log.info("cleaned up after an earlier run: {line}", line=line)
+        except (NetConfigError, OSError) as e:
+            self.log.error("could not clean up after an earlier run: {why}", why=str(e))
+        auto = self.config.client.server
+        if auto is not None:
+            self.start(auto.host, auto.port, keep_trying=True)
 
     def stopService(self) -> Any:
-        self._teardown(ClientInput.STOP)
-        return super().stopService()
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self._shutdown())
+        return d
+
+    def _unexpected(self, failure: Failure, what: str) -> None:
+        self.log.failure("unexpected failure during {what}", failure, what=what)
 
     # --- the original's API ----------------------------------------------------------------
 
@@ -126,28 +159,63 @@ class VPNClientService(MultiService):
         self._connect()
         return d
 
-    def stop(self) -> int:
+    def stop(self) -> defer.Deferred[int]:
         """Disconnect and undo everything; 0 if it was running, -1 if there was nothing to stop."""
         if self.state in (ClientState.NOT_STARTED, ClientState.STOPPED):
-            return -1
-        self._teardown(ClientInput.STOP)
-        return 0
+            return defer.succeed(-1)
+        self.machine.fire(ClientInput.STOP)
+        self.log.info("stopping")
+        return self._shutdown().addCallback(_code, 0)
+
+    def _shutdown(self) -> defer.Deferred[None]:
+        """Close the stream, cancel retries, take the tunnel down."""
+        self._cancel(self._retry)
+        self._retry = None
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.close()
+        self._resolve_start(CANNOT_CONNECT)
+        if self.machine.can(ClientInput.STOP):
+            self.machine.fire(ClientInput.STOP)
+        d = self._serial(self.tunnel.teardown)
+        d.addErrback(self._teardown_failed)
+        return d
+
+    def _teardown_failed(self, failure: Failure) -> None:
+        self.log.error(
+            "could not undo every change (the journal keeps the rest for the next start): {why}",
+            why=failure.getErrorMessage(),
+        )
 
     def status(self) -> dict[str, Any]:
         stream = self.stream
         conn = stream.proto.conn if stream and stream.proto else None
         stats = conn.stats if conn else None
+        up = self.state is ClientState.STARTED and stream is not None
+        tunnel = self.tunnel.describe()
+        port_stats = self.tunnel.port.stats if self.tunnel.port else None
         return {
             "role": "client",
             "status": self.state.name,
             "status_code": int(self.state),
             "text": STATUS_TEXT[self.state],
             "server": f"{self.host}:{self.port}" if self.host else None,
-            "session_id": stream.session_id
-            if stream and self.state is ClientState.STARTED
-            else None,
+            "session_id": stream.session_id if up and stream else None,
+            "usage_id": stream.usage_id if up and stream else None,
             "sessions_established": self.sessions_established,
             "last_error": self.last_error,
+            **tunnel,
+            "kill_switch": self.config.client.kill_switch,
+            "counters": {
+                "sent_packets": stream.sent_packets if stream else 0,
+                "sent_bytes": stream.sent_bytes if stream else 0,
+                "received_packets": stream.received_packets if stream else 0,
+                "received_bytes": stream.received_bytes if stream else 0,
+                "dropped_not_connected": self.dropped_not_connected,
+                "dropped_tun_write": port_stats.dropped_eagain + port_stats.errors_eio
+                if port_stats
+                else 0,
+            },
             "keepalives_sent": stats.keepalives_sent if stats else 0,
             "alives_received": stats.alives_received if stats else 0,
             "keepalive_rtt_ms": None
@@ -163,6 +231,15 @@ class VPNClientService(MultiService):
     def control_status(self) -> dict[str, Any]:
         return self.status()
 
+    def control_vpn_client_start(self, addr: str, port: int) -> defer.Deferred[dict[str, Any]]:
+        return self.start(addr, port).addCallback(self._answer)
+
+    def control_vpn_client_stop(self) -> defer.Deferred[dict[str, Any]]:
+        return self.stop().addCallback(self._answer)
+
+    def _answer(self, code: int) -> dict[str, Any]:
+        return {"code": code, "status": self.status()}
+
     # --- connecting ------------------------------------------------------------------------
 
     def _client_tls(self, host: str) -> Any:
@@ -177,76 +254,157 @@ class VPNClientService(MultiService):
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None
-        stream = ClientStream(
-            self.reactor,
-            self.config.client.keepalive,
-            self._established,
-            self._lost,
-        )
+        stream = ClientStream(self.reactor, self.config.client.keepalive, self, self.resume_token)
         self.stream = stream
-        conn_settings = self.stream_settings
+        settings = self.stream_settings
 
         def build() -> Protocol:
-            return StreamProtocol(
-                StreamConnection(Role.CLIENT, conn_settings), stream, self.reactor
-            )
+            return StreamProtocol(StreamConnection(Role.CLIENT, settings), stream, self.reactor)
 
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
-        endpoint = wrapClientTLS(self._tls, tcp)
-        d = endpoint.connect(_Factory(build))
+        d = wrapClientTLS(self._tls, tcp).connect(_Factory(build))
         d.addErrback(self._connect_failed, stream)
-        timeout = self.reactor.callLater(CONNECT_TIMEOUT, self._setup_timeout, stream)
-        stream.setup_timeout = timeout  # type: ignore[attr-defined]
+        stream.setup_timer = self.reactor.callLater(CONNECT_TIMEOUT, self._setup_timeout, stream)
 
     def _connect_failed(self, failure: Failure, stream: ClientStream) -> None:
-        self._lost(
-            stream, f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}", False
-        )
+        why = f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"
+        self.stream_lost(stream, why, False)
 
     def _setup_timeout(self, stream: ClientStream) -> None:
-        if stream is self.stream and stream.session_id is None:
-            stream.close(CloseCode.PROTOCOL_ERROR, "no answer to HELLO")
-            self._lost(stream, f"no answer from {self.host}:{self.port}", False, NO_ANSWER)
+        if stream is self.stream and self.state is not ClientState.STARTED:
+            stream.setup_timer = None
+            self._failed(stream, f"no answer from {self.host}:{self.port}", False, NO_ANSWER)
+            stream.close()
 
-    def _established(self, stream: ClientStream) -> None:
+    # --- StreamOwner -------------------------------------------------------------------------
+
+    def stream_established(self, stream: ClientStream) -> None:
         if stream is not self.stream:
             return
-        self._cancel(getattr(stream, "setup_timeout", None))
+        self.resume_token = stream.resume_token
+        assert stream.proto is not None
+        self.log.info(
+            "session {sid} with {server} established",
+            sid=f"{stream.session_id or 0:#010x}",
+            server=stream.proto.peer,
+        )
+        peer = stream.proto.transport.getPeer() if stream.proto.transport else None
+        try:
+            self.server_ip = ipaddress.IPv4Address(getattr(peer, "host", ""))
+        except ValueError:
+            self.server_ip = None
+
+    def make_request(self, stream: ClientStream) -> Request:
+        if self.billing is not None:
+            request: Request = self.billing.make_request(stream)
+            return request
+        return Request()
+
+    def service_packet(self, stream: ClientStream, ptype: int, data: memoryview) -> bool:
+        return self.billing is not None and bool(self.billing.service_packet(stream, ptype, data))
+
+    def proxy_packet(self, stream: ClientStream, packet: vpn.VpnPacket) -> None:
+        if self.socks is not None:
+            self.socks.packet(packet)
+
+    def stream_address(self, stream: ClientStream, reply: vpn.AddrReply) -> None:
+        if stream is not self.stream:
+            return
+        d = self._serial(lambda: self._bring_up(stream, reply))
+        d.addErrback(self._bring_up_failed, stream)
+
+    async def _bring_up(self, stream: ClientStream, reply: vpn.AddrReply) -> None:
+        if self.server_ip is None:
+            self.server_ip = ipaddress.IPv4Address(socket.gethostbyname(self.host or ""))
+        c = self.config.client
+        await self.tunnel.setup(reply, self.server_ip, c.default_route, list(c.dns))
+        if stream is not self.stream or self.state not in (
+            ClientState.STARTING,
+            ClientState.CONN_LOST,
+        ):
+            return
+        self._cancel(stream.setup_timer)
+        stream.setup_timer = None
         self.backoff.reset()
         self.sessions_established += 1
         self.last_error = None
         self.machine.fire(ClientInput.UP)
-        assert stream.proto is not None
         self.log.info(
-            "session {sid} with {server} established",
-            sid=f"{stream.session_id:#010x}",
-            server=stream.proto.peer,
+            "VPN up: session {sid} with {server}, address {addr} on {tun}",
+            sid=f"{stream.session_id or 0:#010x}",
+            server=f"{self.host}:{self.port}",
+            addr=str(reply.client),
+            tun=self.tunnel.name,
         )
         self._resolve_start(STARTED_OK)
 
-    def _lost(
-        self, stream: ClientStream, why: str, permanent: bool, code: int = CANNOT_CONNECT
-    ) -> None:
+    def _bring_up_failed(self, failure: Failure, stream: ClientStream) -> None:
+        if failure.check(NetConfigError, TunError, OSError):
+            why = f"cannot set up the tunnel: {failure.getErrorMessage()}"
+        else:
+            self.log.failure("setting up the tunnel failed", failure)
+            why = f"cannot set up the tunnel: {failure.getErrorMessage()}"
+        self._failed(stream, why, True, BAD_PARAMETERS)
+        stream.close()
+
+    def stream_packet(self, packet: memoryview) -> None:
+        self.tunnel.write(packet)
+
+    def _tun_packets(self, batch: list[bytes]) -> None:
+        stream = self.stream
+        if stream is None or self.state is not ClientState.STARTED:
+            self.dropped_not_connected += len(batch)
+            return
+        stream.send_packets(batch)
+
+    def stream_refused(self, stream: ClientStream, why: str, permanent: bool) -> None:
         if stream is not self.stream:
             return
-        self._cancel(getattr(stream, "setup_timeout", None))
+        self._failed(stream, why, permanent, CANNOT_CONNECT)
+        stream.close()
+
+    def stream_lost(self, stream: ClientStream, why: str, permanent: bool) -> None:
+        if stream is not self.stream:
+            return
+        self._failed(stream, why, permanent, CANNOT_CONNECT)
+
+    def _failed(self, stream: ClientStream, why: str, permanent: bool, code: int) -> None:
+        """This stream will not (or no longer) carry the VPN: retry, wait, or give up."""
+        if stream is not self.stream:
+            return
+        self._cancel(stream.setup_timer)
+        stream.setup_timer = None
         self.stream = None
-        state = self.state
         self.last_error = why
+        if self.socks is not None:
+            self.socks.link_lost()
+        state = self.state
         if state is ClientState.STARTING:
             self.log.error("cannot start: {why}", why=why)
             self.machine.fire(ClientInput.START_FAILED)
             self._resolve_start(code)
             if self._keep_trying and not permanent:
-                self._schedule(lambda: self.start(self.host or "", self.port or 0, True))
+                self._schedule(self._restart)
+            else:
+                self._serial(self.tunnel.teardown).addErrback(self._teardown_failed)
         elif state in (ClientState.STARTED, ClientState.CONN_LOST):
             if state is ClientState.STARTED:
                 self.machine.fire(ClientInput.LINK_LOST)
-            self.log.warn("connection lost: {why}", why=why)
+                self.log.warn("connection lost: {why}", why=why)
+                kill = self.config.client.kill_switch
+                self._serial(lambda: self.tunnel.link_lost(kill)).addErrback(self._teardown_failed)
+            else:
+                self.log.info("reconnect failed: {why}", why=why)
             if self.config.client.reconnect and not permanent:
                 self._schedule(self._connect)
             else:
-                self._teardown(ClientInput.STOP)
+                self.log.error("giving up: {why}", why=why)
+                self.machine.fire(ClientInput.STOP)
+                self._serial(self.tunnel.teardown).addErrback(self._teardown_failed)
+
+    def _restart(self) -> None:
+        if self.state is ClientState.STOPPED and self.host and self.port:
+            self.start(self.host, self.port, keep_trying=True)
 
     def _schedule(self, what: Any) -> None:
         delay = self.backoff.next()
@@ -262,16 +420,19 @@ class VPNClientService(MultiService):
         for d in waiters:
             d.callback(code)
 
-    def _teardown(self, event: ClientInput) -> None:
-        self._cancel(self._retry)
-        self._retry = None
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            self._cancel(getattr(stream, "setup_timeout", None))
-            stream.close()
-        if self.machine.can(event):
-            self.machine.fire(event)
-        self._resolve_start(CANNOT_CONNECT)
+    def _serial(self, work: Any) -> defer.Deferred[Any]:
+        """Run tunnel changes one after another, never two at once."""
+        previous = self._busy
+
+        async def run() -> Any:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
+            return await work()
+
+        d: defer.Deferred[Any] = defer.Deferred.fromCoroutine(run())
+        self._busy = d
+        return d
 
     @staticmethod
     def _cancel(call: IDelayedCall | None) -> None:
@@ -279,4 +440,5 @@ class VPNClientService(MultiService):
             call.cancel()
 
 
-__all__ = ["ControlError", "VPNClientService"]
+def _code(_: object, code: int) -> int:
+    return code

@@ -1,10 +1,15 @@
-"""The client's side of one stream: setup, the 'S' keepalive PING/PONG, and loss detection."""
+"""The client's side of one stream: the service request, the address, packets, PING/PONG.
+
+Its owner (the client service) hears about each step through :class:`StreamOwner`; this object
+only speaks the protocol.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import struct
+from typing import Any, Protocol
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,43 +20,80 @@ from cellvpn.stream.connection import Closed, Established, HelloReceived
 from cellvpn.wire import vpn
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.errors import DecodeError
+from cellvpn.wire.service import Error, ErrorCode, PacketType, Request, Success
 from cellvpn.wire.setup import CloseCode
 
 _PING = vpn.VpnPacket(vpn.OpCode.PING).encode()
 _PONG = vpn.VpnPacket(vpn.OpCode.PONG).encode()
+_ADDR_REQUEST = vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REQUEST).encode()
+_HEADER = struct.Struct("<iIII")
+_DATA_HEADER = struct.Struct("<iIIIxxxx")
+_OP_RECV = vpn.OpCode.VPN_RECV
+_OP_SEND = vpn.OpCode.VPN_SEND
+_PKT_DATA = vpn.PKT_TYPE_DATA
 
 #: PINGs that may go unanswered before the link counts as lost (the original's 3).
 MISSED_PONGS = 3
+#: Seconds before ADDR_REQUEST is asked again after PROBLEM TUNNEL_DOWN.
+ADDR_RETRY = 1.0
+
+_PROXY_OPS = frozenset(
+    {vpn.OpCode.CONNECTED, vpn.OpCode.RECV, vpn.OpCode.DISCONNECT, vpn.OpCode.PROBLEM}
+)
+
+
+class StreamOwner(Protocol):
+    """What a ClientStream tells its owner."""
+
+    def stream_established(self, stream: ClientStream) -> None: ...
+
+    def stream_address(self, stream: ClientStream, reply: vpn.AddrReply) -> None: ...
+
+    def stream_refused(self, stream: ClientStream, why: str, permanent: bool) -> None: ...
+
+    def stream_lost(self, stream: ClientStream, why: str, permanent: bool) -> None: ...
+
+    def stream_packet(self, packet: memoryview) -> None: ...
+
+    def make_request(self, stream: ClientStream) -> Request: ...
+
+    def service_packet(self, stream: ClientStream, ptype: int, data: memoryview) -> bool: ...
+
+    def proxy_packet(self, stream: ClientStream, packet: vpn.VpnPacket) -> None: ...
 
 
 class ClientStream:
-    """The application on one client stream; reports to its owner through callbacks."""
+    """The application on one client stream."""
 
     log = Logger()
 
     def __init__(
-        self,
-        clock: Any,
-        ping_interval: float,
-        on_established: Callable[[ClientStream], None],
-        on_lost: Callable[[ClientStream, str, bool], None],
-        resume_token: bytes = b"",
+        self, clock: Any, ping_interval: float, owner: StreamOwner, resume_token: bytes = b""
     ) -> None:
         self.clock = clock
         self.ping_interval = ping_interval
-        self.on_established = on_established
-        self.on_lost = on_lost
+        self.owner = owner
         self.resume_token = resume_token
         self.proto: StreamProtocol | None = None
         self.session_id: int | None = None
+        self.usage_id = 0
+        self.granted = False
+        self.addressed = False
         self.outstanding_pings = 0
         self.pings_sent = 0
         self.pongs_received = 0
         self.ping_sent_at: float | None = None
         self.ping_rtt: float | None = None
         self.close_event: Closed | None = None
+        self.setup_timer: IDelayedCall | None = None
+        self.sent_packets = 0
+        self.sent_bytes = 0
+        self.received_packets = 0
+        self.received_bytes = 0
         self._pinger: LoopingCall | None = None
+        self._addr_retry: IDelayedCall | None = None
         self._lost_reported = False
+        self._send: Any = None
 
     # --- StreamApplication -----------------------------------------------------------------
 
@@ -66,18 +108,22 @@ class ClientStream:
 
     def established(self, proto: StreamProtocol, event: Established) -> None:
         self.session_id = event.welcome.session_id
+        if event.welcome.resume_token:
+            self.resume_token = event.welcome.resume_token
+        self._send = proto.conn.send_channel
         pinger = LoopingCall(self._ping)
         pinger.clock = self.clock
         pinger.start(self.ping_interval, now=False)
         self._pinger = pinger
-        self.on_established(self)
+        self.owner.stream_established(self)
+        self.send_service(PacketType.REQUEST, self.owner.make_request(self).encode())
 
     def stream_closed(self, proto: StreamProtocol, event: Closed) -> None:
         self.close_event = event
 
     def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None:
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
+        self._stop_timers()
+        self._send = None
         if self._lost_reported:
             return
         self._lost_reported = True
@@ -90,18 +136,90 @@ class ClientStream:
         permanent = reason.check(TLSVerificationError) is not None or (
             ev is not None
             and ev.by_peer
-            and ev.code in (CloseCode.VERSION_MISMATCH, CloseCode.CAPABILITY_MISMATCH)
+            and ev.code
+            in (
+                CloseCode.VERSION_MISMATCH,
+                CloseCode.CAPABILITY_MISMATCH,
+                CloseCode.CHANNEL_UNSUPPORTED,
+            )
         )
-        self.on_lost(self, why, permanent)
+        self.owner.stream_lost(self, why, permanent)
 
-    # --- channels --------------------------------------------------------------------------
+    def _stop_timers(self) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        for call in (self._addr_retry, self.setup_timer):
+            if call is not None and call.active():
+                call.cancel()
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send_service(self, ptype: int, body: bytes) -> None:
+        if self._send is not None:
+            self._send(CHANNEL_R, ptype, body)
+            self.flush()
+
+    def send_vpn(self, packet: vpn.VpnPacket, flush: bool = True) -> None:
+        if self._send is not None:
+            self._send(CHANNEL_S, _PKT_DATA, packet.encode())
+            if flush:
+                self.flush()
+
+    def send_packets(self, batch: list[bytes]) -> None:
+        """TUN packets to the server as VPN_SEND, one transport write for the batch."""
+        send = self._send
+        if send is None:
+            return
+        usage = self.usage_id
+        pack = _DATA_HEADER.pack
+        size = 0
+        for pkt in batch:
+            send(CHANNEL_S, _PKT_DATA, pack(0, _OP_SEND, usage, len(pkt)), pkt)
+            size += len(pkt)
+        self.sent_packets += len(batch)
+        self.sent_bytes += size
+        self.flush()
+
+    def flush(self) -> None:
+        if self.proto is not None:
+            self.proto.flush()
+
+    def request_address(self) -> None:
+        self._addr_retry = None
+        if self._send is not None:
+            self._send(CHANNEL_S, _PKT_DATA, _ADDR_REQUEST)
+            self.flush()
+
+    # --- receiving ---------------------------------------------------------------------------
 
     def _on_service_packet(self, ptype: int, data: memoryview) -> None:
-        pass
+        try:
+            if ptype == PacketType.SUCCESS and not self.granted:
+                self.usage_id = Success.decode(data).usage_id
+                self.granted = True
+                self.request_address()
+            elif ptype == PacketType.ERROR and not self.granted:
+                error = Error.decode(data)
+                self.owner.stream_refused(
+                    self, f"server refused the service: {error.name}", _permanent(error.code)
+                )
+            elif not self.owner.service_packet(self, ptype, data):
+                self.log.info("ignored 'R' packet 0x{ptype:02x} from the server", ptype=ptype)
+        except DecodeError as e:
+            self.close(CloseCode.PROTOCOL_ERROR, f"malformed 'R' packet 0x{ptype:02x}: {e}")
 
     def _on_vpn_packet(self, ptype: int, data: memoryview) -> None:
+        if len(data) < 20:
+            return
+        _sock, op, _usage, size = _HEADER.unpack_from(data)
+        if op == _OP_RECV:
+            if size == len(data) - 20:
+                self.received_packets += 1
+                self.received_bytes += size
+                self.owner.stream_packet(data[20:])
+            return
         try:
-            op = vpn.peek_op(data)
+            packet = vpn.VpnPacket.decode(data)
         except DecodeError:
             return
         if op == vpn.OpCode.PONG:
@@ -110,8 +228,30 @@ class ClientStream:
             if self.ping_sent_at is not None:
                 self.ping_rtt = self.clock.seconds() - self.ping_sent_at
                 self.ping_sent_at = None
-        elif op == vpn.OpCode.PING and self.proto is not None:
-            self.proto.conn.send_channel(CHANNEL_S, vpn.PKT_TYPE_PONG, _PONG)
+        elif op == vpn.OpCode.PING and self._send is not None:
+            self._send(CHANNEL_S, vpn.PKT_TYPE_PONG, _PONG)
+        elif op == vpn.OpCode.VPN_ADDR_REPLY and not self.addressed:
+            try:
+                reply = vpn.AddrReply.decode(packet.data)
+            except DecodeError as e:
+                self.close(CloseCode.PROTOCOL_ERROR, f"malformed ADDR_REPLY: {e}")
+                return
+            self.addressed = True
+            self.owner.stream_address(self, reply)
+        elif op == vpn.OpCode.PROBLEM and packet.sock_id == 0:
+            self._on_problem(packet.code)
+        elif op in _PROXY_OPS:
+            self.owner.proxy_packet(self, packet)
+
+    def _on_problem(self, code: int) -> None:
+        if code == vpn.ProblemCode.TUNNEL_DOWN and not self.addressed:
+            self._addr_retry = self.clock.callLater(ADDR_RETRY, self.request_address)
+        elif code == vpn.ProblemCode.NO_FREE_ADDR and not self.addressed:
+            self.owner.stream_refused(self, "server has no free address (NO_FREE_ADDR)", False)
+        elif code == vpn.ProblemCode.ALREADY_ASSIGNED_ADDR:
+            self.log.info("server says an address is already assigned to this session")
+        else:
+            self.log.info("server reported problem {code}", code=code)
 
     def _ping(self) -> None:
         proto = self.proto
@@ -123,16 +263,20 @@ class ClientStream:
                 peer=proto.peer,
                 n=self.outstanding_pings,
             )
-            proto.close(CloseCode.IDLE_TIMEOUT, f"{self.outstanding_pings} PINGs unanswered")
-            proto.disconnect()
+            self.close(CloseCode.IDLE_TIMEOUT, f"{self.outstanding_pings} PINGs unanswered")
             return
         self.outstanding_pings += 1
         self.pings_sent += 1
         if self.ping_sent_at is None:
             self.ping_sent_at = self.clock.seconds()
-        proto.conn.send_channel(CHANNEL_S, vpn.PKT_TYPE_DATA, _PING)
+        proto.conn.send_channel(CHANNEL_S, _PKT_DATA, _PING)
         proto.flush()
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "client stopped") -> None:
         if self.proto is not None:
             self.proto.close(code, reason)
+
+
+def _permanent(code: int) -> bool:
+    """Refusals that another attempt cannot fix without a change of config or funds."""
+    return code not in (ErrorCode.CANT_ADD_USAGE, ErrorCode.REQUEST_INTERNAL_ERROR)

@@ -13,6 +13,9 @@ Work that needs privileges (TLS files in ``state_dir``, binding the port) happen
 
 from __future__ import annotations
 
+import collections
+import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -27,12 +30,22 @@ from cellvpn.conn.listen import listen_now
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, server_tls
 from cellvpn.control.service import ControlService
+from cellvpn.device.forwarder import Forwarder, Packet
+from cellvpn.device.packet import mss_for_mtu
+from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.errors import StartupError
+from cellvpn.net.netlink import NetConfigError, Netlink
 from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.session import ServerSession
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
+from cellvpn.tun.device import TunError, open_tun
+from cellvpn.tun.port import TunPort
 from cellvpn.wire.setup import CloseCode
+from cellvpn.wire.vpn import AddrReply
+
+#: Ended sessions kept for ``vpn_stat``.
+FINISHED_KEPT = 1000
 
 
 class _StreamFactory(Factory):
@@ -75,6 +88,19 @@ class VPNServerService(MultiService):
         )
         self.control = ControlService(config.control.socket, self, reactor)
         self.control.setServiceParent(self)
+        v = config.srv_vpn
+        self.network = ipaddress.IPv4Network(f"{v.network_address}/{v.network_mask}")
+        self.pool = LeasePool(self.network, v.lease_hold)
+        self.forwarder = Forwarder(self._tun_write, mss_for_mtu(v.mtu), v.isolate_clients)
+        self.tun: TunPort | None = None
+        self.tun_name: str | None = None
+        self.tun_ready = False
+        self.netlink = Netlink()
+        self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=FINISHED_KEPT)
+        self.billing: Any = None
+        self.proxy: Any = None
+        #: Called with a reason when the service cannot go on (twistd then exits with status 1).
+        self.on_fatal: Callable[[str], None] = self._fatal
 
     # --- start and stop --------------------------------------------------------------------
 
@@ -109,6 +135,8 @@ class VPNServerService(MultiService):
                 cert=str(cert),
                 fp=pki.format_fingerprint(pki.fingerprint_of(cert.read_bytes())),
             )
+        if self.config.srv_vpn.enabled:
+            self._open_tun()
         listen = self.config.server.listen
         factory = TLSMemoryBIOFactory(creator, False, _StreamFactory(self))
         factory.noisy = False
@@ -116,8 +144,48 @@ class VPNServerService(MultiService):
         super().privilegedStartService()
         self.accepting = True
 
+    def _open_tun(self) -> None:
+        v = self.config.srv_vpn
+        try:
+            handle = open_tun(v.tun_name)
+        except TunError as e:
+            raise StartupError(str(e)) from None
+        self.tun_name = handle.name
+        self.tun = TunPort(self.reactor, handle.detach(), self.forwarder.from_tun)
+        d = self.netlink.configure_tun(
+            handle.name, self.pool.gateway, self.network.prefixlen, None, v.mtu
+        )
+        d.addCallbacks(self._tun_configured, self._tun_failed)
+
+    def _tun_configured(self, _: object) -> None:
+        self.tun_ready = True
+        self.log.info(
+            "TUN {name} up: {gw}/{prefix}, mtu {mtu}; leasing {first} to {last}",
+            name=self.tun_name,
+            gw=str(self.pool.gateway),
+            prefix=self.network.prefixlen,
+            mtu=self.config.srv_vpn.mtu,
+            first=str(self.pool.gateway + 1),
+            last=str(self.network.broadcast_address - 1),
+        )
+
+    def _tun_failed(self, failure: Any) -> None:
+        why = failure.getErrorMessage() if failure.check(NetConfigError) else str(failure.value)
+        self.on_fatal(f"cannot configure TUN {self.tun_name}: {why}")
+
+    def _fatal(self, why: str) -> None:
+        self.log.critical("cellvpn server cannot go on: {why}", why=why)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _tun_write(self, packet: Packet) -> bool:
+        tun = self.tun
+        return tun is not None and tun.write(packet)
+
     def startService(self) -> None:
         super().startService()
+        if self.tun is not None:
+            self.tun.startReading()
         host = self.port.getHost()
         self.log.info(
             "cellvpn server listening on {host}:{port}",
@@ -131,6 +199,11 @@ class VPNServerService(MultiService):
             if session.proto is not None:
                 session.proto.close(CloseCode.SHUTDOWN, "server is shutting down")
         d = super().stopService()
+        if self.tun is not None:
+            tun, self.tun = self.tun, None
+            self.tun_ready = False
+            tun.stopReading()
+            tun.close()  # a non-persistent TUN disappears with its last fd
         if self.port is not None:
             port, self.port = self.port, None
             d.addCallback(lambda _: port.stopListening())
@@ -138,8 +211,66 @@ class VPNServerService(MultiService):
 
     # --- reporting -------------------------------------------------------------------------
 
+    # --- leases and sessions ----------------------------------------------------------------
+
+    def lease_for(self, session: ServerSession) -> Lease | None:
+        """Lease an address; a takeover closes the session that held it before."""
+        lease = self.pool.lease(session, session.identity, self.reactor.seconds())
+        if lease is None:
+            return None
+        old = lease.taken_from
+        if isinstance(old, ServerSession):
+            self.forwarder.detach(old)
+            old.address = None
+            old.addr_key = b""
+            self.log.info(
+                "session {new} takes over {addr} from session {old}",
+                new=f"{session.session_id or 0:#010x}",
+                addr=str(lease.address),
+                old=f"{old.session_id or 0:#010x}",
+            )
+            old.close(CloseCode.TAKEN_OVER, "a newer session of this client took over")
+        return lease
+
+    def forwarder_detach(self, session: ServerSession) -> None:
+        if session.addr_key:
+            self.forwarder.detach(session)
+
+    def session_ended(self, session: ServerSession) -> None:
+        """Release what the session held; keep its final counters for vpn_stat."""
+        if session.session_id is not None:
+            self.sessions.remove(session.session_id)
+        if session.address is not None:
+            self.forwarder.detach(session)
+            self.pool.release(session.address, session, self.reactor.seconds())
+        if self.proxy is not None:
+            self.proxy.session_ended(session)
+        if self.billing is not None:
+            self.billing.session_ended(session)
+        self.finished.append(session.describe())
+
+    def addr_reply(self, address: ipaddress.IPv4Address, with_options: bool) -> AddrReply:
+        v = self.config.srv_vpn
+        if not with_options:
+            return AddrReply(address, self.pool.gateway)
+        return AddrReply(address, self.pool.gateway, self.network.netmask, v.mtu, tuple(v.dns))
+
+    # --- control -----------------------------------------------------------------------------
+
     def control_status(self) -> dict[str, Any]:
         return self.status()
+
+    def control_vpn_stat(self, full: bool = False) -> dict[str, Any]:
+        active = [s.describe() for s in self.sessions if s.session_id is not None]
+        return {
+            "sessions": active,
+            "ended": list(self.finished) if full else [],
+            "pool": self.pool.stats(),
+            "dropped_no_route": self.forwarder.dropped_no_route,
+            "dropped_malformed": self.forwarder.dropped_malformed,
+            "tun": self.tun_name,
+            "tun_stats": _tun_stats(self.tun),
+        }
 
     def status(self) -> dict[str, Any]:
         return {
@@ -147,4 +278,14 @@ class VPNServerService(MultiService):
             "listen": self.config.server.listen,
             "fingerprint": self.identity.fingerprint if self.identity else None,
             "sessions": [s.describe() for s in self.sessions],
+            "tun": self.tun_name,
+            "tun_ready": self.tun_ready,
+            "network": str(self.network),
+            "pool": self.pool.stats(),
         }
+
+
+def _tun_stats(tun: TunPort | None) -> dict[str, int] | None:
+    if tun is None:
+        return None
+    return {k: getattr(tun.stats, k) for k in tun.stats.__slots__}

@@ -1,31 +1,43 @@
 """One client's session on the server: the application on top of its stream.
 
-It answers the setup, serves the 'R' and 'S' channels, and keeps the per-session facts that
-``vpn_stat`` and the control socket report.
+It answers the setup, grants the service on 'R', leases an address and carries packets on 'S',
+and keeps the per-session facts that ``vpn_stat`` reports.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
+import struct
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cellvpn.conn.protocol import StreamProtocol
-from cellvpn.conn.tls import describe_tls_failure
+from cellvpn.conn.tls import describe_tls_failure, peer_fingerprint
+from cellvpn.device.counters import SessionCounters
 from cellvpn.server.check import answer_check
+from cellvpn.server.usage import ACTIVE, UsageInput, UsageState, new_usage
+from cellvpn.stream import caps
 from cellvpn.stream.connection import Closed, Established, HelloReceived
 from cellvpn.wire import vpn
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.errors import DecodeError
-from cellvpn.wire.service import CheckPacket, PacketType
+from cellvpn.wire.service import CheckPacket, Error, ErrorCode, PacketType, Request, Success
 from cellvpn.wire.setup import CloseCode
 
 if TYPE_CHECKING:
     from cellvpn.server.service import VPNServerService
 
 _PONG = vpn.VpnPacket(vpn.OpCode.PONG).encode()
+_VPN_DATA_HEADER = struct.Struct("<iIIIxxxx")
+_VPN_HEADER_FIELDS = struct.Struct("<iIII")
+_OP_VPN_RECV = vpn.OpCode.VPN_RECV
+_OP_VPN_SEND = vpn.OpCode.VPN_SEND
+_PKT_DATA = vpn.PKT_TYPE_DATA
 
 
 class ServerSession:
@@ -38,11 +50,21 @@ class ServerSession:
         self.proto: StreamProtocol | None = None
         self.peer = "unknown peer"
         self.session_id: int | None = None
+        self.identity: str | None = None
+        self.resume_token = b""
         self.started_at = time.time()
         self.established_at: float | None = None
+        self.ended_at: float | None = None
         self.close_reason: str | None = None
+        self.usage = new_usage()
+        self.usage_id = 0
+        self.address: ipaddress.IPv4Address | None = None
+        self.addr_key = b""
+        self.counters = SessionCounters()
         self.pings = 0
-        self.s_dropped = 0
+        self.proxy: Any = None
+        #: StreamConnection.send_channel, bound once the stream is set up
+        self._send: Callable[..., None] | None = None
 
     # --- StreamApplication -----------------------------------------------------------------
 
@@ -55,12 +77,14 @@ class ServerSession:
         if not server.accepting:
             proto.close(CloseCode.SHUTDOWN, "server is shutting down")
             return
+        self.identity, self.resume_token = self._identify(proto, event.hello.resume_token)
         sid = server.sessions.new_id()
         self.session_id = sid
         conn = proto.conn
         conn.register_channel(CHANNEL_R, self._on_service_packet)
         conn.register_channel(CHANNEL_S, self._on_vpn_packet)
-        conn.accept(sid)
+        conn.accept(sid, resume_token=self.resume_token)
+        self._send = conn.send_channel
         server.sessions.add(sid, self)
         self.established_at = time.time()
         self.log.info(
@@ -71,15 +95,25 @@ class ServerSession:
             caps=",".join(sorted(event.caps)) or "none",
         )
 
+    def _identify(self, proto: StreamProtocol, token: bytes) -> tuple[str, bytes]:
+        """Who the client is, for sticky leases: its certificate, else its resume token."""
+        fingerprint = peer_fingerprint(proto.transport)
+        if not token or len(token) != 16:
+            token = secrets.token_bytes(16)
+        if fingerprint is not None:
+            return f"tls:{fingerprint}", token
+        return f"token:{token.hex()}", token
+
     def established(self, proto: StreamProtocol, event: Established) -> None:
         raise AssertionError("a server stream is never established by a WELCOME")
 
     def stream_closed(self, proto: StreamProtocol, event: Closed) -> None:
-        self.close_reason = (
-            f"{event.code_name}: {event.reason}" if event.reason else event.code_name
-        )
+        who = "client" if event.by_peer else "server"
+        reason = f": {event.reason}" if event.reason else ""
+        self.close_reason = f"{who} closed the stream ({event.code_name}){reason}"
 
     def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None:
+        self.ended_at = time.time()
         if self.session_id is None:
             if self.close_reason is None:
                 self.log.info(
@@ -88,7 +122,7 @@ class ServerSession:
                     why=describe_tls_failure(reason),
                 )
             return
-        self.server.sessions.remove(self.session_id)
+        self.server.session_ended(self)
         self.log.info(
             "session {sid} with {peer} ended: {why}",
             sid=f"{self.session_id:#010x}",
@@ -96,53 +130,209 @@ class ServerSession:
             why=self.close_reason or describe_tls_failure(reason),
         )
 
-    # --- channels --------------------------------------------------------------------------
+    def close(self, code: int, reason: str) -> None:
+        if self.proto is not None:
+            self.proto.close(code, reason)
+
+    # --- the forwarder's Peer ---------------------------------------------------------------
+
+    def deliver(self, packet: bytes | memoryview) -> None:
+        send = self._send
+        if send is not None:
+            send(
+                CHANNEL_S,
+                _PKT_DATA,
+                _VPN_DATA_HEADER.pack(0, _OP_VPN_RECV, self.usage_id, len(packet)),
+                packet,
+            )
+
+    def flush(self) -> None:
+        if self.proto is not None:
+            self.proto.flush()
+
+    # --- 'R': service ----------------------------------------------------------------------
+
+    def send_service(self, ptype: int, body: bytes) -> None:
+        if self.proto is not None:
+            self.proto.conn.send_channel(CHANNEL_R, ptype, body)
 
     def _on_service_packet(self, ptype: int, data: memoryview) -> None:
         assert self.proto is not None
         try:
-            if ptype == PacketType.CHECK_REQUEST:
+            if ptype == PacketType.REQUEST:
+                self._on_request(Request.decode(data))
+            elif ptype == PacketType.CHECK_REQUEST:
                 request = CheckPacket.decode(data)
                 host = getattr(self.proto.transport.getPeer(), "host", "")  # type: ignore[union-attr]
                 answer = answer_check(request, host, time.time_ns())
-                self.proto.conn.send_channel(CHANNEL_R, PacketType.CHECK_RESPONSE, answer.encode())
-                return
+                self.send_service(PacketType.CHECK_RESPONSE, answer.encode())
+            else:
+                billing = self.server.billing
+                if billing is None or not billing.service_packet(self, ptype, data):
+                    self.proto.close(
+                        CloseCode.PROTOCOL_ERROR, f"unexpected 'R' packet type 0x{ptype:02x}"
+                    )
         except DecodeError as e:
             self.proto.close(CloseCode.PROTOCOL_ERROR, f"malformed 'R' packet 0x{ptype:02x}: {e}")
+
+    def _on_request(self, request: Request) -> None:
+        if self.usage.state is not UsageState.IDLE:
+            self.refuse(ErrorCode.CANT_ADD_USAGE, "a usage is already active on this session")
             return
-        self.proto.close(CloseCode.PROTOCOL_ERROR, f"unexpected 'R' packet type 0x{ptype:02x}")
+        self.usage_id = secrets.randbits(32) or 1
+        if not self.server.config.srv_vpn.enabled:
+            self.refuse(ErrorCode.SERVICE_NOT_FOUND, "the VPN service is not enabled here")
+            return
+        billing = self.server.billing
+        if billing is not None:
+            billing.request(self, request)
+            return
+        if not self.server.config.srv_vpn.allow_free_srv:
+            self.refuse(ErrorCode.FREE_IS_NOT_ALLOWED, "free service is not allowed here")
+            return
+        self.grant(UsageInput.GRANT_FREE)
+
+    def grant(self, how: UsageInput) -> None:
+        """Activate the usage and tell the client (SUCCESS)."""
+        self.usage.fire(how)
+        self.send_service(PacketType.SUCCESS, Success(self.usage_id).encode())
+        self.log.info(
+            "session {sid}: service granted ({state}), usage {usage}",
+            sid=f"{self.session_id or 0:#010x}",
+            state=self.usage.state.name,
+            usage=f"{self.usage_id:#010x}",
+        )
+
+    def refuse(self, code: int, why: str) -> None:
+        """Refuse or end the usage with ERROR (always the 24-byte body)."""
+        if self.usage.can(UsageInput.REFUSE):
+            self.usage.fire(UsageInput.REFUSE)
+        self.server.forwarder_detach(self)
+        self.send_service(PacketType.ERROR, Error(code, self.usage_id).encode())
+        self.log.info(
+            "session {sid} with {peer}: service refused ({code}): {why}",
+            sid=f"{self.session_id or 0:#010x}",
+            peer=self.peer,
+            code=Error(code).name,
+            why=why,
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.usage.state in ACTIVE
+
+    # --- 'S': VPN ----------------------------------------------------------------------------
 
     def _on_vpn_packet(self, ptype: int, data: memoryview) -> None:
-        assert self.proto is not None
+        if len(data) < 20:
+            self.counters.dropped_malformed += 1
+            return
+        _sock, op, _usage, size = _VPN_HEADER_FIELDS.unpack_from(data)
+        if op == _OP_VPN_SEND:
+            if size != len(data) - 20:
+                self.counters.dropped_malformed += 1
+                self.counters.from_client_lost_bytes += len(data) - 20
+            elif self.addr_key and self.usage.state in ACTIVE:
+                self.server.forwarder.from_client(self, data[20:])
+            else:
+                self.counters.dropped_not_active += 1
+                self.counters.from_client_lost_bytes += size
+            return
         try:
-            op = vpn.peek_op(data)
+            packet = vpn.VpnPacket.decode(data)
         except DecodeError:
-            self.s_dropped += 1
+            self.counters.dropped_malformed += 1
             return
         if op == vpn.OpCode.PING:
             self.pings += 1
-            self.proto.conn.send_channel(CHANNEL_S, vpn.PKT_TYPE_PONG, _PONG)
+            if self._send is not None:
+                self._send(CHANNEL_S, vpn.PKT_TYPE_PONG, _PONG)
         elif op == vpn.OpCode.PONG:
             pass
+        elif not self.active:
+            self.counters.dropped_not_active += 1
+        elif op == vpn.OpCode.VPN_ADDR_REQUEST:
+            self._on_addr_request()
+        elif op in _PROXY_OPS and self.server.proxy is not None:
+            self.server.proxy.packet(self, packet)
         else:
-            self.s_dropped += 1
+            self.counters.dropped_malformed += 1
+
+    def send_problem(self, code: int, sock_id: int = 0) -> None:
+        if self._send is not None:
+            problem = vpn.VpnPacket(
+                vpn.OpCode.PROBLEM, code=code, usage_id=self.usage_id, sock_id=sock_id
+            )
+            self._send(CHANNEL_S, _PKT_DATA, problem.encode())
+
+    def send_vpn(self, packet: vpn.VpnPacket) -> None:
+        if self._send is not None:
+            self._send(CHANNEL_S, _PKT_DATA, packet.encode())
+
+    def _on_addr_request(self) -> None:
+        server = self.server
+        if self.address is not None:
+            self.send_problem(vpn.ProblemCode.ALREADY_ASSIGNED_ADDR)
+            return
+        if not server.tun_ready:
+            self.send_problem(vpn.ProblemCode.TUNNEL_DOWN)
+            return
+        lease = server.lease_for(self)
+        if lease is None:
+            self.send_problem(vpn.ProblemCode.NO_FREE_ADDR)
+            self.log.warn(
+                "session {sid} with {peer}: no free address in {pool}",
+                sid=f"{self.session_id or 0:#010x}",
+                peer=self.peer,
+                pool=str(server.network),
+            )
+            return
+        self.address = lease.address
+        self.addr_key = lease.address.packed
+        reply = server.addr_reply(self.address, caps.ADDR_OPTIONS in self._caps())
+        self.send_vpn(
+            vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REPLY, reply.encode(), usage_id=self.usage_id)
+        )
+        server.forwarder.attach(self)
+        self.log.info(
+            "session {sid} with {peer}: leased {addr}{how}",
+            sid=f"{self.session_id or 0:#010x}",
+            peer=self.peer,
+            addr=str(self.address),
+            how=" (again)" if lease.reused else "",
+        )
+
+    def _caps(self) -> frozenset[str]:
+        return self.proto.conn.caps if self.proto is not None else frozenset()
 
     # --- reporting -------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> dict[str, Any]:
         conn = self.proto.conn if self.proto else None
         stats = conn.stats if conn else None
+        start = self.established_at or self.started_at
+        end = self.ended_at or time.time()
         return {
             "session_id": self.session_id,
             "peer": self.peer,
-            "started_at": self.established_at,
+            "identity": self.identity,
+            "started_at": start,
+            "length_seconds": end - start,
+            "ended_at": self.ended_at,
+            "client_addr": str(self.address) if self.address else None,
+            "usage_state": self.usage.state.name,
+            "usage_id": self.usage_id,
+            "counters": self.counters.as_dict(),
             "keepalives_sent": stats.keepalives_sent if stats else 0,
             "keepalives_received": stats.keepalives_received if stats else 0,
             "alives_received": stats.alives_received if stats else 0,
             "rtt_ms": None if not stats or stats.last_rtt is None else stats.last_rtt * 1000,
-            "frames_in": stats.frames_in if stats else 0,
-            "frames_out": stats.frames_out if stats else 0,
             "seq_replays": conn.seq.replays if conn else 0,
             "seq_gaps": conn.seq.gaps if conn else 0,
             "pings": self.pings,
         }
+
+
+_PROXY_OPS = frozenset(
+    {vpn.OpCode.CONNECT, vpn.OpCode.SEND, vpn.OpCode.DISCONNECT, vpn.OpCode.CONNECTED}
+)

@@ -23,7 +23,7 @@ def start_server(srv: Namespace, tmp: Path, extra: str = "") -> tuple[Twistd, Pa
         "[server]\n"
         f"listen = tcp:8089:interface={SERVER_IP}\n"
         "state_dir = state\n"
-        "[srv_vpn]\nenabled = false\n"
+        "[srv_vpn]\nnetwork_address = 198.18.5.0\ntun_name = cvpn-srv\n"
         "[control]\nsocket = server.sock\n" + extra
     )
     server = Twistd(srv, "cellvpn", cfg, tmp / "server.log")
@@ -40,6 +40,8 @@ def start_client(
         f"server = {SERVER_IP}:8089\n"
         f"{trust}\n"
         "keepalive = 60\n"  # PINGs rarely, so the stream's own KEEPALIVEs show
+        "default_route = false\n"
+        f"state_dir = {name}-state\n"
         f"[control]\nsocket = {name}.sock\n"
     )
     return Twistd(cli, "cellvpn-client", cfg, tmp / f"{name}.log"), tmp / f"{name}.sock"

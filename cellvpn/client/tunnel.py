@@ -1,0 +1,165 @@
+"""The client's side of the host: its TUN device, its routes and its DNS.
+
+Every change is written to the crash journal before it is made, so a client killed with -9
+cleans up after itself on its next start. Netlink, file and journal work runs off the reactor
+thread; opening the TUN is one quick ioctl and stays on it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from cellvpn.net.clientroutes import ClientRoutes
+from cellvpn.net.dns import DnsConfigurator
+from cellvpn.net.journal import Journal, cleanup_leftovers
+from cellvpn.net.netlink import Netlink
+from cellvpn.tun.device import open_tun
+from cellvpn.tun.port import TunPort
+from cellvpn.wire.vpn import AddrReply
+
+#: MTU used when the server does not say (an original server sends no options).
+DEFAULT_MTU = 1400
+
+
+class ClientTunnel:
+    """One TUN device with the leased address, and what routes traffic into it."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        tun_name: str | None,
+        state_dir: Path,
+        on_packets: Callable[[list[bytes]], None],
+        resolv_conf: Path = Path("/etc/resolv.conf"),
+    ) -> None:
+        self.reactor = reactor
+        self.wanted_name = tun_name
+        self.on_packets = on_packets
+        self.journal = Journal(Path(state_dir) / "journal.json")
+        self.netlink = Netlink()
+        self.routes = ClientRoutes(self.netlink, self.journal)
+        self.dns = DnsConfigurator(resolv_conf, journal=self.journal)
+        self.port: TunPort | None = None
+        self.name: str | None = None
+        self.address: ipaddress.IPv4Address | None = None
+        self.gateway: ipaddress.IPv4Address | None = None
+        self.mtu = DEFAULT_MTU
+        self.dns_servers: list[ipaddress.IPv4Address] = []
+        self.tunnel_routes_up = False
+
+    async def cleanup_leftovers(self) -> list[str]:
+        """Undo what a killed earlier run left behind (routes, TUN, resolv.conf)."""
+        Path(self.journal.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return await cleanup_leftovers(self.journal, self.netlink, self.dns)
+
+    async def setup(
+        self,
+        reply: AddrReply,
+        server: ipaddress.IPv4Address,
+        default_route: bool,
+        dns: list[ipaddress.IPv4Address],
+    ) -> None:
+        """Bring the tunnel up for ``reply``'s address (again, after a reconnect)."""
+        if self.port is None:
+            await self._open()
+        assert self.name is not None
+        if self.address is not None and self.address != reply.client:
+            # a new address after a reconnect: routes and DNS are planned afresh
+            await self.teardown_network()
+            await self._close()
+            await self._open()
+        self.address = reply.client
+        self.gateway = reply.gateway
+        self.mtu = reply.mtu or DEFAULT_MTU
+        if reply.netmask is not None:
+            prefix = ipaddress.IPv4Network(f"0.0.0.0/{reply.netmask}").prefixlen
+            await self.netlink.configure_tun(self.name, reply.client, prefix, None, self.mtu)
+        else:
+            await self.netlink.configure_tun(self.name, reply.client, None, reply.gateway, self.mtu)
+        if not (self.routes.carrier.routes or self.routes.tunnel.routes):
+            await self.routes.setup(server, self.name, default_route, ipv6_guard=True)
+        elif not self.tunnel_routes_up:
+            await self.routes.restore_tunnel()
+        self.tunnel_routes_up = True
+        servers = dns or list(reply.dns)
+        if servers and self.dns.method is None:
+            await self.dns.apply(servers, self.name)
+            self.dns_servers = servers
+
+    async def _open(self) -> None:
+        handle = open_tun(self.wanted_name)
+        try:
+            await deferToThread(self.journal.record_tun, handle.name)
+        except Exception:
+            handle.close()
+            raise
+        self.name = handle.name
+        self.port = TunPort(self.reactor, handle.detach(), self.on_packets)
+        self.port.startReading()
+        self.log.info("TUN {name} created", name=handle.name)
+
+    async def _close(self) -> None:
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopReading()
+            port.close()
+            await deferToThread(self.journal.forget_tun)
+        self.address = None
+
+    def write(self, packet: bytes | memoryview) -> bool:
+        port = self.port
+        return port is not None and port.write(packet)
+
+    async def link_lost(self, kill_switch: bool) -> None:
+        """The server is gone for now: without the kill switch, traffic goes around the tunnel."""
+        if kill_switch or not self.tunnel_routes_up:
+            return
+        self.tunnel_routes_up = False
+        await self.routes.drop_tunnel()
+        if self.dns.method is not None:
+            await self.dns.restore()
+            self.dns.method = None
+
+    async def teardown_network(self) -> None:
+        """Routes and DNS back as they were (the TUN stays)."""
+        try:
+            if self.dns.method is not None:
+                await self.dns.restore()
+                self.dns.method = None
+        finally:
+            await self.routes.remove()
+            self.tunnel_routes_up = False
+
+    async def teardown(self) -> None:
+        """Everything the client added, removed; the journal emptied."""
+        try:
+            await self.teardown_network()
+        finally:
+            await self._close()
+            await deferToThread(self.journal.clear)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tun": self.name,
+            "address": str(self.address) if self.address else None,
+            "gateway": str(self.gateway) if self.gateway else None,
+            "mtu": self.mtu,
+            "routes": [
+                r.describe() for r in (*self.routes.carrier.routes, *self.routes.tunnel.routes)
+            ],
+            "dns": [str(s) for s in self.dns_servers] if self.dns.method else [],
+            "dns_method": self.dns.method,
+        }
+
+
+def as_deferred(coro: Any) -> Deferred[Any]:
+    return Deferred.fromCoroutine(coro)

@@ -1,0 +1,114 @@
+"""The original node CLI's human text, built from the JSON facts the services return."""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+START_TEXT = {
+    0: "VPN client started successfully",
+    1: "VPN client already started",
+    -1: "Can't start VPN client",
+    -2: "Can't connect to VPN server",
+    -3: "Can't connect to VPN server",
+}
+STOP_TEXT = {0: "VPN client stopped successfully", -1: "VPN client not stopped"}
+
+
+def human_bytes(value: int) -> str:
+    """``N bytes`` below 2048, then ``%.2f Kb/Mb/Gb/Tb`` in steps of 1024, as the original."""
+    if value < 2048:
+        return f"{value} bytes"
+    size = float(value)
+    for unit in ("Kb", "Mb", "Gb", "Tb"):
+        size /= 1024
+        if size < 2048 or unit == "Tb":
+            return f"{size:.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _line(label: str, value: object) -> str:
+    return f"  {label.ljust(19, '.')}{value}"
+
+
+def _length(seconds: float) -> str:
+    total = int(seconds)
+    return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
+    """``vpn_stat``: a block per session, or ``No VPN connections``."""
+    if not sessions:
+        return "No VPN connections"
+    blocks = []
+    for s in sessions:
+        c = s["counters"]
+        start = datetime.fromtimestamp(s["started_at"], UTC)
+        seconds = max(float(s["length_seconds"]), 1e-9)
+        recv_lost = c["dropped_queue_full"]
+        send_lost = (
+            c["dropped_spoofed"]
+            + c["dropped_malformed"]
+            + c["dropped_not_active"]
+            + c["dropped_isolated"]
+            + c["dropped_tun_write"]
+        )
+        lines = [
+            f"  start at {email.utils.format_datetime(start)} (length {_length(seconds)})",
+            _line("client addr", s.get("client_addr") or "0.0.0.0"),
+            _line("recv", human_bytes(c["to_client_bytes"])),
+            _line("recv lost", human_bytes(c["to_client_lost_bytes"])),
+            _line("send", human_bytes(c["from_client_bytes"])),
+            _line("send lost", human_bytes(c["from_client_lost_bytes"])),
+            _line("packets recv", c["to_client_packets"]),
+            _line("packets recv lost", recv_lost),
+            _line("packets send", c["from_client_packets"]),
+            _line("packets send lost", send_lost),
+            _line(
+                "average bitrate",
+                f"{(c['to_client_bytes'] + c['from_client_bytes']) / seconds / 1024:.2f} kbps",
+            ),
+        ]
+        if full:
+            lines += [
+                _line("session id", f"{s['session_id']:#010x}"),
+                _line("peer", s["peer"]),
+                _line("state", "ended" if s.get("ended_at") else "active"),
+                _line("usage", s["usage_state"]),
+                _line("dropped spoofed", c["dropped_spoofed"]),
+                _line("dropped malformed", c["dropped_malformed"]),
+                _line("dropped inactive", c["dropped_not_active"]),
+                _line("dropped isolated", c["dropped_isolated"]),
+                _line("dropped tun write", c["dropped_tun_write"]),
+                _line("dropped queue full", c["dropped_queue_full"]),
+            ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def client_status(status: Mapping[str, Any]) -> str:
+    """``vpn_client status``: the original's state line, then what cellvpn knows."""
+    lines = [str(status["text"])]
+    facts = [
+        ("server", status.get("server")),
+        ("address", status.get("address")),
+        ("gateway", status.get("gateway")),
+        ("tun", status.get("tun")),
+        ("session id", f"{status['session_id']:#010x}" if status.get("session_id") else None),
+        ("reason", status.get("last_error")),
+    ]
+    for label, value in facts:
+        if value:
+            lines.append(f"{label}: {value}")
+    c = status.get("counters")
+    if c:
+        lines.append(
+            f"sent: {human_bytes(c['sent_bytes'])} in {c['sent_packets']} packets, "
+            f"received: {human_bytes(c['received_bytes'])} in {c['received_packets']} packets"
+        )
+    rtt = status.get("ping_rtt_ms")
+    if rtt is not None:
+        lines.append(f"ping rtt: {rtt:.2f} ms")
+    return "\n".join(lines)

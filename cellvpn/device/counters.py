@@ -1,0 +1,44 @@
+"""Per-session traffic counters, in IP bytes (whole IPv4 packets, no stream overhead)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class SessionCounters:
+    """What one session carried and dropped.
+
+    ``from_client`` is the client-to-TUN direction (the original's ``bytes_sent``), ``to_client``
+    the TUN-to-client one (the original's ``bytes_recv``). Drops are counted by reason.
+    """
+
+    from_client_packets: int = 0
+    from_client_bytes: int = 0
+    to_client_packets: int = 0
+    to_client_bytes: int = 0
+    from_client_lost_bytes: int = 0
+    to_client_lost_bytes: int = 0
+    dropped_spoofed: int = 0
+    dropped_malformed: int = 0
+    dropped_not_active: int = 0
+    dropped_isolated: int = 0
+    dropped_tun_write: int = 0
+    dropped_queue_full: int = 0
+
+    @property
+    def from_client_dropped(self) -> int:
+        return (
+            self.dropped_spoofed
+            + self.dropped_malformed
+            + self.dropped_not_active
+            + self.dropped_isolated
+            + self.dropped_tun_write
+        )
+
+    @property
+    def to_client_dropped(self) -> int:
+        return self.dropped_queue_full
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

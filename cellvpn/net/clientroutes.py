@@ -1,0 +1,210 @@
+"""The client's routes: a pure plan, and an executor that can always take back what it added.
+
+The plan keeps the tunnel's own carrier reachable (a host route to the server through the way
+the kernel uses now), then covers all of IPv4 with ``0.0.0.0/1`` and ``128.0.0.0/1`` into the
+TUN. Two /1 routes are more specific than any default route, so the user's default route stays
+untouched and comes back into use by itself when they are removed. IPv6 would bypass an
+IPv4-only tunnel, so the guard makes all of it unreachable instead while the tunnel is up.
+
+The carrier and the tunnel routes are separate ``RouteSet``s: on a lost connection the client
+drops only the tunnel routes (traffic flows outside again), or keeps them as a kill switch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from cellvpn.net.journal import Journal
+from cellvpn.net.netlink import Family, NetConfigError, Netlink, Route, RouteInfo
+
+#: Together all of IPv4, and each more specific than a default route.
+IPV4_HALVES = ("0.0.0.0/1", "128.0.0.0/1")
+#: Together all of IPv6.
+IPV6_HALVES = ("::/1", "8000::/1")
+
+
+def plan_routes(
+    server: IPv4Address,
+    to_server: RouteInfo,
+    tun: str,
+    default_route: bool,
+    ipv6_guard: bool,
+) -> list[Route]:
+    """The routes to add, in order: the server's host route first, then the tunnel's.
+
+    ``to_server`` is what the kernel uses now to reach the server (``Netlink.route_get``).
+    Without ``default_route`` nothing is needed: the TUN's own connected route carries the
+    overlay.
+    """
+    if not default_route:
+        return []
+    if to_server.ifname == tun:
+        raise ValueError(
+            f"the server {server} is routed through {tun} itself; "
+            "remove the leftover routes into the tunnel first"
+        )
+    routes = [host_route(server, to_server)]
+    routes += [Route(dst, oif=tun) for dst in IPV4_HALVES]
+    if ipv6_guard:
+        routes += [Route(dst, kind="unreachable", family=6) for dst in IPV6_HALVES]
+    return routes
+
+
+def host_route(server: IPv4Address, to_server: RouteInfo) -> Route:
+    """``server/32`` via the current gateway and its device, or on the link when there is none."""
+    return Route(f"{server}/32", gateway=to_server.gateway, oif=to_server.ifname)
+
+
+def split_routes(routes: Sequence[Route], server: IPv4Address) -> tuple[list[Route], list[Route]]:
+    """(the server's host route, the tunnel routes) of a plan."""
+    carrier = [r for r in routes if r.dst == f"{server}/32"]
+    return carrier, [r for r in routes if r not in carrier]
+
+
+class RouteSet:
+    """Routes this set added, so it can remove exactly those.
+
+    Each route goes into the journal before it is added, and out after it is removed. A route
+    that is already there exactly as planned is someone else's: it is used, not recorded, and
+    never removed.
+    """
+
+    log = Logger()
+
+    def __init__(self, netlink: Netlink, journal: Journal | None = None) -> None:
+        self.netlink = netlink
+        self.journal = journal
+        self._routes: list[Route] = []
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """What this set added and has not removed, oldest first."""
+        return tuple(self._routes)
+
+    def apply(self, routes: Sequence[Route]) -> Deferred[None]:
+        """Add the routes in order; on a failure the ones this call added are taken back."""
+        return Deferred.fromCoroutine(self._apply(list(routes)))
+
+    async def _apply(self, routes: list[Route]) -> None:
+        present: dict[tuple[Family, int], list[Route]] = {}
+        added: list[Route] = []
+        try:
+            for route in routes:
+                if route in self._routes:
+                    continue
+                key = (route.family, route.table)
+                if key not in present:
+                    present[key] = await self.netlink.dump_routes(route.family, route.table)
+                if any(p.matches(route) for p in present[key]):
+                    self.log.info("route {route} is there already", route=route.describe())
+                    continue
+                await self._record(route)
+                try:
+                    await self.netlink.add_route(route)
+                except Exception:
+                    await self._forget(route)
+                    raise
+                self._routes.append(route)
+                added.append(route)
+                self.log.info("added route {route}", route=route.describe())
+        except Exception:
+            for route in reversed(added):
+                try:
+                    await self._delete(route)
+                except NetConfigError as e:
+                    self.log.warn("{error}", error=str(e))
+            raise
+
+    def remove(self) -> Deferred[None]:
+        """Delete the routes newest first; a route already gone is fine.
+
+        Every route is tried; the first failure is raised after the others were removed.
+        """
+        return Deferred.fromCoroutine(self._remove())
+
+    async def _remove(self) -> None:
+        errors: list[NetConfigError] = []
+        for route in reversed(list(self._routes)):
+            try:
+                await self._delete(route)
+            except NetConfigError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    async def _delete(self, route: Route) -> None:
+        if await self.netlink.delete_route(route):
+            self.log.info("removed route {route}", route=route.describe())
+        await self._forget(route)
+        self._routes.remove(route)
+
+    async def _record(self, route: Route) -> None:
+        if self.journal is not None:
+            await deferToThread(self.journal.record_route, route)
+
+    async def _forget(self, route: Route) -> None:
+        if self.journal is not None:
+            await deferToThread(self.journal.forget_route, route)
+
+
+class ClientRoutes:
+    """The client's whole plan: the carrier route and the tunnel routes as two sets."""
+
+    def __init__(self, netlink: Netlink, journal: Journal | None = None) -> None:
+        self.netlink = netlink
+        self.carrier = RouteSet(netlink, journal)
+        self.tunnel = RouteSet(netlink, journal)
+        self._tunnel_plan: list[Route] = []
+
+    def setup(
+        self, server: IPv4Address, tun: str, default_route: bool, ipv6_guard: bool
+    ) -> Deferred[list[Route]]:
+        """Look at the routes now, plan, and add; fires with the plan.
+
+        The IPv6 guard is only planned where IPv6 is enabled: elsewhere nothing can leak.
+        """
+        if self.carrier.routes or self.tunnel.routes:
+            raise RuntimeError("the client's routes are set up already; remove() them first")
+        return Deferred.fromCoroutine(self._setup(server, tun, default_route, ipv6_guard))
+
+    async def _setup(
+        self, server: IPv4Address, tun: str, default_route: bool, ipv6_guard: bool
+    ) -> list[Route]:
+        if not default_route:
+            return []
+        to_server = await self.netlink.route_get(server)
+        guard = ipv6_guard and await self.netlink.ipv6_enabled()
+        routes = plan_routes(server, to_server, tun, default_route, guard)
+        carrier, tunnel = split_routes(routes, server)
+        await self.carrier.apply(carrier)
+        self._tunnel_plan = tunnel
+        try:
+            await self.tunnel.apply(tunnel)
+        except Exception:
+            await self.carrier.remove()
+            raise
+        return routes
+
+    def drop_tunnel(self) -> Deferred[None]:
+        """Remove the tunnel routes only (connection lost, no kill switch)."""
+        return self.tunnel.remove()
+
+    def restore_tunnel(self) -> Deferred[None]:
+        """Add the tunnel routes of the plan again (the connection is back)."""
+        return self.tunnel.apply(self._tunnel_plan)
+
+    def remove(self) -> Deferred[None]:
+        """Remove everything: the tunnel routes first, then the carrier."""
+        return Deferred.fromCoroutine(self._remove_all())
+
+    async def _remove_all(self) -> None:
+        try:
+            await self.tunnel.remove()
+        finally:
+            await self.carrier.remove()
+        self._tunnel_plan = []

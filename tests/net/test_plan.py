@@ -1,0 +1,118 @@
+"""The pure parts: the client's route plan, routes, the DNS method choice and the file render."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+
+from cellvpn.net.clientroutes import plan_routes, split_routes
+from cellvpn.net.dns import HEADER, choose_method, render
+from cellvpn.net.netlink import Route, RouteInfo
+
+SERVER = IPv4Address("198.19.9.9")
+VIA_GATEWAY = RouteInfo(gateway="192.0.2.254", oif=3, ifname="veth1", prefsrc="192.0.2.2")
+ON_LINK = RouteInfo(gateway=None, oif=3, ifname="veth1", prefsrc="192.0.2.2")
+TUNNEL = [Route("0.0.0.0/1", oif="cvpn0"), Route("128.0.0.0/1", oif="cvpn0")]
+GUARD = [
+    Route("::/1", kind="unreachable", family=6),
+    Route("8000::/1", kind="unreachable", family=6),
+]
+
+
+def test_server_behind_a_gateway_keeps_its_way_out() -> None:
+    routes = plan_routes(SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=False)
+    assert routes == [Route("198.19.9.9/32", gateway="192.0.2.254", oif="veth1"), *TUNNEL]
+    assert routes[0].describe() == "198.19.9.9/32 via 192.0.2.254 dev veth1"
+
+
+def test_server_on_the_link_gets_a_device_route() -> None:
+    routes = plan_routes(SERVER, ON_LINK, "cvpn0", default_route=True, ipv6_guard=False)
+    assert routes == [Route("198.19.9.9/32", oif="veth1"), *TUNNEL]
+
+
+def test_without_default_route_nothing_is_added() -> None:
+    assert plan_routes(SERVER, VIA_GATEWAY, "cvpn0", default_route=False, ipv6_guard=True) == []
+
+
+def test_ipv6_guard_makes_all_of_ipv6_unreachable() -> None:
+    routes = plan_routes(SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=True)
+    assert routes[-2:] == GUARD
+    assert [r.describe() for r in GUARD] == ["unreachable ::/1", "unreachable 8000::/1"]
+
+
+def test_split_separates_the_carrier_from_the_tunnel() -> None:
+    routes = plan_routes(SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=True)
+    carrier, tunnel = split_routes(routes, SERVER)
+    assert carrier == routes[:1]
+    assert tunnel == [*TUNNEL, *GUARD]
+
+
+def test_a_server_routed_into_the_tunnel_is_refused() -> None:
+    into_tun = RouteInfo(gateway=None, oif=9, ifname="cvpn0", prefsrc=None)
+    with pytest.raises(ValueError, match="leftover"):
+        plan_routes(SERVER, into_tun, "cvpn0", default_route=True, ipv6_guard=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dst": "0.0.0.1/1", "oif": "cvpn0"},  # host bits set
+        {"dst": "::/1", "oif": "cvpn0"},  # family 4 by default
+        {"dst": "0.0.0.0/1"},  # neither gateway nor device
+        {"dst": "::/1", "family": 6, "kind": "unreachable", "oif": "cvpn0"},
+        {"dst": "0.0.0.0/1", "gateway": "2001:db8::1"},
+    ],
+)
+def test_bad_routes_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Route(**kwargs)  # type: ignore[arg-type]
+
+
+def test_route_matching_reads_an_unset_metric_as_the_kernels_default() -> None:
+    assert Route("::/1", kind="unreachable", family=6).matches(
+        Route("::/1", kind="unreachable", family=6, metric=1024)
+    )
+    assert Route("0.0.0.0/1", oif="cvpn0").matches(Route("0.0.0.0/1", oif="cvpn0", metric=0))
+    assert not Route("0.0.0.0/1", oif="cvpn0").matches(Route("0.0.0.0/1", oif="eth0"))
+    assert Route("0.0.0.0/1", oif="cvpn0", table=7, metric=5).describe() == (
+        "0.0.0.0/1 dev cvpn0 table 7 metric 5"
+    )
+
+
+def test_route_json_round_trip() -> None:
+    for route in [Route("198.19.9.9/32", gateway="192.0.2.254", oif="veth1", metric=10), *GUARD]:
+        assert Route.from_json(route.to_json()) == route
+
+
+RESOLVED_CONF = b"# stub\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n"
+
+
+def test_systemd_resolved_is_chosen_only_when_it_really_serves_the_host() -> None:
+    facts = {"have_resolvectl": True, "have_resolvconf": False, "resolvconf_dir": False}
+    assert choose_method(RESOLVED_CONF, resolved_running=True, **facts) == "resolved"
+    assert choose_method(RESOLVED_CONF, resolved_running=False, **facts) == "file"
+    other = b"nameserver 192.0.2.53\n"
+    assert choose_method(other, resolved_running=True, **facts) == "file"
+    facts["have_resolvectl"] = False
+    assert choose_method(RESOLVED_CONF, resolved_running=True, **facts) == "file"
+
+
+def test_resolvconf_needs_the_command_and_its_directory() -> None:
+    conf = b"nameserver 192.0.2.53\n"
+    assert choose_method(conf, False, False, True, True) == "resolvconf"
+    assert choose_method(conf, False, False, True, False) == "file"
+    assert choose_method(conf, False, False, False, True) == "file"
+
+
+def test_render_writes_the_header_the_servers_and_keeps_search_and_options() -> None:
+    old = b"# managed\nnameserver 192.0.2.53\nsearch lab.test\noptions ndots:2\n"
+    text = render([IPv4Address("198.18.0.1"), IPv4Address("198.18.0.2")], "cvpn0", old)
+    assert text.startswith(HEADER)
+    lines = text.splitlines()
+    assert lines[2:] == [
+        b"nameserver 198.18.0.1",
+        b"nameserver 198.18.0.2",
+        b"search lab.test",
+        b"options ndots:2",
+    ]
