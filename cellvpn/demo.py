@@ -1,27 +1,32 @@
 """``make demo``: cellvpn end to end on this machine, in network namespaces it makes itself.
 
-Two hosts joined by a veth pair (underlay 192.0.2.0/24): the server in ``cvpn-demo-srv``, the
-client in ``cvpn-demo-cli``, both as real ``twistd`` processes with the embedded defaults plus
-the few keys a lab needs. Everything is torn down at the end, also after an error.
+Three hosts: the server in ``cvpn-demo-srv``, a client in ``cvpn-demo-cli`` (underlay
+192.0.2.0/24) and an "internet" host ``cvpn-demo-net`` behind the server with an HTTP server at
+198.19.0.10. The server leases from 198.18.5.0/24 in free mode; the client sends everything
+through the tunnel (``default_route``) and has its own resolv.conf. Server and client are real
+``twistd`` processes with the embedded defaults plus the few keys a lab needs. Everything is
+torn down at the end, also after an error.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cellvpn.lab import Namespace, Twistd, ctl, link, wait_for
-
-SERVER_IP = "192.0.2.1"
-CLIENT_IP = "192.0.2.2"
+from cellvpn.lab import NET_HOST_IP, Namespace, Twistd, VpnLab, ctl
 
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
+
+
+def show(ns: Namespace, *cmd: str) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    done = ns.exec(*cmd, check=False)
+    print((done.stdout + done.stderr).rstrip(), flush=True)
 
 
 def main() -> int:
@@ -30,56 +35,55 @@ def main() -> int:
         return 1
     started = time.monotonic()
     spaces: list[Namespace] = []
+
+    def make(tag: str, ipv6: bool = False) -> Namespace:
+        ns = Namespace(tag, exact=True, ipv6=ipv6)
+        spaces.append(ns)
+        return ns
+
     procs: list[Twistd] = []
     with tempfile.TemporaryDirectory(prefix="cellvpn-demo-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            say("network namespaces: cvpn-demo-srv <-> cvpn-demo-cli over 192.0.2.0/24")
-            srv = Namespace("demo-srv", exact=True)
-            spaces.append(srv)
-            cli = Namespace("demo-cli", exact=True)
-            spaces.append(cli)
-            link(srv, f"{SERVER_IP}/24", cli, f"{CLIENT_IP}/24")
+            say("hosts: cvpn-demo-cli -- 192.0.2.0/24 -- cvpn-demo-srv -- cvpn-demo-net")
+            lab = VpnLab(make, tmp, pool="198.18.5.0/24", exact=True)
+            cli = lab.add_client_host()
+            lab.serve_http(b"<h1>Hello through cellvpn</h1>\n")
+            print(f"HTTP server on {NET_HOST_IP} in cvpn-demo-net")
 
-            say("server: twistd -n cellvpn")
-            (tmp / "server.cfg").write_text(
-                f"[server]\nlisten = tcp:8089:interface={SERVER_IP}\nstate_dir = state\n"
-                "[srv_vpn]\nenabled = false\n"
-                "[control]\nsocket = server.sock\n"
-            )
-            server = Twistd(srv, "cellvpn", tmp / "server.cfg", tmp / "server.log")
-            procs.append(server)
-            server.wait_log(r"cellvpn server listening on")
-            fp = server.wait_log(r"SHA-256 fingerprint ([0-9A-F:]+)").group(1)
+            say("server: twistd -n --pidfile= cellvpn  (pool 198.18.5.0/24, free service)")
+            procs.append(lab.start_server(vpn_extra="dns = 198.18.5.1\n"))
+            fp = lab.server.wait_log(r"SHA-256 fingerprint ([0-9A-F:]+)").group(1)  # type: ignore[union-attr]
             print(f"server certificate fingerprint {fp}")
 
-            say("client: twistd -n cellvpn-client, trusting the server's CA")
-            (tmp / "client.cfg").write_text(
-                f"[client]\nserver = {SERVER_IP}:8089\nca = state/tls/ca.pem\n"
-                "keepalive = 60\n[control]\nsocket = client.sock\n"
-            )
-            client = Twistd(cli, "cellvpn-client", tmp / "client.cfg", tmp / "client.log")
+            say("client: twistd -n --pidfile= cellvpn-client  (default_route = true)")
+            client = lab.start_client(cli, "client", section_extra="default_route = true\n")
             procs.append(client)
-            line = client.wait_log(r"session (0x[0-9a-f]{8}) with \S+ established")
-            print(f"session {line.group(1)} established over TLS 1.3")
+            print(client.wait_log(r"VPN up: .*").group(0))
 
-            say("keepalives (every 3 s when idle) and their round-trip times")
+            say("the client's routes and resolver while the VPN is up")
+            show(cli, "ip", "-4", "route")
+            show(cli, "cat", "/etc/resolv.conf")
 
-            def answered() -> bool:
-                out = ctl(cli, tmp / "client.sock", "--json", "status").stdout
-                received: int = json.loads(out)["alives_received"]
-                return received >= 2
+            say("ping the server's tunnel address (the gateway)")
+            show(cli, "ping", "-c", "3", "-i", "0.3", "198.18.5.1")
 
-            wait_for(answered, timeout=20, what="two answered keepalives")
-            print("$ cellvpn-ctl status   (client)")
-            print(ctl(cli, tmp / "client.sock", "status").stdout, end="")
-            print("$ cellvpn-ctl status   (server)")
-            print(ctl(srv, tmp / "server.sock", "status").stdout, end="")
+            say(f"fetch a page from {NET_HOST_IP} through the tunnel")
+            show(cli, "curl", "-sS", "-m", "10", f"http://{NET_HOST_IP}/")
+            seen = [ln for ln in (tmp / "http.log").read_text().splitlines() if "GET" in ln]
+            print(f"the HTTP server saw: {seen[-1] if seen else 'nothing'}")
 
-            say("stopping")
+            say("cellvpn-ctl vpn_client status")
+            print(ctl(cli, lab.socket("client"), "vpn_client", "status").stdout.rstrip())
+            say("cellvpn-ctl vpn_stat")
+            print(ctl(lab.srv, lab.server_socket, "vpn_stat").stdout.rstrip())
+
+            say("stopping: cellvpn-ctl vpn_client stop, then both services")
+            print(ctl(cli, lab.socket("client"), "vpn_client", "stop").stdout.rstrip())
+            show(cli, "ip", "-4", "route")
             for proc in reversed(procs):
                 proc.stop()
-            print(f"demo finished in {time.monotonic() - started:.1f} s")
+            print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
             return 0
         except Exception as e:
             print(f"demo failed: {e}", file=sys.stderr)

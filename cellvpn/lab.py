@@ -217,6 +217,7 @@ class VpnLab:
         self.net.ip("route", "add", pool, "via", NET_GW_IP)
         self.srv.sysctl("net.ipv4.ip_forward", "1")
         self.server: Twistd | None = None
+        self.http: subprocess.Popen[bytes] | None = None
         self.server_socket = workdir / "server.sock"
 
     def add_client_host(self) -> Namespace:
@@ -242,7 +243,8 @@ class VpnLab:
         ns.ip("link", "set", "eth0", "up")
         ns.ip("route", "replace", "default", "via", SERVER_IP)
 
-    def start_server(self, extra: str = "") -> Twistd:
+    def start_server(self, extra: str = "", vpn_extra: str = "") -> Twistd:
+        """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``extra`` at the end."""
         cfg = self.work / "server.cfg"
         cfg.write_text(
             "[server]\n"
@@ -254,8 +256,7 @@ class VpnLab:
             f"network_address = {self.pool.split('/')[0]}\n"
             f"network_mask = {_mask(self.pool)}\n"
             "tun_name = cvpn-srv\n"
-            "mtu = 1400\n"
-            "[control]\n"
+            "mtu = 1400\n" + vpn_extra + "[control]\n"
             f"socket = {self.server_socket}\n" + extra
         )
         self.server = Twistd(self.srv, "cellvpn", cfg, self.work / "server.log")

@@ -1,0 +1,115 @@
+"""The client's life on a real host: link loss and reconnect, kill switch, and cleanup."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from cellvpn.lab import NET_HOST_IP, Namespace, Twistd, VpnLab, ctl, ctl_json, wait_for
+from tests.integration.helpers import background, last_json, ping
+
+
+def snapshot(ns: Namespace) -> dict[str, str]:
+    """What a client may change on its host, as text to compare."""
+    return {
+        "addr": ns.ip("-4", "addr").stdout,
+        "links": ns.ip("-o", "link").stdout,
+        "routes": ns.ip("-4", "route", "show", "table", "all").stdout,
+        "routes6": ns.ip("-6", "route", "show", "table", "all").stdout,
+        "rules": ns.ip("rule").stdout,
+        "rules6": ns.ip("-6", "rule").stdout,
+        "resolv.conf": ns.resolv_conf.read_text(),
+    }
+
+
+def status(lab: VpnLab, ns: Namespace, name: str = "client") -> dict[str, Any]:
+    result: dict[str, Any] = ctl_json(ns, lab.socket(name), "vpn_client", "status")
+    return result
+
+
+def test_underlay_cut_conn_lost_reconnect_same_address_tcp_survives(
+    netns: Any, tmp_path: Path
+) -> None:
+    """Veth down for 10 s with keepalive 1: CONN_LOST (seen through cellvpn-ctl), the kill
+    switch keeps the tunnel routes; the link returns: reconnect by itself, same address, and an
+    idle TCP connection through the tunnel carries on."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    lab.start_server()
+    lab.start_client(
+        cli, "client", section_extra="default_route = true\nkill_switch = true\nkeepalive = 1\n"
+    )
+    before = status(lab, cli)
+    echo = background(lab.net, tmp_path / "echo.log", "echo", "5003", NET_HOST_IP)
+    trigger = tmp_path / "go"
+    hold = background(cli, tmp_path / "hold.log", "hold", NET_HOST_IP, "5003", str(trigger))
+    wait_for(lambda: '"first": true' in (tmp_path / "hold.log").read_text(), what="first echo")
+
+    lab.cut(cli)
+    wait_for(lambda: status(lab, cli)["status"] == "CONN_LOST", timeout=15, what="CONN_LOST")
+    text = ctl(cli, lab.socket("client"), "vpn_client", "status").stdout
+    assert text.startswith("VPN client lost connection\n")
+    routes = cli.ip("-4", "route").stdout
+    assert "0.0.0.0/1 dev cvpn-cli" in routes and "128.0.0.0/1 dev cvpn-cli" in routes
+    time.sleep(7)  # with the ~3 s until CONN_LOST, the underlay is down for about 10 s
+    lab.mend(cli)
+    wait_for(lambda: status(lab, cli)["status"] == "STARTED", timeout=60, what="reconnect")
+    after = status(lab, cli)
+    assert after["address"] == before["address"]
+    assert after["sessions_established"] == 2
+    trigger.write_text("go")
+    result = last_json(hold, tmp_path / "hold.log", timeout=30)
+    assert result == {"second": True}
+    echo.terminate()
+
+
+def test_without_kill_switch_tunnel_routes_go_while_disconnected(
+    netns: Any, tmp_path: Path
+) -> None:
+    """Server gone: CONN_LOST drops the 0/1 and 128/1 routes; the server back: they return."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    server = lab.start_server()
+    lab.start_client(cli, "client", section_extra="default_route = true\nkeepalive = 1\n")
+    server.stop()
+    wait_for(lambda: status(lab, cli)["status"] == "CONN_LOST", timeout=15, what="CONN_LOST")
+    wait_for(lambda: "0.0.0.0/1" not in cli.ip("-4", "route").stdout, timeout=10, what="routes")
+    assert ping(cli, "192.0.2.1", count=1)  # the underlay itself still works
+    lab.server = Twistd(lab.srv, "cellvpn", tmp_path / "server.cfg", tmp_path / "server2.log")
+    lab.server.wait_log(r"TUN cvpn-srv up")
+    wait_for(lambda: status(lab, cli)["status"] == "STARTED", timeout=90, what="reconnect")
+    assert "0.0.0.0/1 dev cvpn-cli" in cli.ip("-4", "route").stdout
+    assert ping(cli, "198.18.5.1")
+
+
+def test_stop_and_kill_leave_the_host_as_it_was(netns: Any, tmp_path: Path) -> None:
+    """After stop, and after kill -9 then a fresh start and stop, the client namespace's
+    addresses, routes, rules and resolv.conf equal what they were; the host's resolv.conf too."""
+    host_resolv = Path("/etc/resolv.conf").read_bytes()
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    lab.start_server(vpn_extra="dns = 198.18.5.1\n")
+    before = snapshot(cli)
+    client = lab.start_client(cli, "client", section_extra="default_route = true\n")
+    during = snapshot(cli)
+    assert "nameserver 198.18.5.1" in during["resolv.conf"]
+    assert "0.0.0.0/1" in during["routes"]
+    done = ctl(cli, lab.socket("client"), "vpn_client", "stop")
+    assert done.stdout.strip() == "VPN client stopped successfully"
+    assert snapshot(cli) == before
+    client.stop()
+
+    client = lab.start_client(cli, "client", section_extra="default_route = true\n")
+    assert "nameserver 198.18.5.1" in cli.resolv_conf.read_text()
+    client.proc.send_signal(signal.SIGKILL)
+    client.proc.wait(timeout=10)
+    assert snapshot(cli) != before  # the killed client left its changes behind
+    client = lab.start_client(cli, "client", section_extra="default_route = true\n")
+    client.wait_log(r"cleaned up after an earlier run: ")
+    ctl(cli, lab.socket("client"), "vpn_client", "stop")
+    assert snapshot(cli) == before
+    client.stop()
+    assert snapshot(cli) == before
+    assert Path("/etc/resolv.conf").read_bytes() == host_resolv
