@@ -99,6 +99,15 @@ def test_stop_and_kill_leave_the_host_as_it_was(netns: Any, tmp_path: Path) -> N
     done = ctl(cli, lab.socket("client"), "vpn_client", "stop")
     assert done.stdout.strip() == "VPN client stopped successfully"
     assert snapshot(cli) == before
+    again = ctl(cli, lab.socket("client"), "vpn_client", "stop", check=False)
+    assert (again.returncode, again.stdout.strip()) == (255, "VPN client not stopped")
+    start = ["vpn_client", "start", "-addr", "192.0.2.1", "-port", "8089"]
+    done = ctl(cli, lab.socket("client"), *start, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "VPN client started successfully")
+    done = ctl(cli, lab.socket("client"), *start, check=False)
+    assert (done.returncode, done.stdout.strip()) == (1, "VPN client already started")
+    ctl(cli, lab.socket("client"), "vpn_client", "stop")
+    assert snapshot(cli) == before
     client.stop()
 
     client = lab.start_client(cli, "client", section_extra="default_route = true\n")

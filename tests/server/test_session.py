@@ -1,0 +1,246 @@
+"""Server sessions on memory transports: grant, leases, takeover, the data path, drops."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from cellvpn.config import load_server_config
+from cellvpn.conn.protocol import StreamProtocol
+from cellvpn.server.service import VPNServerService
+from cellvpn.server.session import ServerSession
+from cellvpn.stream.connection import Closed, Role, StreamConnection, StreamSettings
+from cellvpn.wire import vpn
+from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
+from cellvpn.wire.service import Error, ErrorCode, PacketType, Request
+from cellvpn.wire.setup import CloseCode
+
+
+def ipv4(src: str, dst: str, payload: bytes = b"x" * 12, proto: int = 17) -> bytes:
+    import socket
+
+    total = 20 + len(payload)
+    head = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, total, 1, 0, 64, proto, 0, socket.inet_aton(src), socket.inet_aton(dst),
+    )  # fmt: skip
+    return head + payload
+
+
+class Client:
+    """A client stream end wired to a server session through a StringTransport."""
+
+    def __init__(self, server: VPNServerService, clock: MemoryReactorClock, token: bytes = b""):
+        self.conn = StreamConnection(Role.CLIENT, StreamSettings(caps=frozenset({"addr-options"})))
+        self.r: list[tuple[int, bytes]] = []
+        self.s: list[vpn.VpnPacket] = []
+        self.events: list[Any] = []
+        self.conn.register_channel(CHANNEL_R, lambda t, d: self.r.append((t, bytes(d))))
+        self.conn.register_channel(CHANNEL_S, lambda t, d: self.s.append(vpn.VpnPacket.decode(d)))
+        self.session = ServerSession(server)
+        self.proto = StreamProtocol(
+            StreamConnection(Role.SERVER, server.stream_settings, clock=clock.seconds),
+            self.session,
+            clock,
+        )
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 4000))
+        self.proto.makeConnection(self.transport)
+        self.conn.start(token)
+        self.pump()
+
+    def pump(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.proto.dataReceived(data)
+        out = self.transport.value()
+        self.transport.clear()
+        if out:
+            self.events += self.conn.receive_data(out)
+
+    def request(self) -> None:
+        self.conn.send_channel(CHANNEL_R, PacketType.REQUEST, Request().encode())
+        self.pump()
+
+    def vpn(self, packet: vpn.VpnPacket) -> None:
+        self.conn.send_channel(CHANNEL_S, 2, packet.encode())
+        self.pump()
+
+    def addr_request(self) -> None:
+        self.vpn(vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REQUEST))
+
+    def send_ip(self, packet: bytes) -> None:
+        self.vpn(vpn.VpnPacket(vpn.OpCode.VPN_SEND, packet))
+
+    def lose(self) -> None:
+        self.proto.connectionLost(Failure(ConnectionDone()))
+
+
+def make_server(
+    tmp_path: Path, **overrides: str
+) -> tuple[VPNServerService, MemoryReactorClock, list[bytes]]:
+    clock = MemoryReactorClock()
+    config = load_server_config(
+        None,
+        {
+            "control.socket": str(tmp_path / "s.sock"),
+            "srv_vpn.network_address": "198.18.9.0",
+            **overrides,
+        },
+    )
+    server = VPNServerService(config, reactor=clock)
+    server.accepting = True
+    server.tun_ready = True
+    written: list[bytes] = []
+    server.forwarder.tun_write = lambda p: written.append(bytes(p)) or True
+    return server, clock, written
+
+
+def test_free_grant_then_address_then_already_assigned(tmp_path: Path) -> None:
+    """REQUEST -> SUCCESS; ADDR_REQUEST -> ADDR_REPLY with options; again -> ALREADY_ASSIGNED."""
+    server, clock, _ = make_server(tmp_path)
+    c = Client(server, clock)
+    c.request()
+    assert c.r[0][0] == PacketType.SUCCESS and len(c.r[0][1]) == 20
+    c.addr_request()
+    reply = vpn.AddrReply.decode(c.s[0].data)
+    assert str(reply.client) == "198.18.9.2" and str(reply.gateway) == "198.18.9.1"
+    assert str(reply.netmask) == "255.255.255.0" and reply.mtu == 1400
+    c.addr_request()
+    assert c.s[1].op_code == vpn.OpCode.PROBLEM
+    assert c.s[1].code == vpn.ProblemCode.ALREADY_ASSIGNED_ADDR
+
+
+def test_free_service_not_allowed_is_a_24_byte_error(tmp_path: Path) -> None:
+    """allow_free_srv = false without billing: ERROR FREE_IS_NOT_ALLOWED, full body."""
+    server, clock, _ = make_server(tmp_path, **{"srv_vpn.allow_free_srv": "false"})
+    c = Client(server, clock)
+    c.request()
+    [(ptype, body)] = c.r
+    assert ptype == PacketType.ERROR and len(body) == 24
+    assert Error.decode(body).code == ErrorCode.FREE_IS_NOT_ALLOWED
+
+
+def test_nothing_passes_before_the_grant(tmp_path: Path) -> None:
+    """'S' traffic before SUCCESS is dropped and counted; no address is given."""
+    server, clock, written = make_server(tmp_path)
+    c = Client(server, clock)
+    c.addr_request()
+    c.send_ip(ipv4("198.18.9.2", "198.19.0.10"))
+    assert c.s == [] and written == []
+    assert c.session.counters.dropped_not_active == 2
+
+
+def test_spoofed_and_malformed_packets_are_dropped_and_counted(tmp_path: Path) -> None:
+    """Only packets from the leased address reach the TUN."""
+    server, clock, written = make_server(tmp_path)
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+    good = ipv4("198.18.9.2", "198.19.0.10")
+    c.send_ip(good)
+    c.send_ip(ipv4("198.18.9.77", "198.19.0.10"))
+    c.send_ip(good[:-1])  # total length disagrees with the packet
+    assert written == [good]
+    counters = c.session.counters
+    assert counters.dropped_spoofed == 1 and counters.dropped_malformed == 1
+    assert counters.from_client_packets == 1 and counters.from_client_bytes == len(good)
+
+
+def test_tun_packets_go_to_the_owner_of_the_destination(tmp_path: Path) -> None:
+    """TUN -> VPN_RECV to the session that owns the destination; unknown ones counted."""
+    server, clock, _ = make_server(tmp_path)
+    a, b = Client(server, clock), Client(server, clock)
+    for c in (a, b):
+        c.request()
+        c.addr_request()
+    to_b = ipv4("198.19.0.10", "198.18.9.3")
+    server.forwarder.from_tun([to_b, ipv4("198.19.0.10", "198.18.9.200")])
+    b.pump()
+    a.pump()
+    assert [p.data for p in b.s if p.op_code == vpn.OpCode.VPN_RECV] == [to_b]
+    assert not [p for p in a.s if p.op_code == vpn.OpCode.VPN_RECV]
+    assert server.forwarder.dropped_no_route == 1
+    assert b.session.counters.to_client_bytes == len(to_b)
+
+
+def test_exhausted_pool_and_reuse_after_leaving(tmp_path: Path) -> None:
+    """A /30 has one lease: the second client gets NO_FREE_ADDR; when the first leaves
+    without an identity hold in the way, the next one gets that address."""
+    server, clock, _ = make_server(
+        tmp_path, **{"srv_vpn.network_mask": "255.255.255.252", "srv_vpn.lease_hold": "0"}
+    )
+    a, b = Client(server, clock), Client(server, clock)
+    for c in (a, b):
+        c.request()
+        c.addr_request()
+    assert vpn.AddrReply.decode(a.s[0].data).client == server.pool.gateway + 1
+    assert b.s[0].op_code == vpn.OpCode.PROBLEM and b.s[0].code == vpn.ProblemCode.NO_FREE_ADDR
+    a.lose()
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+    assert vpn.AddrReply.decode(c.s[0].data).client == server.pool.gateway + 1
+
+
+def test_returning_client_takes_over_its_address(tmp_path: Path) -> None:
+    """Same resume token while the old session is still open: the new session gets the
+    address, the old stream is closed with TAKEN_OVER, and its end releases nothing."""
+    server, clock, written = make_server(tmp_path)
+    old = Client(server, clock)
+    token = old.events[0].welcome.resume_token
+    assert len(token) == 16
+    old.request()
+    old.addr_request()
+    new = Client(server, clock, token=token)
+    new.request()
+    new.addr_request()
+    assert vpn.AddrReply.decode(new.s[0].data).client == vpn.AddrReply.decode(old.s[0].data).client
+    old.pump()
+    assert any(isinstance(e, Closed) and e.code == CloseCode.TAKEN_OVER for e in old.events)
+    old.lose()
+    assert server.pool.owner_of(vpn.AddrReply.decode(new.s[0].data).client) is new.session
+    packet = ipv4("198.18.9.2", "198.19.0.10")
+    new.send_ip(packet)
+    assert written == [packet]
+
+
+def test_returning_client_after_leaving_gets_the_same_address(tmp_path: Path) -> None:
+    """Same resume token within lease_hold after the old session ended: same address."""
+    server, clock, _ = make_server(tmp_path)
+    first = Client(server, clock)
+    token = first.events[0].welcome.resume_token
+    first.request()
+    first.addr_request()
+    other = Client(server, clock)
+    first.lose()
+    other.request()
+    other.addr_request()
+    again = Client(server, clock, token=token)
+    again.request()
+    again.addr_request()
+    assert (
+        vpn.AddrReply.decode(again.s[0].data).client == vpn.AddrReply.decode(first.s[0].data).client
+    )
+    assert (
+        vpn.AddrReply.decode(other.s[0].data).client != vpn.AddrReply.decode(first.s[0].data).client
+    )
+
+
+def test_ended_session_kept_for_vpn_stat(tmp_path: Path) -> None:
+    """A session that ended keeps its final counters in vpn_stat -full."""
+    server, clock, _ = make_server(tmp_path)
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+    c.send_ip(ipv4("198.18.9.2", "198.19.0.10"))
+    c.lose()
+    stat = server.control_vpn_stat(full=True)
+    assert stat["sessions"] == []
+    [ended] = stat["ended"]
+    assert ended["counters"]["from_client_packets"] == 1 and ended["ended_at"] is not None
