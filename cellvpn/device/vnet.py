@@ -44,7 +44,7 @@ class OffloadError(ValueError):
     """A header or packet that must not reach the kernel."""
 
 
-def checksum(data: bytes | memoryview, initial: int = 0) -> int:
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """The Internet checksum (RFC 1071) of ``data``.
 
     A big integer in base 2**16 is congruent to the sum of its digits modulo 0xFFFF, which is
