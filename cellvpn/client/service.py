@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from cellvpn.client.backoff import Backoff
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
+from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
 from cellvpn.client.tunnel import ClientTunnel
 from cellvpn.config import ClientConfig
@@ -103,7 +104,10 @@ class VPNClientService(MultiService):
             resolv_conf or Path("/etc/resolv.conf"),
         )
         self.billing: Any = None
-        self.socks: Any = None
+        self.socks: SocksService | None = None
+        if c.socks is not None:
+            self.socks = SocksService(c.socks, self, reactor)
+            self.socks.setServiceParent(self)
         self.control = ControlService(config.control.socket, self, reactor)
         self.control.setServiceParent(self)
 
@@ -174,6 +178,8 @@ class VPNClientService(MultiService):
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close()
+        if self.socks is not None:
+            self.socks.link_lost()
         self._resolve_start(CANNOT_CONNECT)
         if self.machine.can(ClientInput.STOP):
             self.machine.fire(ClientInput.STOP)
@@ -254,7 +260,8 @@ class VPNClientService(MultiService):
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None
-        stream = ClientStream(self.reactor, self.config.client.keepalive, self, self.resume_token)
+        c = self.config.client
+        stream = ClientStream(self.reactor, c.keepalive, self, self.resume_token, c.vpn)
         self.stream = stream
         settings = self.stream_settings
 
@@ -318,6 +325,14 @@ class VPNClientService(MultiService):
             self.server_ip = ipaddress.IPv4Address(socket.gethostbyname(self.host or ""))
         c = self.config.client
         await self.tunnel.setup(reply, self.server_ip, c.default_route, list(c.dns))
+        self._up(stream, f"address {reply.client} on {self.tunnel.name}")
+
+    def stream_granted(self, stream: ClientStream) -> None:
+        """``vpn = false``: the grant alone is enough, there is no address and no TUN."""
+        self._up(stream, "no tunnel (vpn = false)")
+
+    def _up(self, stream: ClientStream, what: str) -> None:
+        """The stream carries the service: STARTED, and start() answers 0."""
         if stream is not self.stream or self.state not in (
             ClientState.STARTING,
             ClientState.CONN_LOST,
@@ -330,11 +345,10 @@ class VPNClientService(MultiService):
         self.last_error = None
         self.machine.fire(ClientInput.UP)
         self.log.info(
-            "VPN up: session {sid} with {server}, address {addr} on {tun}",
+            "VPN up: session {sid} with {server}, {what}",
             sid=f"{stream.session_id or 0:#010x}",
             server=f"{self.host}:{self.port}",
-            addr=str(reply.client),
-            tun=self.tunnel.name,
+            what=what,
         )
         self._resolve_start(STARTED_OK)
 

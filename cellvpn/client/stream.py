@@ -49,6 +49,9 @@ class StreamOwner(Protocol):
 
     def stream_address(self, stream: ClientStream, reply: vpn.AddrReply) -> None: ...
 
+    def stream_granted(self, stream: ClientStream) -> None:
+        """The service is granted and no address was wanted (a SOCKS-only client)."""
+
     def stream_refused(self, stream: ClientStream, why: str, permanent: bool) -> None: ...
 
     def stream_lost(self, stream: ClientStream, why: str, permanent: bool) -> None: ...
@@ -68,12 +71,19 @@ class ClientStream:
     log = Logger()
 
     def __init__(
-        self, clock: Any, ping_interval: float, owner: StreamOwner, resume_token: bytes = b""
+        self,
+        clock: Any,
+        ping_interval: float,
+        owner: StreamOwner,
+        resume_token: bytes = b"",
+        want_address: bool = True,
     ) -> None:
         self.clock = clock
         self.ping_interval = ping_interval
         self.owner = owner
         self.resume_token = resume_token
+        #: Ask for an address (and a TUN) after the grant; False for a SOCKS-only client.
+        self.want_address = want_address
         self.proto: StreamProtocol | None = None
         self.session_id: int | None = None
         self.usage_id = 0
@@ -197,7 +207,10 @@ class ClientStream:
             if ptype == PacketType.SUCCESS and not self.granted:
                 self.usage_id = Success.decode(data).usage_id
                 self.granted = True
-                self.request_address()
+                if self.want_address:
+                    self.request_address()
+                else:
+                    self.owner.stream_granted(self)
             elif ptype == PacketType.ERROR and not self.granted:
                 error = Error.decode(data)
                 self.owner.stream_refused(

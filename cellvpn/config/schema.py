@@ -244,6 +244,11 @@ class ClientSection:
     private_key: Path | None = option(
         _OPTIONAL_PATH, None, "PEM private key of certificate; set both or neither."
     )
+    vpn: bool = option(
+        BOOL,
+        True,
+        "Create the TUN and routes; false for a SOCKS-only client that needs no root or TUN.",
+    )
     tun_name: str | None = option(
         optional(IFNAME), None, "Name of the TUN device; empty = the kernel chooses."
     )

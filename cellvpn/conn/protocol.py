@@ -7,13 +7,15 @@ the application object (a server session or the client), which decides what they
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from cellvpn.stream.connection import (
     Closed,
@@ -56,8 +58,14 @@ def peer_name(transport: object) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@implementer(IPushProducer)
 class StreamProtocol(Protocol):
-    """One TLS connection carrying one cellvpn stream."""
+    """One TLS connection carrying one cellvpn stream.
+
+    It is the streaming producer of its own transport, so whatever else feeds the stream (the
+    L4 proxy's sockets) can pause while the transport's write buffer is full: ``on_pause`` and
+    ``on_resume`` callbacks run as it fills and drains, and ``paused`` says where it is now.
+    """
 
     log = Logger()
 
@@ -74,6 +82,10 @@ class StreamProtocol(Protocol):
         self._ticker: LoopingCall | None = None
         self._abort_call: IDelayedCall | None = None
         self.lost = False
+        self.paused = False
+        self.on_pause: list[Callable[[], object]] = []
+        self.on_resume: list[Callable[[], object]] = []
+        self._producing = False
 
     def connectionMade(self) -> None:
         self.peer = peer_name(self.transport)
@@ -81,6 +93,9 @@ class StreamProtocol(Protocol):
         ticker.clock = self.clock
         ticker.start(self.conn.settings.keepalive_interval, now=False)
         self._ticker = ticker
+        if self.transport is not None:
+            self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self._producing = True
         self.app.stream_connected(self)
         self.flush()
 
@@ -95,6 +110,21 @@ class StreamProtocol(Protocol):
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.lost:
             self.transport.write(data)
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            for listener in list(self.on_pause):
+                listener()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            for listener in list(self.on_resume):
+                listener()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` follows and does the work."""
 
     def _tick(self) -> None:
         events = self.conn.tick()
@@ -148,6 +178,10 @@ class StreamProtocol(Protocol):
         """Let queued bytes (the CLOSE frame) go out, and abort if the peer does not read them."""
         if self.lost or self.transport is None:
             return
+        if self._producing:
+            # TLS waits for a registered producer to go before it shuts down
+            self._producing = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
         self.transport.loseConnection()
         if self._abort_call is None:
             self._abort_call = self.clock.callLater(5, self._abort)
@@ -159,6 +193,7 @@ class StreamProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
+        self._producing = False
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         if self._abort_call is not None and self._abort_call.active():

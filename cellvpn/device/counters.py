@@ -1,4 +1,7 @@
-"""Per-session traffic counters, in IP bytes (whole IPv4 packets, no stream overhead)."""
+"""Per-session traffic counters, in IP bytes (whole IPv4 packets, no stream overhead).
+
+The L4 proxy's counts are TCP payload bytes instead: there are no IP packets on that path.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ class SessionCounters:
     dropped_isolated: int = 0
     dropped_tun_write: int = 0
     dropped_queue_full: int = 0
+    proxy_from_client_bytes: int = 0
+    proxy_to_client_bytes: int = 0
 
     @property
     def from_client_dropped(self) -> int:

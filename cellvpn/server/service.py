@@ -35,6 +35,7 @@ from cellvpn.device.packet import mss_for_mtu
 from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import NetConfigError, Netlink
+from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.session import ServerSession
 from cellvpn.stream import caps
@@ -98,7 +99,7 @@ class VPNServerService(MultiService):
         self.netlink = Netlink()
         self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=FINISHED_KEPT)
         self.billing: Any = None
-        self.proxy: Any = None
+        self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
         #: Called with a reason when the service cannot go on (twistd then exits with status 1).
         self.on_fatal: Callable[[str], None] = self._fatal
 
@@ -137,6 +138,8 @@ class VPNServerService(MultiService):
             )
         if self.config.srv_vpn.enabled:
             self._open_tun()
+        if self.proxy is not None:
+            self.proxy.read_own_addresses()
         listen = self.config.server.listen
         factory = TLSMemoryBIOFactory(creator, False, _StreamFactory(self))
         factory.noisy = False
@@ -268,6 +271,7 @@ class VPNServerService(MultiService):
             "pool": self.pool.stats(),
             "dropped_no_route": self.forwarder.dropped_no_route,
             "dropped_malformed": self.forwarder.dropped_malformed,
+            "proxy": self.proxy.describe() if self.proxy is not None else None,
             "tun": self.tun_name,
             "tun_stats": _tun_stats(self.tun),
         }

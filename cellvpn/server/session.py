@@ -208,6 +208,8 @@ class ServerSession:
         if self.usage.can(UsageInput.REFUSE):
             self.usage.fire(UsageInput.REFUSE)
         self.server.forwarder_detach(self)
+        if self.server.proxy is not None:
+            self.server.proxy.usage_ended(self)
         self.send_service(PacketType.ERROR, Error(code, self.usage_id).encode())
         self.log.info(
             "session {sid} with {peer}: service refused ({code}): {why}",
