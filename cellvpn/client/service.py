@@ -300,6 +300,9 @@ class VPNClientService(MultiService):
             self.server_ip = ipaddress.IPv4Address(getattr(peer, "host", ""))
         except ValueError:
             self.server_ip = None
+        # back-pressure: while the stream's transport is full, stop reading the TUN
+        stream.proto.on_pause.append(self.tunnel.pause_reading)
+        stream.proto.on_resume.append(self.tunnel.resume_reading)
 
     def make_request(self, stream: ClientStream) -> Request:
         if self.billing is not None:
@@ -390,6 +393,7 @@ class VPNClientService(MultiService):
         stream.setup_timer = None
         self.stream = None
         self.last_error = why
+        self.tunnel.resume_reading()  # nothing to wait for: packets are counted and dropped
         if self.socks is not None:
             self.socks.link_lost()
         state = self.state

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -115,6 +114,14 @@ class ClientTunnel:
             await deferToThread(self.journal.forget_tun)
         self.address = None
 
+    def pause_reading(self) -> None:
+        if self.port is not None:
+            self.port.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.port is not None:
+            self.port.resumeProducing()
+
     def write(self, packet: bytes | memoryview) -> bool:
         port = self.port
         return port is not None and port.write(packet)
@@ -127,14 +134,12 @@ class ClientTunnel:
         await self.routes.drop_tunnel()
         if self.dns.method is not None:
             await self.dns.restore()
-            self.dns.method = None
 
     async def teardown_network(self) -> None:
         """Routes and DNS back as they were (the TUN stays)."""
         try:
             if self.dns.method is not None:
                 await self.dns.restore()
-                self.dns.method = None
         finally:
             await self.routes.remove()
             self.tunnel_routes_up = False
@@ -159,7 +164,3 @@ class ClientTunnel:
             "dns": [str(s) for s in self.dns_servers] if self.dns.method else [],
             "dns_method": self.dns.method,
         }
-
-
-def as_deferred(coro: Any) -> Deferred[Any]:
-    return Deferred.fromCoroutine(coro)

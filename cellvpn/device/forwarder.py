@@ -24,8 +24,9 @@ class Peer(Protocol):
     addr_key: bytes
     counters: SessionCounters
 
-    def deliver(self, packet: Packet) -> None:
-        """Queue one IPv4 packet towards the client (VPN_RECV); sent at the next flush."""
+    def deliver(self, packet: Packet) -> bool:
+        """Queue one IPv4 packet towards the client (VPN_RECV), sent at the next flush;
+        False (and counted by the peer) when its queue is full."""
 
     def flush(self) -> None:
         """Write what ``deliver`` queued, as one transport write."""
@@ -70,11 +71,11 @@ class Forwarder:
                 clamped = clamp_mss(pkt, max_mss)
                 if clamped is not None:
                     pkt = clamped
-            counters = peer.counters
-            counters.to_client_packets += 1
-            counters.to_client_bytes += len(pkt)
-            peer.deliver(pkt)
-            touched[id(peer)] = peer
+            if peer.deliver(pkt):
+                counters = peer.counters
+                counters.to_client_packets += 1
+                counters.to_client_bytes += len(pkt)
+                touched[id(peer)] = peer
         for peer in touched.values():
             peer.flush()
 
@@ -102,11 +103,11 @@ class Forwarder:
                 return
             counters.from_client_packets += 1
             counters.from_client_bytes += size
-            oc = other.counters
-            oc.to_client_packets += 1
-            oc.to_client_bytes += size
-            other.deliver(pkt)
-            other.flush()
+            if other.deliver(pkt):
+                oc = other.counters
+                oc.to_client_packets += 1
+                oc.to_client_bytes += size
+                other.flush()
             return
         if self.tun_write(pkt):
             counters.from_client_packets += 1

@@ -61,6 +61,8 @@ class ServerSession:
         self.address: ipaddress.IPv4Address | None = None
         self.addr_key = b""
         self.counters = SessionCounters()
+        #: bytes queued towards the client while its transport was full
+        self.backlog = 0
         self.pings = 0
         self.proxy: Any = None
         #: StreamConnection.send_channel, bound once the stream is set up
@@ -71,6 +73,7 @@ class ServerSession:
     def stream_connected(self, proto: StreamProtocol) -> None:
         self.proto = proto
         self.peer = proto.peer
+        proto.on_resume.append(self._drained)
 
     def hello_received(self, proto: StreamProtocol, event: HelloReceived) -> None:
         server = self.server
@@ -136,15 +139,29 @@ class ServerSession:
 
     # --- the forwarder's Peer ---------------------------------------------------------------
 
-    def deliver(self, packet: bytes | memoryview) -> None:
+    def deliver(self, packet: bytes | memoryview) -> bool:
         send = self._send
-        if send is not None:
-            send(
-                CHANNEL_S,
-                _PKT_DATA,
-                _VPN_DATA_HEADER.pack(0, _OP_VPN_RECV, self.usage_id, len(packet)),
-                packet,
-            )
+        if send is None:
+            return False
+        proto = self.proto
+        if proto is not None and proto.paused:
+            # the client reads slower than the TUN fills: queue a little, then drop (as a
+            # full NIC queue would), so one slow client cannot make the server buffer forever
+            self.backlog += len(packet)
+            if self.backlog > QUEUE_CAP:
+                self.counters.dropped_queue_full += 1
+                self.counters.to_client_lost_bytes += len(packet)
+                return False
+        send(
+            CHANNEL_S,
+            _PKT_DATA,
+            _VPN_DATA_HEADER.pack(0, _OP_VPN_RECV, self.usage_id, len(packet)),
+            packet,
+        )
+        return True
+
+    def _drained(self) -> None:
+        self.backlog = 0
 
     def flush(self) -> None:
         if self.proto is not None:
@@ -334,6 +351,9 @@ class ServerSession:
             "pings": self.pings,
         }
 
+
+#: Bytes a session may queue beyond its transport's own buffer before packets are dropped.
+QUEUE_CAP = 1024 * 1024
 
 _PROXY_OPS = frozenset(
     {vpn.OpCode.CONNECT, vpn.OpCode.SEND, vpn.OpCode.DISCONNECT, vpn.OpCode.CONNECTED}

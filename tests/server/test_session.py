@@ -244,3 +244,26 @@ def test_ended_session_kept_for_vpn_stat(tmp_path: Path) -> None:
     assert stat["sessions"] == []
     [ended] = stat["ended"]
     assert ended["counters"]["from_client_packets"] == 1 and ended["ended_at"] is not None
+
+
+def test_a_slow_client_gets_a_bounded_queue_and_counted_drops(tmp_path: Path) -> None:
+    """While the client's transport is full, at most QUEUE_CAP bytes queue; the rest are
+    dropped and counted; once it drains, packets flow again."""
+    from cellvpn.server.session import QUEUE_CAP
+
+    server, clock, _ = make_server(tmp_path)
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+    c.proto.pauseProducing()  # what the transport does when its buffer is full
+    packet = ipv4("198.19.0.10", "198.18.9.2", b"y" * 1000)
+    count = 2 * QUEUE_CAP // len(packet)
+    server.forwarder.from_tun([packet] * count)
+    counters = c.session.counters
+    assert counters.dropped_queue_full > 0
+    assert counters.to_client_packets + counters.dropped_queue_full == count
+    assert counters.to_client_bytes <= QUEUE_CAP + len(packet)
+    c.proto.resumeProducing()
+    server.forwarder.from_tun([packet])
+    assert counters.to_client_packets + counters.dropped_queue_full == count + 1
+    assert c.session.backlog == 0
