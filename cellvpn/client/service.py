@@ -32,6 +32,7 @@ from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
 from cellvpn.client.tunnel import ClientTunnel
 from cellvpn.config import ClientConfig
+from cellvpn.config.schema import Offload
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, client_tls
 from cellvpn.control.service import ControlService
@@ -95,7 +96,8 @@ class VPNClientService(MultiService):
         self._tls: Any = None
         self._busy: defer.Deferred[Any] | None = None
         c = config.client
-        self.stream_settings = StreamSettings(channels="RS", caps=caps.KNOWN)
+        offered = caps.KNOWN if c.offload is not Offload.OFF else caps.KNOWN - {caps.OFFLOAD}
+        self.stream_settings = StreamSettings(channels="RS", caps=offered)
         self.tunnel = ClientTunnel(
             reactor,
             c.tun_name,
@@ -327,7 +329,9 @@ class VPNClientService(MultiService):
         if self.server_ip is None:
             self.server_ip = ipaddress.IPv4Address(socket.gethostbyname(self.host or ""))
         c = self.config.client
-        await self.tunnel.setup(reply, self.server_ip, c.default_route, list(c.dns))
+        await self.tunnel.setup(
+            reply, self.server_ip, c.default_route, list(c.dns), offload=stream.offload
+        )
         self._up(stream, f"address {reply.client} on {self.tunnel.name}")
 
     def stream_granted(self, stream: ClientStream) -> None:
@@ -367,12 +371,18 @@ class VPNClientService(MultiService):
     def stream_packet(self, packet: memoryview) -> None:
         self.tunnel.write(packet)
 
+    def stream_packet_gso(self, header_and_packet: memoryview) -> None:
+        self.tunnel.write_gso(header_and_packet)
+
     def _tun_packets(self, batch: list[bytes]) -> None:
         stream = self.stream
         if stream is None or self.state is not ClientState.STARTED:
             self.dropped_not_connected += len(batch)
             return
-        stream.send_packets(batch)
+        if self.tunnel.vnet:
+            stream.send_vnet_packets(batch)
+        else:
+            stream.send_packets(batch)
 
     def stream_refused(self, stream: ClientStream, why: str, permanent: bool) -> None:
         if stream is not self.stream:

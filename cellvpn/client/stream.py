@@ -16,6 +16,8 @@ from twisted.python.failure import Failure
 
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSVerificationError, describe_tls_failure
+from cellvpn.device import vnet
+from cellvpn.stream import caps
 from cellvpn.stream.connection import Closed, Established, HelloReceived
 from cellvpn.wire import vpn
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
@@ -29,6 +31,8 @@ _ADDR_REQUEST = vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REQUEST).encode()
 _HEADER = struct.Struct("<iIII")
 _DATA_HEADER = struct.Struct("<iIIIxxxx")
 _OP_RECV = vpn.OpCode.VPN_RECV
+_OP_RECV_GSO = vpn.OpCode.VPN_RECV_GSO
+_OP_SEND_GSO = vpn.OpCode.VPN_SEND_GSO
 _OP_SEND = vpn.OpCode.VPN_SEND
 _PKT_DATA = vpn.PKT_TYPE_DATA
 
@@ -57,6 +61,8 @@ class StreamOwner(Protocol):
     def stream_lost(self, stream: ClientStream, why: str, permanent: bool) -> None: ...
 
     def stream_packet(self, packet: memoryview) -> None: ...
+
+    def stream_packet_gso(self, header_and_packet: memoryview) -> None: ...
 
     def make_request(self, stream: ClientStream) -> Request: ...
 
@@ -88,6 +94,8 @@ class ClientStream:
         self.session_id: int | None = None
         self.usage_id = 0
         self.granted = False
+        #: the server agreed to VPN_SEND_GSO / VPN_RECV_GSO
+        self.offload = False
         self.addressed = False
         self.outstanding_pings = 0
         self.pings_sent = 0
@@ -118,6 +126,7 @@ class ClientStream:
 
     def established(self, proto: StreamProtocol, event: Established) -> None:
         self.session_id = event.welcome.session_id
+        self.offload = caps.OFFLOAD in event.welcome.caps
         if event.welcome.resume_token:
             self.resume_token = event.welcome.resume_token
         self._send = proto.conn.send_channel
@@ -190,6 +199,40 @@ class ClientStream:
         self.sent_bytes += size
         self.flush()
 
+    def send_vnet_packets(self, batch: list[bytes]) -> None:
+        """TUN reads that start with a vnet header: plain ones as VPN_SEND, super-packets as
+        VPN_SEND_GSO when offload was agreed, else cut into segments here."""
+        send = self._send
+        if send is None:
+            return
+        usage = self.usage_id
+        pack = _DATA_HEADER.pack
+        offload = self.offload
+        packets = size = 0
+        for buf in batch:
+            if buf[0] == 0 and buf[1] == 0:
+                pkt = memoryview(buf)[10:]
+                send(CHANNEL_S, _PKT_DATA, pack(0, _OP_SEND, usage, len(pkt)), pkt)
+                packets += 1
+                size += len(pkt)
+                continue
+            view = memoryview(buf)
+            n, nbytes = vnet.ip_bytes(view[:10], view[10:])
+            packets += n
+            size += nbytes
+            if offload:
+                send(CHANNEL_S, _PKT_DATA, pack(0, _OP_SEND_GSO, usage, len(buf)), buf)
+                continue
+            try:
+                segments = vnet.segment(view[:10], view[10:])
+            except vnet.OffloadError:
+                continue
+            for seg in segments:
+                send(CHANNEL_S, _PKT_DATA, pack(0, _OP_SEND, usage, len(seg)), seg)
+        self.sent_packets += packets
+        self.sent_bytes += size
+        self.flush()
+
     def flush(self) -> None:
         if self.proto is not None:
             self.proto.flush()
@@ -230,6 +273,13 @@ class ClientStream:
                 self.received_packets += 1
                 self.received_bytes += size
                 self.owner.stream_packet(data[20:])
+            return
+        if op == _OP_RECV_GSO:
+            if size == len(data) - 20 and size > 10:
+                n, nbytes = vnet.ip_bytes(data[20:30], data[30:])
+                self.received_packets += n
+                self.received_bytes += nbytes
+                self.owner.stream_packet_gso(data[20:])
             return
         try:
             packet = vpn.VpnPacket.decode(data)

@@ -15,11 +15,19 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from cellvpn.device import vnet
 from cellvpn.net.clientroutes import ClientRoutes
 from cellvpn.net.dns import DnsConfigurator
 from cellvpn.net.journal import Journal, cleanup_leftovers
 from cellvpn.net.netlink import Netlink
-from cellvpn.tun.device import open_tun
+from cellvpn.tun.device import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TunError,
+    open_tun,
+    set_offload,
+)
 from cellvpn.tun.port import TunPort
 from cellvpn.wire.vpn import AddrReply
 
@@ -54,6 +62,9 @@ class ClientTunnel:
         self.mtu = DEFAULT_MTU
         self.dns_servers: list[ipaddress.IPv4Address] = []
         self.tunnel_routes_up = False
+        #: the TUN carries vnet headers (offload)
+        self.vnet = False
+        self.dropped_bad_offload = 0
 
     async def cleanup_leftovers(self) -> list[str]:
         """Undo what a killed earlier run left behind (routes, TUN, resolv.conf)."""
@@ -66,16 +77,22 @@ class ClientTunnel:
         server: ipaddress.IPv4Address,
         default_route: bool,
         dns: list[ipaddress.IPv4Address],
+        offload: bool = False,
     ) -> None:
-        """Bring the tunnel up for ``reply``'s address (again, after a reconnect)."""
+        """Bring the tunnel up for ``reply``'s address (again, after a reconnect).
+
+        With ``offload`` (agreed with the server) the TUN is opened with vnet headers and TCP
+        segmentation offload, if the kernel allows; a TUN opened either way stays so across
+        reconnects (packets are cut or completed in userspace when the server differs).
+        """
         if self.port is None:
-            await self._open()
+            await self._open(offload)
         assert self.name is not None
         if self.address is not None and self.address != reply.client:
             # a new address after a reconnect: routes and DNS are planned afresh
             await self.teardown_network()
             await self._close()
-            await self._open()
+            await self._open(offload)
         self.address = reply.client
         self.gateway = reply.gateway
         self.mtu = reply.mtu or DEFAULT_MTU
@@ -94,8 +111,20 @@ class ClientTunnel:
             await self.dns.apply(servers, self.name)
             self.dns_servers = servers
 
-    async def _open(self) -> None:
-        handle = open_tun(self.wanted_name)
+    async def _open(self, offload: bool) -> None:
+        handle = None
+        if offload:
+            try:
+                handle = open_tun(self.wanted_name, vnet_hdr=True)
+                set_offload(handle.fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            except TunError as e:
+                if handle is not None:
+                    handle.close()
+                    handle = None
+                self.log.info("no large-packet offload on this TUN: {why}", why=str(e))
+        if handle is None:
+            handle = open_tun(self.wanted_name)
+        self.vnet = handle.vnet_hdr
         try:
             await deferToThread(self.journal.record_tun, handle.name)
         except Exception:
@@ -124,7 +153,26 @@ class ClientTunnel:
 
     def write(self, packet: bytes | memoryview) -> bool:
         port = self.port
-        return port is not None and port.write(packet)
+        if port is None:
+            return False
+        if self.vnet:
+            return port.writev(vnet.PLAIN, packet)
+        return port.write(packet)
+
+    def write_gso(self, data: bytes | memoryview) -> bool:
+        """A super-packet from the server: checked like one from a client, then written."""
+        port = self.port
+        if port is None:
+            return False
+        header, pkt = data[:10], data[10:]
+        try:
+            header = vnet.rebuild_header(header, pkt, 65535)
+            if self.vnet:
+                return port.writev(header, pkt)
+            return port.write_many(vnet.segment(header, pkt)) > 0
+        except vnet.OffloadError:
+            self.dropped_bad_offload += 1
+            return False
 
     async def link_lost(self, kill_switch: bool) -> None:
         """The server is gone for now: without the kill switch, traffic goes around the tunnel."""
@@ -158,6 +206,7 @@ class ClientTunnel:
             "address": str(self.address) if self.address else None,
             "gateway": str(self.gateway) if self.gateway else None,
             "mtu": self.mtu,
+            "offload": self.vnet,
             "routes": [
                 r.describe() for r in (*self.routes.carrier.routes, *self.routes.tunnel.routes)
             ],

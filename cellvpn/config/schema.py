@@ -252,6 +252,12 @@ class ClientSection:
     tun_name: str | None = option(
         optional(IFNAME), None, "Name of the TUN device; empty = the kernel chooses."
     )
+    offload: Offload = option(
+        choice(Offload),
+        Offload.AUTO,
+        "Large-packet offload: auto = offer it and use it when the server agrees and the TUN"
+        " supports it, on = the same, off = never offer it.",
+    )
     default_route: bool = option(
         BOOL, True, "Send all traffic through the tunnel (the server stays reachable directly)."
     )

@@ -54,6 +54,7 @@ def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
             + c["dropped_not_active"]
             + c["dropped_isolated"]
             + c["dropped_tun_write"]
+            + c.get("dropped_bad_offload", 0)
         )
         lines = [
             f"  start at {email.utils.format_datetime(start)} (length {_length(seconds)})",
@@ -82,6 +83,7 @@ def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
                 _line("dropped inactive", c["dropped_not_active"]),
                 _line("dropped isolated", c["dropped_isolated"]),
                 _line("dropped tun write", c["dropped_tun_write"]),
+                _line("dropped bad offload", c.get("dropped_bad_offload", 0)),
                 _line("dropped queue full", c["dropped_queue_full"]),
             ]
         blocks.append("\n".join(lines))

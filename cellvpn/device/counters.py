@@ -27,6 +27,7 @@ class SessionCounters:
     dropped_not_active: int = 0
     dropped_isolated: int = 0
     dropped_tun_write: int = 0
+    dropped_bad_offload: int = 0
     dropped_queue_full: int = 0
     proxy_from_client_bytes: int = 0
     proxy_to_client_bytes: int = 0
@@ -39,6 +40,7 @@ class SessionCounters:
             + self.dropped_not_active
             + self.dropped_isolated
             + self.dropped_tun_write
+            + self.dropped_bad_offload
         )
 
     @property

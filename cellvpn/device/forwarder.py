@@ -1,10 +1,16 @@
 """Moving IPv4 packets between the server's TUN and its sessions, with no I/O of its own.
 
 The forwarder owns the table from leased address to session. It checks what clients send
-(well-formed IPv4, source = the session's leased address), clamps the MSS of TCP SYNs so they
-fit the tunnel, delivers client-to-client packets directly (or drops them when clients are
-isolated), and hands everything else to an injected ``tun_write``. Packets read from the TUN go
-to the session that owns their destination. Every drop is counted, none is logged.
+(well-formed IPv4, source = the session's leased address, a sane offload header), clamps the
+MSS of TCP SYNs so they fit the tunnel, delivers client-to-client packets directly (or drops
+them when clients are isolated), and hands everything else to an injected TUN writer. Packets
+read from the TUN go to the session that owns their destination. Every drop is counted, none is
+logged.
+
+With offload (a TUN opened with IFF_VNET_HDR) every TUN read and write carries a 10-byte
+``virtio_net_hdr`` (:mod:`cellvpn.device.vnet`). A super-packet goes whole to a session that
+agreed to the ``offload`` capability and is cut into real segments for one that did not;
+counters count it as the packets it stands for, so a client pays the same either way.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from cellvpn.device import vnet
 from cellvpn.device.counters import SessionCounters
 from cellvpn.device.packet import clamp_mss
 
 Packet = bytes | memoryview
+_PLAIN = vnet.PLAIN
 
 
 class Peer(Protocol):
@@ -23,18 +31,36 @@ class Peer(Protocol):
 
     addr_key: bytes
     counters: SessionCounters
+    #: the session agreed to VPN_SEND_GSO / VPN_RECV_GSO
+    offload: bool
 
     def deliver(self, packet: Packet) -> bool:
         """Queue one IPv4 packet towards the client (VPN_RECV), sent at the next flush;
         False (and counted by the peer) when its queue is full."""
+
+    def deliver_gso(self, header_and_packet: Packet) -> bool:
+        """Queue a vnet header and its packet (VPN_RECV_GSO), as ``deliver``."""
 
     def flush(self) -> None:
         """Write what ``deliver`` queued, as one transport write."""
 
 
 class Forwarder:
-    def __init__(self, tun_write: Callable[[Packet], bool], max_mss: int, isolate: bool = False):
+    """The server's routing between TUN and sessions.
+
+    ``tun_write(packet)`` writes a plain packet; with ``tun_writev(header, packet)`` given, the
+    TUN carries vnet headers and every packet read from it starts with one.
+    """
+
+    def __init__(
+        self,
+        tun_write: Callable[[Packet], bool],
+        max_mss: int,
+        isolate: bool = False,
+        tun_writev: Callable[[Packet, Packet], bool] | None = None,
+    ) -> None:
         self.tun_write = tun_write
+        self.tun_writev = tun_writev
         self.max_mss = max_mss
         self.isolate = isolate
         self.routes: dict[bytes, Peer] = {}
@@ -42,6 +68,10 @@ class Forwarder:
         self.dropped_no_route = 0
         #: TUN packets too short or not IPv4.
         self.dropped_malformed = 0
+
+    @property
+    def vnet(self) -> bool:
+        return self.tun_writev is not None
 
     def attach(self, peer: Peer) -> Peer | None:
         """Route ``peer.addr_key`` to ``peer``; return the peer that had it before, if any."""
@@ -54,8 +84,13 @@ class Forwarder:
         if self.routes.get(peer.addr_key) is peer:
             del self.routes[peer.addr_key]
 
+    # --- TUN -> sessions -------------------------------------------------------------------
+
     def from_tun(self, batch: list[bytes]) -> None:
         """Route one wakeup's worth of TUN packets; each session is flushed once."""
+        if self.tun_writev is not None:
+            self._from_vnet_tun(batch)
+            return
         routes = self.routes
         touched: dict[int, Peer] = {}
         max_mss = self.max_mss
@@ -79,6 +114,63 @@ class Forwarder:
         for peer in touched.values():
             peer.flush()
 
+    def _from_vnet_tun(self, batch: list[bytes]) -> None:
+        routes = self.routes
+        touched: dict[int, Peer] = {}
+        max_mss = self.max_mss
+        for buf in batch:
+            if len(buf) < 30 or buf[10] >> 4 != 4:
+                self.dropped_malformed += 1
+                continue
+            peer = routes.get(buf[26:30])
+            if peer is None:
+                self.dropped_no_route += 1
+                continue
+            view = memoryview(buf)
+            pkt: Packet = view[10:]
+            counters = peer.counters
+            if buf[0] == 0 and buf[1] == 0:  # a plain, complete packet
+                if buf[19] == 6:
+                    clamped = clamp_mss(pkt, max_mss)
+                    if clamped is not None:
+                        pkt = clamped
+                if peer.deliver(pkt):
+                    counters.to_client_packets += 1
+                    counters.to_client_bytes += len(pkt)
+                    touched[id(peer)] = peer
+                continue
+            header = view[:10]
+            if buf[1] == vnet.GSO_NONE and vnet.is_tcp_syn(pkt):
+                # finish the checksum first: clamping must not meet a partial checksum
+                pkt = vnet.finish_checksum(header, pkt)
+                clamped = clamp_mss(pkt, max_mss)
+                if peer.deliver(clamped if clamped is not None else pkt):
+                    counters.to_client_packets += 1
+                    counters.to_client_bytes += len(pkt)
+                    touched[id(peer)] = peer
+                continue
+            packets, size = vnet.ip_bytes(header, pkt)
+            if peer.offload:
+                if not peer.deliver_gso(buf):
+                    continue
+            else:
+                try:
+                    segments = vnet.segment(header, pkt)
+                except vnet.OffloadError:
+                    self.dropped_malformed += 1
+                    continue
+                delivered = [peer.deliver(seg) for seg in segments]
+                if not all(delivered):
+                    packets -= delivered.count(False)
+                    size = sum(len(s) for s, ok in zip(segments, delivered, strict=True) if ok)
+            counters.to_client_packets += packets
+            counters.to_client_bytes += size
+            touched[id(peer)] = peer
+        for peer in touched.values():
+            peer.flush()
+
+    # --- sessions -> TUN -------------------------------------------------------------------
+
     def from_client(self, peer: Peer, pkt: Packet) -> None:
         """One IPv4 packet a client sent (VPN_SEND): check it, then to the TUN or a session."""
         counters = peer.counters
@@ -97,21 +189,73 @@ class Forwarder:
                 pkt = clamped
         other = self.routes.get(bytes(pkt[16:20]))
         if other is not None and other is not peer:
-            if self.isolate:
-                counters.dropped_isolated += 1
-                counters.from_client_lost_bytes += size
-                return
-            counters.from_client_packets += 1
-            counters.from_client_bytes += size
-            if other.deliver(pkt):
-                oc = other.counters
-                oc.to_client_packets += 1
-                oc.to_client_bytes += size
-                other.flush()
+            self._to_other(peer, other, _PLAIN, pkt, 1, size)
             return
-        if self.tun_write(pkt):
+        writev = self.tun_writev
+        ok = self.tun_write(pkt) if writev is None else writev(_PLAIN, pkt)
+        if ok:
             counters.from_client_packets += 1
             counters.from_client_bytes += size
         else:
             counters.dropped_tun_write += 1
             counters.from_client_lost_bytes += size
+
+    def from_client_gso(self, peer: Peer, data: Packet) -> None:
+        """A vnet header and its packet (VPN_SEND_GSO): every field checked before the TUN."""
+        counters = peer.counters
+        header, pkt = data[:10], data[10:]
+        try:
+            header = vnet.rebuild_header(header, pkt, self.max_mss)
+        except vnet.OffloadError:
+            counters.dropped_bad_offload += 1
+            counters.from_client_lost_bytes += len(pkt)
+            return
+        packets, size = vnet.ip_bytes(header, pkt)
+        if pkt[12:16] != peer.addr_key:
+            counters.dropped_spoofed += packets
+            counters.from_client_lost_bytes += size
+            return
+        if header[1] == vnet.GSO_NONE and vnet.is_tcp_syn(pkt):
+            pkt = vnet.finish_checksum(header, pkt)
+            header = _PLAIN
+            clamped = clamp_mss(pkt, self.max_mss)
+            if clamped is not None:
+                pkt = clamped
+        other = self.routes.get(bytes(pkt[16:20]))
+        if other is not None and other is not peer:
+            self._to_other(peer, other, header, pkt, packets, size)
+            return
+        writev = self.tun_writev
+        if writev is not None:
+            ok = writev(header, pkt)
+        else:
+            ok = all([self.tun_write(seg) for seg in vnet.segment(header, pkt)])
+        if ok:
+            counters.from_client_packets += packets
+            counters.from_client_bytes += size
+        else:
+            counters.dropped_tun_write += packets
+            counters.from_client_lost_bytes += size
+
+    def _to_other(
+        self, peer: Peer, other: Peer, header: Packet, pkt: Packet, packets: int, size: int
+    ) -> None:
+        """Client to client, without a trip through the TUN."""
+        counters = peer.counters
+        if self.isolate:
+            counters.dropped_isolated += packets
+            counters.from_client_lost_bytes += size
+            return
+        counters.from_client_packets += packets
+        counters.from_client_bytes += size
+        if header is _PLAIN or (header[0] == 0 and header[1] == 0):
+            ok = other.deliver(pkt)
+        elif other.offload:
+            ok = other.deliver_gso(bytes(header) + bytes(pkt))
+        else:
+            ok = all([other.deliver(seg) for seg in vnet.segment(header, pkt)])
+        if ok:
+            oc = other.counters
+            oc.to_client_packets += packets
+            oc.to_client_bytes += size
+            other.flush()

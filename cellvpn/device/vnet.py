@@ -202,3 +202,11 @@ def segment(header: bytes | memoryview, pkt: bytes | memoryview) -> list[bytes]:
         _U16.pack_into(tcp, 16, checksum(body, pseudo))
         out.append(bytes(ip) + bytes(tcp) + bytes(chunk))
     return out
+
+
+def is_tcp_syn(pkt: bytes | memoryview) -> bool:
+    """An IPv4 TCP segment with SYN set (whose MSS may need clamping)."""
+    if len(pkt) < 40 or pkt[9] != 6:
+        return False
+    ihl = (pkt[0] & 0x0F) * 4
+    return len(pkt) > ihl + 13 and bool(pkt[ihl + 13] & 0x02)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from cellvpn.config import ServerConfig
+from cellvpn.config.schema import Offload
 from cellvpn.conn import pki
 from cellvpn.conn.listen import listen_now
 from cellvpn.conn.protocol import StreamProtocol
@@ -40,7 +42,7 @@ from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.session import ServerSession
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
-from cellvpn.tun.device import TunError, open_tun
+from cellvpn.tun.device import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunError, open_tun, set_offload
 from cellvpn.tun.port import TunPort
 from cellvpn.wire.setup import CloseCode
 from cellvpn.wire.vpn import AddrReply
@@ -85,7 +87,7 @@ class VPNServerService(MultiService):
             keepalive_interval=s.keepalive,
             idle_timeout=s.idle_timeout,
             channels="RS",
-            caps=caps.KNOWN,
+            caps=caps.KNOWN - {caps.OFFLOAD},  # offered once the TUN can do it
         )
         self.control = ControlService(config.control.socket, self, reactor)
         self.control.setServiceParent(self)
@@ -93,6 +95,8 @@ class VPNServerService(MultiService):
         self.network = ipaddress.IPv4Network(f"{v.network_address}/{v.network_mask}")
         self.pool = LeasePool(self.network, v.lease_hold)
         self.forwarder = Forwarder(self._tun_write, mss_for_mtu(v.mtu), v.isolate_clients)
+        #: the TUN hands over super-packets with vnet headers (offload on)
+        self.offload = False
         self.tun: TunPort | None = None
         self.tun_name: str | None = None
         self.tun_ready = False
@@ -149,10 +153,27 @@ class VPNServerService(MultiService):
 
     def _open_tun(self) -> None:
         v = self.config.srv_vpn
-        try:
-            handle = open_tun(v.tun_name)
-        except TunError as e:
-            raise StartupError(str(e)) from None
+        handle = None
+        if v.offload is not Offload.OFF:
+            try:
+                handle = open_tun(v.tun_name, vnet_hdr=True)
+                set_offload(handle.fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            except TunError as e:
+                if handle is not None:
+                    handle.close()
+                    handle = None
+                if v.offload is Offload.ON:
+                    raise StartupError(f"offload = on, but the TUN cannot do it: {e}") from None
+                self.log.info("no large-packet offload on this TUN: {why}", why=str(e))
+        if handle is None:
+            try:
+                handle = open_tun(v.tun_name)
+            except TunError as e:
+                raise StartupError(str(e)) from None
+        else:
+            self.offload = True
+            self.forwarder.tun_writev = self._tun_writev
+            self.stream_settings = replace(self.stream_settings, caps=caps.KNOWN)
         self.tun_name = handle.name
         self.tun = TunPort(self.reactor, handle.detach(), self.forwarder.from_tun)
         d = self.netlink.configure_tun(
@@ -163,11 +184,12 @@ class VPNServerService(MultiService):
     def _tun_configured(self, _: object) -> None:
         self.tun_ready = True
         self.log.info(
-            "TUN {name} up: {gw}/{prefix}, mtu {mtu}; leasing {first} to {last}",
+            "TUN {name} up: {gw}/{prefix}, mtu {mtu}, offload {offload}; leasing {first} to {last}",
             name=self.tun_name,
             gw=str(self.pool.gateway),
             prefix=self.network.prefixlen,
             mtu=self.config.srv_vpn.mtu,
+            offload="on" if self.offload else "off",
             first=str(self.pool.gateway + 1),
             last=str(self.network.broadcast_address - 1),
         )
@@ -184,6 +206,10 @@ class VPNServerService(MultiService):
     def _tun_write(self, packet: Packet) -> bool:
         tun = self.tun
         return tun is not None and tun.write(packet)
+
+    def _tun_writev(self, header: Packet, packet: Packet) -> bool:
+        tun = self.tun
+        return tun is not None and tun.writev(header, packet)
 
     def startService(self) -> None:
         super().startService()

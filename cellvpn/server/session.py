@@ -37,6 +37,8 @@ _VPN_DATA_HEADER = struct.Struct("<iIIIxxxx")
 _VPN_HEADER_FIELDS = struct.Struct("<iIII")
 _OP_VPN_RECV = vpn.OpCode.VPN_RECV
 _OP_VPN_SEND = vpn.OpCode.VPN_SEND
+_OP_VPN_RECV_GSO = vpn.OpCode.VPN_RECV_GSO
+_OP_VPN_SEND_GSO = vpn.OpCode.VPN_SEND_GSO
 _PKT_DATA = vpn.PKT_TYPE_DATA
 
 
@@ -61,6 +63,8 @@ class ServerSession:
         self.address: ipaddress.IPv4Address | None = None
         self.addr_key = b""
         self.counters = SessionCounters()
+        #: both ends agreed to carry super-packets (VPN_SEND_GSO / VPN_RECV_GSO)
+        self.offload = False
         #: bytes queued towards the client while its transport was full
         self.backlog = 0
         self.pings = 0
@@ -87,6 +91,7 @@ class ServerSession:
         conn.register_channel(CHANNEL_R, self._on_service_packet)
         conn.register_channel(CHANNEL_S, self._on_vpn_packet)
         conn.accept(sid, resume_token=self.resume_token)
+        self.offload = caps.OFFLOAD in conn.caps
         self._send = conn.send_channel
         server.sessions.add(sid, self)
         self.established_at = time.time()
@@ -140,6 +145,12 @@ class ServerSession:
     # --- the forwarder's Peer ---------------------------------------------------------------
 
     def deliver(self, packet: bytes | memoryview) -> bool:
+        return self._queue(_OP_VPN_RECV, packet)
+
+    def deliver_gso(self, header_and_packet: bytes | memoryview) -> bool:
+        return self._queue(_OP_VPN_RECV_GSO, header_and_packet)
+
+    def _queue(self, op: int, packet: bytes | memoryview) -> bool:
         send = self._send
         if send is None:
             return False
@@ -155,7 +166,7 @@ class ServerSession:
         send(
             CHANNEL_S,
             _PKT_DATA,
-            _VPN_DATA_HEADER.pack(0, _OP_VPN_RECV, self.usage_id, len(packet)),
+            _VPN_DATA_HEADER.pack(0, op, self.usage_id, len(packet)),
             packet,
         )
         return True
@@ -253,6 +264,16 @@ class ServerSession:
                 self.counters.from_client_lost_bytes += len(data) - 20
             elif self.addr_key and self.usage.state in ACTIVE:
                 self.server.forwarder.from_client(self, data[20:])
+            else:
+                self.counters.dropped_not_active += 1
+                self.counters.from_client_lost_bytes += size
+            return
+        if op == _OP_VPN_SEND_GSO:
+            if size != len(data) - 20 or not self.offload:
+                self.counters.dropped_bad_offload += 1
+                self.counters.from_client_lost_bytes += len(data) - 20
+            elif self.addr_key and self.usage.state in ACTIVE:
+                self.server.forwarder.from_client_gso(self, data[20:])
             else:
                 self.counters.dropped_not_active += 1
                 self.counters.from_client_lost_bytes += size

@@ -55,6 +55,8 @@ class OpCode(IntEnum):
     VPN_RECV = 0xBD
     PING = 0xC0
     PONG = 0xC1
+    VPN_SEND_GSO = 0xC8
+    VPN_RECV_GSO = 0xC9
 
 
 class ProblemCode(IntEnum):
@@ -93,6 +95,8 @@ LAYOUTS: dict[int, Layout] = {
     OpCode.VPN_RECV: Layout.DATA,
     OpCode.PING: Layout.DATA,
     OpCode.PONG: Layout.DATA,
+    OpCode.VPN_SEND_GSO: Layout.DATA,
+    OpCode.VPN_RECV_GSO: Layout.DATA,
 }
 
 
