@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cellvpn import __version__
+from cellvpn.billing.cli import add_ledger_commands
 from cellvpn.control import text
 
 SERVER_SOCKET = "/run/cellvpn/server.sock"
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-full", action="store_true", help="more per session, and ended sessions")
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_stat)
+    add_ledger_commands(sub)
     return parser
 
 

@@ -18,7 +18,6 @@ from cellvpn.wire import vpn
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.service import Error, PacketType, Request, Success
 
-
 BAD_HEADERS = [
     struct.pack("<BBHHHH", 0x10, 0, 0, 0, 0, 0),  # unknown flag
     struct.pack("<BBHHHH", 1, 3, 28, 1400, 20, 6),  # UDP fragmentation offload

@@ -1,0 +1,1 @@
+"""Billing: keys, orders, deposits, receipts and the ledger that redeems them."""

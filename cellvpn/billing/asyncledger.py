@@ -1,0 +1,242 @@
+"""The ledger for the reactor: every call on one worker thread, answered with a Deferred.
+
+SQLite blocks (disk, and up to the busy timeout when another process holds the write lock),
+so the reactor thread never calls it. One thread, not a pool: calls from this process run one
+after another in the order they were made, so this process never contends with itself for the
+write lock, and the SQLite connection stays on one thread.
+
+Redemptions made one after another while the thread is busy are handed over together, as one
+:meth:`ILedger.redeem_many` call: one commit (one fsync) for the group, each receipt still
+checked and applied on its own. Every Deferred fires after the commit, so nothing is reported
+redeemed before it is durable, and the order of all calls is kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from cellvpn.billing.interfaces import (
+    DepositRow,
+    ILedger,
+    LedgerError,
+    LedgerUnavailableError,
+    Limits,
+    ReceiptRow,
+    RedeemRequest,
+    RedeemResult,
+    UsageKind,
+    UsageRow,
+)
+from cellvpn.billing.records import SignedClose, SignedDeposit, SignedOrder
+from cellvpn.wire.receipt import Receipt
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: The most redemptions committed together.
+MAX_BATCH = 256
+
+
+class _Batch:
+    """Redemptions waiting for the worker; it takes them all when it gets to them."""
+
+    __slots__ = ("items", "taken")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[RedeemRequest, Deferred[RedeemResult]]] = []
+        self.taken = False
+
+
+class AsyncLedger:
+    """:class:`ILedger`'s methods, each returning a Deferred, run on the ledger's own thread.
+
+    The thread starts with the reactor (at once if it is running) and is stopped, after the
+    calls already queued, when the reactor shuts down or :meth:`stop` is called.
+    """
+
+    def __init__(self, ledger: ILedger, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.ledger = ledger
+        self._reactor = reactor
+        self._pool = ThreadPool(1, 1, name="cellvpn-ledger")
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._batch: _Batch | None = None
+        self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+        reactor.callWhenRunning(self._start_pool)
+
+    def _start_pool(self) -> None:
+        if not self._stopped:
+            self._pool.start()
+
+    def _stop_pool(self) -> None:
+        self._stopped = True
+        if self._pool.started:
+            self._pool.stop()  # waits for the calls already queued: none is cut off
+
+    def stop(self) -> None:
+        """Finish the queued calls and stop the thread (the reactor's shutdown does this too)."""
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        self._stop_pool()
+
+    def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        """Run ``f`` on the ledger's thread (for a sequence of calls that belong together)."""
+        with self._lock:
+            self._batch = None  # a later redemption must not overtake this call
+        return self._submit(f, *args, **kwargs)
+
+    def _submit(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        if self._stopped:
+            return fail(LedgerUnavailableError("the ledger's thread has stopped"))
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def close(self) -> Deferred[None]:
+        """Close the ledger's connections, then stop the thread."""
+        d = self.run(self.ledger.close)
+
+        def stopped(result: Any) -> Any:
+            self.stop()
+            return result
+
+        return d.addBoth(stopped)
+
+    # --- ILedger, asynchronously -----------------------------------------------------------
+
+    def mint(self, account: bytes, value: int, public: bytes | None = None) -> Deferred[int]:
+        return self.run(self.ledger.mint, account, value, public)
+
+    def balance(self, account: bytes) -> Deferred[int]:
+        return self.run(self.ledger.balance, account)
+
+    def put_order(self, signed_order: SignedOrder) -> Deferred[bytes]:
+        return self.run(self.ledger.put_order, signed_order)
+
+    def orders(self, provider: bytes | None = None) -> Deferred[list[SignedOrder]]:
+        return self.run(self.ledger.orders, provider)
+
+    def get_order(self, order_hash: bytes) -> Deferred[SignedOrder | None]:
+        return self.run(self.ledger.get_order, order_hash)
+
+    def create_deposit(self, signed_deposit: SignedDeposit, now: float) -> Deferred[DepositRow]:
+        return self.run(self.ledger.create_deposit, signed_deposit, now)
+
+    def get_deposit(self, deposit_id: bytes) -> Deferred[DepositRow | None]:
+        return self.run(self.ledger.get_deposit, deposit_id)
+
+    def deposits(self, owner: bytes | None = None) -> Deferred[list[DepositRow]]:
+        return self.run(self.ledger.deposits, owner)
+
+    def close_deposit(self, signed_close: SignedClose, now: float) -> Deferred[int]:
+        return self.run(self.ledger.close_deposit, signed_close, now)
+
+    def set_active_usage(
+        self, deposit_id: bytes, marker: str | None, only_if: str | None = None
+    ) -> Deferred[bool]:
+        return self.run(self.ledger.set_active_usage, deposit_id, marker, only_if)
+
+    def clear_active_usages(self, marker_prefix: str) -> Deferred[int]:
+        return self.run(self.ledger.clear_active_usages, marker_prefix)
+
+    def redeem(
+        self, receipt: Receipt, deposit_id: bytes, provider_public: bytes, now: float
+    ) -> Deferred[RedeemResult]:
+        """Redeem, joining the redemptions still waiting for the worker, if any."""
+        if self._stopped:
+            return fail(LedgerUnavailableError("the ledger's thread has stopped"))
+        d: Deferred[RedeemResult] = Deferred()
+        with self._lock:
+            batch = self._batch
+            fresh = batch is None or batch.taken or len(batch.items) >= MAX_BATCH
+            if fresh:
+                batch = self._batch = _Batch()
+            assert batch is not None
+            batch.items.append((RedeemRequest(receipt, deposit_id, provider_public, now), d))
+        if fresh:
+            self._submit(self._redeem_batch, batch).addCallbacks(
+                self._deliver, self._fail_batch, errbackArgs=(batch,)
+            )
+        return d
+
+    def _redeem_batch(
+        self, batch: _Batch
+    ) -> list[tuple[Deferred[RedeemResult], RedeemResult | LedgerError]]:
+        """On the worker: take the batch (no more joins) and redeem it in one commit."""
+        with self._lock:
+            batch.taken = True
+            items = list(batch.items)
+        results = self.ledger.redeem_many([request for request, _ in items])
+        return [(d, result) for (_, d), result in zip(items, results, strict=True)]
+
+    @staticmethod
+    def _deliver(outcomes: list[tuple[Deferred[RedeemResult], RedeemResult | LedgerError]]) -> None:
+        for d, result in outcomes:
+            if isinstance(result, LedgerError):
+                d.errback(Failure(result))
+            else:
+                d.callback(result)
+
+    def _fail_batch(self, failure: Failure, batch: _Batch) -> None:
+        """The whole commit failed (or the thread stopped): none of them was redeemed."""
+        with self._lock:
+            batch.taken = True
+        for _, d in batch.items:
+            d.errback(failure)
+
+    def redeem_many(
+        self, requests: list[RedeemRequest]
+    ) -> Deferred[list[RedeemResult | LedgerError]]:
+        return self.run(self.ledger.redeem_many, requests)
+
+    def receipts(
+        self,
+        deposit_id: bytes | None = None,
+        client: bytes | None = None,
+        provider: bytes | None = None,
+    ) -> Deferred[list[ReceiptRow]]:
+        return self.run(self.ledger.receipts, deposit_id, client, provider)
+
+    def save_limits(
+        self, provider: bytes, client: bytes, bytes_left: int, seconds_left: float, now: float
+    ) -> Deferred[None]:
+        return self.run(self.ledger.save_limits, provider, client, bytes_left, seconds_left, now)
+
+    def load_limits(self, provider: bytes, client: bytes) -> Deferred[Limits | None]:
+        return self.run(self.ledger.load_limits, provider, client)
+
+    def ban(self, provider: bytes, client: bytes, until: float) -> Deferred[None]:
+        return self.run(self.ledger.ban, provider, client, until)
+
+    def banned_until(self, provider: bytes, client: bytes, now: float) -> Deferred[float | None]:
+        return self.run(self.ledger.banned_until, provider, client, now)
+
+    def add_usage(
+        self,
+        provider: bytes,
+        client: bytes,
+        kind: UsageKind,
+        seconds: float,
+        bytes: int,
+        value: int,
+    ) -> Deferred[None]:
+        return self.run(self.ledger.add_usage, provider, client, kind, seconds, bytes, value)
+
+    def report(self, provider: bytes | None = None) -> Deferred[list[UsageRow]]:
+        return self.run(self.ledger.report, provider)
+
+    def total_supply(self) -> Deferred[int]:
+        return self.run(self.ledger.total_supply)
+
+    def check_invariant(self) -> Deferred[tuple[bool, dict[str, Any]]]:
+        return self.run(self.ledger.check_invariant)

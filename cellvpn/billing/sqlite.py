@@ -1,0 +1,914 @@
+"""The embedded ledger: :class:`ILedger` on one SQLite file.
+
+Why it is safe with several writers (the server's worker thread, ``cellvpn-ctl`` in another
+process): every write is one ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock
+before reading anything, so the checks and the changes of a redemption see one state and no
+other writer can slip in between; a writer that finds the lock taken waits for it (busy
+timeout, 10 s). WAL lets readers go on meanwhile. A refusal rolls the transaction back, so it
+changes nothing; a process killed mid-transaction leaves nothing behind (SQLite's journal).
+The schema adds its own guards: a receipt hash and a receipt's ``prev`` hash are each unique,
+so even a wrong check could not store a replay or a fork.
+
+Money (balances, deposit values, prices) may exceed 64 bits, so it is stored as decimal TEXT
+and added up in Python inside the transaction. u64 fields of the records are TEXT too, because
+SQLite's integers are signed 64-bit.
+
+Each thread gets its own connection (``threading.local``), so one object serves a worker thread
+and a test's main thread alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from zope.interface import implementer
+
+from cellvpn.billing.interfaces import (
+    USAGE_KINDS,
+    DepositRow,
+    ILedger,
+    LedgerError,
+    LedgerUnavailableError,
+    Limits,
+    ReceiptRow,
+    RedeemRequest,
+    RedeemResult,
+    UsageKind,
+    UsageRow,
+    UsageTotals,
+)
+from cellvpn.billing.keys import account_of, verify
+from cellvpn.billing.records import (
+    VPN_UNITS,
+    SignedClose,
+    SignedDeposit,
+    SignedOrder,
+    receipt_units_value_ok,
+)
+from cellvpn.wire.receipt import RECEIPT_VERSION, SIG_TYPE_ED25519, Receipt
+from cellvpn.wire.service import SRV_UID_VPN, ErrorCode
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 10.0
+SYNCHRONOUS = ("FULL", "NORMAL")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    account BLOB PRIMARY KEY,
+    public BLOB,
+    balance TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mints (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    account BLOB NOT NULL,
+    value TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orders (
+    hash BLOB PRIMARY KEY,
+    provider BLOB NOT NULL,
+    signed BLOB NOT NULL,
+    added REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS orders_by_provider ON orders (provider);
+CREATE TABLE IF NOT EXISTS deposits (
+    id BLOB PRIMARY KEY,
+    owner BLOB NOT NULL,
+    owner_public BLOB NOT NULL,
+    srv_uid TEXT NOT NULL,
+    unit INTEGER NOT NULL,
+    max_unit_price TEXT NOT NULL,
+    initial TEXT NOT NULL,
+    locked TEXT NOT NULL,
+    returned TEXT NOT NULL,
+    expires TEXT NOT NULL,
+    state_hash BLOB NOT NULL,
+    receipts INTEGER NOT NULL,
+    closed REAL,
+    active_usage TEXT,
+    created REAL NOT NULL,
+    signed BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deposits_by_owner ON deposits (owner);
+CREATE TABLE IF NOT EXISTS receipts (
+    hash BLOB PRIMARY KEY,
+    deposit BLOB NOT NULL REFERENCES deposits (id),
+    seq INTEGER NOT NULL,
+    provider BLOB NOT NULL,
+    client BLOB NOT NULL,
+    unit INTEGER NOT NULL,
+    units TEXT NOT NULL,
+    value TEXT NOT NULL,
+    prev_hash BLOB NOT NULL UNIQUE,
+    redeemed_at REAL NOT NULL,
+    encoded BLOB NOT NULL,
+    UNIQUE (deposit, seq)
+);
+CREATE INDEX IF NOT EXISTS receipts_by_client ON receipts (client);
+CREATE INDEX IF NOT EXISTS receipts_by_provider ON receipts (provider);
+CREATE TABLE IF NOT EXISTS limits (
+    provider BLOB NOT NULL,
+    client BLOB NOT NULL,
+    bytes_left TEXT NOT NULL,
+    seconds_left REAL NOT NULL,
+    saved_at REAL NOT NULL,
+    PRIMARY KEY (provider, client)
+);
+CREATE TABLE IF NOT EXISTS bans (
+    provider BLOB NOT NULL,
+    client BLOB NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (provider, client)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    provider BLOB NOT NULL,
+    client BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    bytes TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (provider, client, kind)
+);
+"""
+
+#: The tables, in the order :meth:`SqliteLedger.dump` lists them.
+TABLES = ("meta", "accounts", "mints", "orders", "deposits", "receipts", "limits", "bans", "usage")
+
+_DEPOSIT_COLUMNS = (
+    "id, owner, owner_public, srv_uid, unit, max_unit_price, locked, initial, expires, "
+    "state_hash, closed, active_usage, created, returned, receipts"
+)
+
+
+class LedgerOpenError(Exception):
+    """A ledger URL or file that cannot be used; the message is one line naming it."""
+
+
+def _hash32(name: str, value: bytes) -> bytes:
+    if not isinstance(value, bytes | bytearray) or len(value) != 32:
+        raise ValueError(f"{name} must be 32 bytes")
+    return bytes(value)
+
+
+def _deposit_row(row: tuple[Any, ...]) -> DepositRow:
+    return DepositRow(
+        id=row[0],
+        owner=row[1],
+        owner_public=row[2],
+        srv_uid=int(row[3]),
+        unit=row[4],
+        max_unit_price=int(row[5]),
+        locked=int(row[6]),
+        initial=int(row[7]),
+        expires=int(row[8]),
+        state_hash=row[9],
+        closed=row[10] is not None,
+        active_usage=row[11],
+        created=row[12],
+        returned=int(row[13]),
+        receipts=row[14],
+    )
+
+
+def _receipt_row(row: tuple[Any, ...]) -> ReceiptRow:
+    return ReceiptRow(
+        hash=row[0],
+        deposit_id=row[1],
+        seq=row[2],
+        provider=row[3],
+        client=row[4],
+        unit=row[5],
+        units=int(row[6]),
+        value=int(row[7]),
+        prev_hash=row[8],
+        redeemed_at=row[9],
+        encoded=row[10],
+    )
+
+
+class _Prepared:
+    """A redemption's work that needs no lock: encoding, hashing, the signature checks.
+
+    Done before the write lock is taken, so other writers wait less; which keys must have
+    signed is checked against the deposit inside the transaction.
+    """
+
+    __slots__ = ("encoded", "hash", "request", "signed_ok")
+
+    def __init__(self, request: RedeemRequest) -> None:
+        self.request = request
+        receipt = request.receipt
+        info_bytes = receipt.info.encode()
+        signs = receipt.signatures
+        self.signed_ok = len(signs) == 2 and all(
+            s.sig_type == SIG_TYPE_ED25519 and verify(s.public_key, s.signature, info_bytes)
+            for s in signs
+        )
+        self.encoded = receipt.encode()
+        self.hash = hashlib.sha3_256(self.encoded).digest()
+
+
+@implementer(ILedger)
+class SqliteLedger:
+    """:class:`ILedger` on the SQLite file ``path`` (created 0600 when ``create`` is true)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], create: bool = True, synchronous: str = "FULL"
+    ) -> None:
+        self.path = Path(path)
+        if synchronous.upper() not in SYNCHRONOUS:
+            raise LedgerOpenError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}")
+        self.synchronous = synchronous.upper()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        self._prepare_file(create)
+        try:
+            self._create_schema()
+        except LedgerUnavailableError as e:
+            self.close()
+            raise LedgerOpenError(f"cannot open ledger {self.path}: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+        # The opening thread may never call again (a server opens before its worker starts).
+        self._release_connection()
+
+    # --- connections and transactions ------------------------------------------------------
+
+    def _prepare_file(self, create: bool) -> None:
+        if self.path.exists():
+            if not self.path.is_file():
+                raise LedgerOpenError(f"ledger {self.path} is not a file")
+            return
+        if not create:
+            raise LedgerOpenError(f"there is no ledger at {self.path}")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create it 0600 ourselves: SQLite would use the umask, and it gives its WAL and
+            # shared-memory files the database file's mode.
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        except OSError as e:
+            raise LedgerOpenError(f"cannot create ledger {self.path}: {e.strerror or e}") from None
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise LedgerUnavailableError(f"ledger {self.path} is closed")
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,  # transactions are ours: BEGIN IMMEDIATE ... COMMIT
+                check_same_thread=False,  # only close() crosses threads
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as e:
+            raise LedgerUnavailableError(f"cannot open ledger {self.path}: {e}") from None
+        with self._lock:
+            self._connections.append(conn)
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction: IMMEDIATE (write lock first) for writes, a snapshot for reads."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+        except sqlite3.Error as e:
+            raise LedgerUnavailableError(f"ledger {self.path}: {e}") from None
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):  # the error to report is the first one
+                    conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.IntegrityError):
+                raise LedgerError(ErrorCode.WRONG_HASH, f"refused by the ledger: {e}") from None
+            if isinstance(e, sqlite3.Error):
+                raise LedgerUnavailableError(f"ledger {self.path}: {e}") from None
+            raise
+
+    def _create_schema(self) -> None:
+        with self._transaction(write=True) as db:
+            # One statement at a time: executescript() would commit the open transaction.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif row[0] != str(SCHEMA_VERSION):
+                raise LedgerOpenError(
+                    f"ledger {self.path} has schema version {row[0]}; this cellvpn reads "
+                    f"version {SCHEMA_VERSION}"
+                )
+
+    def _release_connection(self) -> None:
+        """Close the calling thread's connection; it reconnects if it calls again."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    # --- accounts ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, account: bytes) -> int | None:
+        row = db.execute("SELECT balance FROM accounts WHERE account = ?", (account,)).fetchone()
+        return None if row is None else int(row[0])
+
+    @staticmethod
+    def _credit(db: sqlite3.Connection, account: bytes, value: int, public: bytes | None) -> int:
+        row = db.execute(
+            "SELECT balance, public FROM accounts WHERE account = ?", (account,)
+        ).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO accounts (account, public, balance) VALUES (?, ?, ?)",
+                (account, public, str(value)),
+            )
+            return value
+        balance = int(row[0]) + value
+        db.execute(
+            "UPDATE accounts SET balance = ?, public = coalesce(public, ?) WHERE account = ?",
+            (str(balance), public, account),
+        )
+        return balance
+
+    def mint(self, account: bytes, value: int, public: bytes | None = None) -> int:
+        account = _hash32("account", account)
+        if value <= 0:
+            raise ValueError("only a positive value can be minted")
+        if public is not None and account_of(public) != account:
+            raise ValueError("the public key given is not the account's")
+        with self._transaction(write=True) as db:
+            balance = self._credit(db, account, value, public)
+            db.execute(
+                "INSERT INTO mints (account, value, at) VALUES (?, ?, ?)",
+                (account, str(value), time.time()),
+            )
+        return balance
+
+    def balance(self, account: bytes) -> int:
+        with self._transaction(write=False) as db:
+            return self._balance(db, _hash32("account", account)) or 0
+
+    # --- orders -----------------------------------------------------------------------------
+
+    def put_order(self, signed_order: SignedOrder) -> bytes:
+        order = signed_order.order
+        if order.srv_uid != SRV_UID_VPN:
+            raise LedgerError(ErrorCode.TX_COND_WRONG_SRV_UID, f"order srv_uid is {order.srv_uid}")
+        if order.unit not in VPN_UNITS:
+            raise LedgerError(
+                ErrorCode.UNIT_TYPE_ERROR, f"order unit 0x{order.unit:x} is not SEC or B"
+            )
+        if order.units == 0:
+            raise LedgerError(ErrorCode.PRICE_ERROR, "an order must sell at least one unit")
+        if not signed_order.verify():
+            raise LedgerError(
+                ErrorCode.RECEIPT_NO_SIGN, "the order's signature is not its provider's"
+            )
+        with self._transaction(write=True) as db:
+            db.execute(
+                "INSERT OR IGNORE INTO orders (hash, provider, signed, added) VALUES (?, ?, ?, ?)",
+                (order.hash, account_of(order.provider), signed_order.encode(), time.time()),
+            )
+        return order.hash
+
+    def orders(self, provider: bytes | None = None) -> list[SignedOrder]:
+        with self._transaction(write=False) as db:
+            if provider is None:
+                rows = db.execute("SELECT signed FROM orders ORDER BY rowid").fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT signed FROM orders WHERE provider = ? ORDER BY rowid", (provider,)
+                ).fetchall()
+        return [SignedOrder.decode(row[0]) for row in rows]
+
+    def get_order(self, order_hash: bytes) -> SignedOrder | None:
+        with self._transaction(write=False) as db:
+            row = db.execute("SELECT signed FROM orders WHERE hash = ?", (order_hash,)).fetchone()
+        return None if row is None else SignedOrder.decode(row[0])
+
+    # --- deposits ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _deposit(db: sqlite3.Connection, deposit_id: bytes) -> DepositRow | None:
+        row = db.execute(
+            f"SELECT {_DEPOSIT_COLUMNS} FROM deposits WHERE id = ?", (deposit_id,)
+        ).fetchone()
+        return None if row is None else _deposit_row(row)
+
+    def create_deposit(self, signed_deposit: SignedDeposit, now: float) -> DepositRow:
+        d = signed_deposit.deposit
+        if d.srv_uid != SRV_UID_VPN:
+            raise LedgerError(ErrorCode.TX_COND_WRONG_SRV_UID, f"deposit srv_uid is {d.srv_uid}")
+        if d.unit not in VPN_UNITS:
+            raise LedgerError(
+                ErrorCode.UNIT_TYPE_ERROR, f"deposit unit 0x{d.unit:x} is not SEC or B"
+            )
+        if not signed_deposit.verify():
+            raise LedgerError(
+                ErrorCode.RECEIPT_NO_SIGN, "the deposit's signature is not its owner's"
+            )
+        if d.expires <= now:
+            raise LedgerError(ErrorCode.TX_CREATION_ERROR, "the deposit's expiry is in the past")
+        if d.value <= 0:
+            raise LedgerError(ErrorCode.TX_CREATION_ERROR, "a deposit must lock a positive value")
+        if d.max_unit_price <= 0:
+            raise LedgerError(
+                ErrorCode.PRICE_ERROR, "a deposit needs a positive maximum unit price"
+            )
+        deposit_id = d.hash
+        owner = account_of(d.owner)
+        with self._transaction(write=True) as db:
+            if self._deposit(db, deposit_id) is not None:
+                raise LedgerError(
+                    ErrorCode.WRONG_HASH, f"deposit {deposit_id.hex()} already exists"
+                )
+            balance = self._balance(db, owner)
+            if balance is None:
+                raise LedgerError(
+                    ErrorCode.TX_COND_NOT_ENOUGH, f"account {owner.hex()} was never credited"
+                )
+            if balance < d.value:
+                raise LedgerError(
+                    ErrorCode.TX_COND_NOT_ENOUGH,
+                    f"account {owner.hex()} holds {balance}, the deposit needs {d.value}",
+                )
+            db.execute(
+                "UPDATE accounts SET balance = ?, public = coalesce(public, ?) WHERE account = ?",
+                (str(balance - d.value), d.owner, owner),
+            )
+            db.execute(
+                "INSERT INTO deposits (id, owner, owner_public, srv_uid, unit, max_unit_price, "
+                "initial, locked, returned, expires, state_hash, receipts, closed, active_usage, "
+                "created, signed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0', ?, ?, 0, NULL, NULL, ?, ?)",
+                (
+                    deposit_id,
+                    owner,
+                    d.owner,
+                    str(d.srv_uid),
+                    d.unit,
+                    str(d.max_unit_price),
+                    str(d.value),
+                    str(d.value),
+                    str(d.expires),
+                    deposit_id,
+                    now,
+                    signed_deposit.encode(),
+                ),
+            )
+            row = self._deposit(db, deposit_id)
+        assert row is not None
+        return row
+
+    def get_deposit(self, deposit_id: bytes) -> DepositRow | None:
+        with self._transaction(write=False) as db:
+            return self._deposit(db, deposit_id)
+
+    def deposits(self, owner: bytes | None = None) -> list[DepositRow]:
+        sql = f"SELECT {_DEPOSIT_COLUMNS} FROM deposits"
+        args: tuple[bytes, ...] = ()
+        if owner is not None:
+            sql += " WHERE owner = ?"
+            args = (owner,)
+        with self._transaction(write=False) as db:
+            return [_deposit_row(row) for row in db.execute(sql + " ORDER BY rowid", args)]
+
+    def close_deposit(self, signed_close: SignedClose, now: float) -> int:
+        c = signed_close.close
+        with self._transaction(write=True) as db:
+            dep = self._deposit(db, c.deposit)
+            if dep is None:
+                raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"no deposit {c.deposit.hex()}")
+            if c.owner != dep.owner_public:
+                raise LedgerError(
+                    ErrorCode.RECEIPT_WRONG_PKEY_HASH, "only the deposit's owner can close it"
+                )
+            if not signed_close.verify():
+                raise LedgerError(ErrorCode.RECEIPT_NO_SIGN, "the close is not signed by the owner")
+            if dep.closed:
+                raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"deposit {dep.id.hex()} is closed")
+            if dep.active_usage is not None:
+                raise LedgerError(
+                    ErrorCode.CANT_ADD_USAGE,
+                    f"deposit {dep.id.hex()} is in use ({dep.active_usage}); close it when "
+                    "the session has ended",
+                )
+            db.execute(
+                "UPDATE deposits SET locked = '0', returned = ?, closed = ? WHERE id = ?",
+                (str(dep.locked), now, dep.id),
+            )
+            self._credit(db, dep.owner, dep.locked, dep.owner_public)
+        return dep.locked
+
+    def set_active_usage(
+        self, deposit_id: bytes, marker: str | None, only_if: str | None = None
+    ) -> bool:
+        with self._transaction(write=True) as db:
+            row = db.execute(
+                "SELECT active_usage, closed FROM deposits WHERE id = ?", (deposit_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            current, closed = row
+            if marker is None:
+                if only_if is not None and current != only_if:
+                    return current is None
+            elif closed is not None or current not in (None, marker):
+                return False
+            db.execute("UPDATE deposits SET active_usage = ? WHERE id = ?", (marker, deposit_id))
+            return True
+
+    def clear_active_usages(self, marker_prefix: str) -> int:
+        with self._transaction(write=True) as db:
+            cursor = db.execute(
+                "UPDATE deposits SET active_usage = NULL WHERE active_usage IS NOT NULL "
+                "AND substr(active_usage, 1, ?) = ?",
+                (len(marker_prefix), marker_prefix),
+            )
+            return cursor.rowcount
+
+    # --- redemption -------------------------------------------------------------------------
+
+    def redeem(
+        self, receipt: Receipt, deposit_id: bytes, provider_public: bytes, now: float
+    ) -> RedeemResult:
+        request = _Prepared(RedeemRequest(receipt, deposit_id, provider_public, now))
+        with self._transaction(write=True) as db:
+            return self._redeem(db, request)
+
+    def redeem_many(self, requests: Sequence[RedeemRequest]) -> list[RedeemResult | LedgerError]:
+        """Each request redeemed or refused on its own (a savepoint each), one commit for all.
+
+        One commit (one fsync) for many receipts is what lets a busy server keep full
+        durability; nothing is reported redeemed before the commit that makes it so.
+        """
+        prepared = [_Prepared(r) for r in requests]
+        results: list[RedeemResult | LedgerError] = []
+        with self._transaction(write=True) as db:
+            for request in prepared:
+                db.execute("SAVEPOINT redeem")
+                try:
+                    results.append(self._redeem(db, request))
+                except LedgerError as e:
+                    db.execute("ROLLBACK TO redeem")
+                    results.append(e)
+                except sqlite3.IntegrityError as e:  # the schema's own guard; see _transaction
+                    db.execute("ROLLBACK TO redeem")
+                    results.append(LedgerError(ErrorCode.WRONG_HASH, f"refused by the ledger: {e}"))
+                db.execute("RELEASE redeem")
+        return results
+
+    def _redeem(self, db: sqlite3.Connection, request: _Prepared) -> RedeemResult:
+        """The checks and changes of one redemption, inside the caller's transaction."""
+        receipt, deposit_id, provider_public, now = request.request
+        info = receipt.info
+        signs = receipt.signatures
+        dep = self._deposit(db, deposit_id)
+        if dep is None:
+            raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"no deposit {deposit_id.hex()}")
+        if dep.closed:
+            raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"deposit {dep.id.hex()} is closed")
+        if dep.expired(now):
+            raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"deposit {dep.id.hex()} has expired")
+        if info.srv_uid != dep.srv_uid:
+            raise LedgerError(
+                ErrorCode.TX_COND_WRONG_SRV_UID,
+                f"receipt srv_uid {info.srv_uid}, deposit srv_uid {dep.srv_uid}",
+            )
+        if info.version != RECEIPT_VERSION:
+            raise LedgerError(
+                ErrorCode.RECEIPT_WRONG_VERSION, f"receipt version {info.version}, not 2"
+            )
+        if len(signs) < 2:
+            raise LedgerError(
+                ErrorCode.RECEIPT_NO_SIGN, "the receipt needs the provider's and the client's"
+            )
+        if signs[0].public_key != provider_public:
+            raise LedgerError(
+                ErrorCode.RECEIPT_WRONG_PKEY_HASH, "signature 0 is not the provider's"
+            )
+        if signs[1].public_key != dep.owner_public:
+            raise LedgerError(
+                ErrorCode.RECEIPT_WRONG_PKEY_HASH, "signature 1 is not the deposit owner's"
+            )
+        if not request.signed_ok:
+            raise LedgerError(
+                ErrorCode.RECEIPT_NO_SIGN, "a signature does not verify (or there are more)"
+            )
+        if info.units_type != dep.unit:
+            raise LedgerError(
+                ErrorCode.UNIT_TYPE_ERROR,
+                f"receipt unit 0x{info.units_type:x}, deposit unit 0x{dep.unit:x}",
+            )
+        if info.units == 0 or not receipt_units_value_ok(
+            info.value, info.units, dep.max_unit_price
+        ):
+            raise LedgerError(
+                ErrorCode.RECEIPT_UNITS_ERROR,
+                f"{info.value} for {info.units} units is over the deposit's maximum unit "
+                f"price {dep.max_unit_price}",
+            )
+        if info.prev_hash != dep.state_hash:
+            # A receipt whose prev is the current state cannot be stored yet (its hash would
+            # be the state), so the store is only asked on this path, to say which it is.
+            if db.execute("SELECT 1 FROM receipts WHERE hash = ?", (request.hash,)).fetchone():
+                raise LedgerError(ErrorCode.WRONG_HASH, "this receipt was redeemed already")
+            raise LedgerError(
+                ErrorCode.WRONG_HASH,
+                "the receipt's prev hash is not the deposit's state (replayed or forked)",
+            )
+        if info.value > dep.locked:
+            raise LedgerError(
+                ErrorCode.TX_COND_NOT_ENOUGH,
+                f"the receipt asks {info.value}, the deposit holds {dep.locked}",
+            )
+        left = dep.locked - info.value
+        cursor = db.execute(
+            "UPDATE deposits SET locked = ?, state_hash = ?, receipts = receipts + 1 "
+            "WHERE id = ? AND state_hash = ?",
+            (str(left), request.hash, dep.id, dep.state_hash),
+        )
+        if cursor.rowcount != 1:  # cannot happen under the write lock; never pay twice
+            raise LedgerError(ErrorCode.WRONG_HASH, "the deposit changed during redemption")
+        provider = account_of(provider_public)
+        balance = self._credit(db, provider, info.value, provider_public)
+        db.execute(
+            "INSERT INTO receipts (hash, deposit, seq, provider, client, unit, units, value, "
+            "prev_hash, redeemed_at, encoded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                request.hash,
+                dep.id,
+                dep.receipts + 1,
+                provider,
+                dep.owner,
+                info.units_type,
+                str(info.units),
+                str(info.value),
+                info.prev_hash,
+                now,
+                request.encoded,
+            ),
+        )
+        return RedeemResult(request.hash, info.value, left, balance)
+
+    def receipts(
+        self,
+        deposit_id: bytes | None = None,
+        client: bytes | None = None,
+        provider: bytes | None = None,
+    ) -> list[ReceiptRow]:
+        where: list[str] = []
+        args: list[bytes] = []
+        for column, value in (("deposit", deposit_id), ("client", client), ("provider", provider)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = (
+            "SELECT hash, deposit, seq, provider, client, unit, units, value, prev_hash, "
+            "redeemed_at, encoded FROM receipts"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY rowid"
+        )
+        with self._transaction(write=False) as db:
+            return [_receipt_row(row) for row in db.execute(sql, args).fetchall()]
+
+    # --- limits, bans, statistics ----------------------------------------------------------
+
+    def save_limits(
+        self, provider: bytes, client: bytes, bytes_left: int, seconds_left: float, now: float
+    ) -> None:
+        with self._transaction(write=True) as db:
+            db.execute(
+                "INSERT INTO limits (provider, client, bytes_left, seconds_left, saved_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, client) DO UPDATE SET "
+                "bytes_left = excluded.bytes_left, seconds_left = excluded.seconds_left, "
+                "saved_at = excluded.saved_at",
+                (provider, client, str(int(bytes_left)), float(seconds_left), now),
+            )
+
+    def load_limits(self, provider: bytes, client: bytes) -> Limits | None:
+        with self._transaction(write=False) as db:
+            row = db.execute(
+                "SELECT bytes_left, seconds_left, saved_at FROM limits "
+                "WHERE provider = ? AND client = ?",
+                (provider, client),
+            ).fetchone()
+        return None if row is None else Limits(provider, client, int(row[0]), row[1], row[2])
+
+    def ban(self, provider: bytes, client: bytes, until: float) -> None:
+        with self._transaction(write=True) as db:
+            db.execute(
+                "INSERT INTO bans (provider, client, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (provider, client) DO UPDATE SET until = excluded.until",
+                (provider, client, float(until)),
+            )
+
+    def banned_until(self, provider: bytes, client: bytes, now: float) -> float | None:
+        with self._transaction(write=False) as db:
+            row = db.execute(
+                "SELECT until FROM bans WHERE provider = ? AND client = ?", (provider, client)
+            ).fetchone()
+        if row is None or row[0] <= now:
+            return None
+        until: float = row[0]
+        return until
+
+    def add_usage(
+        self,
+        provider: bytes,
+        client: bytes,
+        kind: UsageKind,
+        seconds: float,
+        bytes: int,
+        value: int,
+    ) -> None:
+        if kind not in USAGE_KINDS:
+            raise ValueError(f"usage kind must be one of {', '.join(USAGE_KINDS)}, not {kind!r}")
+        with self._transaction(write=True) as db:
+            row = db.execute(
+                "SELECT seconds, bytes, value FROM usage "
+                "WHERE provider = ? AND client = ? AND kind = ?",
+                (provider, client, kind),
+            ).fetchone()
+            old = (0.0, 0, 0) if row is None else (row[0], int(row[1]), int(row[2]))
+            db.execute(
+                "INSERT OR REPLACE INTO usage (provider, client, kind, seconds, bytes, value) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    provider,
+                    client,
+                    kind,
+                    old[0] + float(seconds),
+                    str(old[1] + int(bytes)),
+                    str(old[2] + int(value)),
+                ),
+            )
+
+    def report(self, provider: bytes | None = None) -> list[UsageRow]:
+        sql = "SELECT provider, client, kind, seconds, bytes, value FROM usage"
+        args: tuple[bytes, ...] = ()
+        if provider is not None:
+            sql += " WHERE provider = ?"
+            args = (provider,)
+        with self._transaction(write=False) as db:
+            rows = db.execute(sql + " ORDER BY provider, client", args).fetchall()
+        totals: dict[tuple[bytes, bytes], dict[str, UsageTotals]] = {}
+        for prov, client, kind, seconds, nbytes, value in rows:
+            totals.setdefault((prov, client), {})[kind] = UsageTotals(
+                seconds, int(nbytes), int(value)
+            )
+        empty = UsageTotals()
+        return [
+            UsageRow(
+                prov,
+                client,
+                kinds.get("paid", empty),
+                kinds.get("grace", empty),
+                kinds.get("free", empty),
+            )
+            for (prov, client), kinds in totals.items()
+        ]
+
+    # --- audit ------------------------------------------------------------------------------
+
+    def total_supply(self) -> int:
+        with self._transaction(write=False) as db:
+            return sum(int(row[0]) for row in db.execute("SELECT value FROM mints"))
+
+    def check_invariant(self) -> tuple[bool, dict[str, Any]]:
+        """Money adds up, globally and per deposit, in one consistent snapshot."""
+        problems: list[str] = []
+        with self._transaction(write=False) as db:
+            minted = sum(int(row[0]) for row in db.execute("SELECT value FROM mints"))
+            balances = [int(row[0]) for row in db.execute("SELECT balance FROM accounts")]
+            deposits = [
+                _deposit_row(row)
+                for row in db.execute(f"SELECT {_DEPOSIT_COLUMNS} FROM deposits").fetchall()
+            ]
+            paid: dict[bytes, int] = {}
+            count: dict[bytes, int] = {}
+            last: dict[bytes, tuple[int, bytes]] = {}
+            for dep_id, seq, value, receipt_hash in db.execute(
+                "SELECT deposit, seq, value, hash FROM receipts"
+            ):
+                paid[dep_id] = paid.get(dep_id, 0) + int(value)
+                count[dep_id] = count.get(dep_id, 0) + 1
+                if seq > last.get(dep_id, (0, b""))[0]:
+                    last[dep_id] = (seq, receipt_hash)
+        locked = sum(d.locked for d in deposits)
+        balance_sum = sum(balances)
+        problems += [f"a balance is negative: {b}" for b in balances if b < 0]
+        for d in deposits:
+            name = d.id.hex()
+            spent = paid.get(d.id, 0)
+            if d.locked < 0:
+                problems.append(f"deposit {name} holds a negative value")
+            if d.initial != d.locked + spent + d.returned:
+                problems.append(
+                    f"deposit {name}: initial {d.initial} != locked {d.locked} + paid {spent} "
+                    f"+ returned {d.returned}"
+                )
+            if d.closed and d.locked != 0:
+                problems.append(f"deposit {name} is closed but holds {d.locked}")
+            if d.state_hash != last.get(d.id, (0, d.id))[1]:
+                problems.append(f"deposit {name}: state hash is not its last receipt's")
+            if not d.receipts == count.get(d.id, 0) == last.get(d.id, (0, b""))[0]:
+                problems.append(f"deposit {name}: its receipts are not numbered 1 to {d.receipts}")
+        if balance_sum + locked != minted:
+            problems.append(f"balances {balance_sum} + locked {locked} != minted {minted}")
+        figures: dict[str, Any] = {
+            "minted": minted,
+            "balances": balance_sum,
+            "locked": locked,
+            "redeemed": sum(paid.values()),
+            "returned": sum(d.returned for d in deposits),
+            "accounts": len(balances),
+            "deposits": len(deposits),
+            "problems": problems,
+        }
+        return not problems, figures
+
+    def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table, sorted: a test compares two dumps to see any change."""
+        with self._transaction(write=False) as db:
+            return {
+                table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+                for table in TABLES
+            }
+
+
+def open_ledger(url: str, create: bool = True) -> SqliteLedger:
+    """The ledger a URL names: ``sqlite:////absolute/path`` or ``sqlite:relative/path``.
+
+    A query may choose durability: ``?synchronous=normal`` (survives a crashed process, may
+    lose the last transactions on power loss) instead of the default ``full``.
+    """
+    if not url.startswith("sqlite:"):
+        raise LedgerOpenError(
+            f"ledger URL {url!r} is not understood: cellvpn knows sqlite:////absolute/path "
+            "and sqlite:relative/path"
+        )
+    rest, _, query = url[len("sqlite:") :].partition("?")
+    synchronous = "FULL"
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key != "synchronous" or value.upper() not in SYNCHRONOUS:
+            raise LedgerOpenError(
+                f"ledger URL {url!r}: the only option is synchronous=full|normal, not {item!r}"
+            )
+        synchronous = value.upper()
+    if rest.startswith("///"):
+        path = rest[3:]
+        if not path.startswith("/"):
+            raise LedgerOpenError(
+                f"ledger URL {url!r}: after sqlite:/// comes an absolute path, as in "
+                "sqlite:////var/lib/cellvpn/ledger.db (sqlite:relative/path for a relative one)"
+            )
+    elif rest.startswith("/") or not rest or rest == ":memory:":
+        raise LedgerOpenError(
+            f"ledger URL {url!r} is not understood: cellvpn knows sqlite:////absolute/path "
+            "and sqlite:relative/path (a file; an in-memory ledger cannot be shared)"
+        )
+    else:
+        path = rest
+    return SqliteLedger(path, create=create, synchronous=synchronous)

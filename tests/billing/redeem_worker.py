@@ -1,0 +1,46 @@
+"""A process that redeems receipts against a shared ledger file (run by test_concurrency).
+
+    python -m tests.billing.redeem_worker LEDGER JOBS GO_FILE
+
+JOBS holds one JSON object per line: ``{"deposit", "provider", "receipt"}`` in hex. The worker
+waits for GO_FILE to exist (so two workers start together), tries every job in order and
+prints ``{"redeemed": [receipt hashes], "refused": {code name: count}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from cellvpn.billing.interfaces import LedgerError
+from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.wire.receipt import Receipt
+
+
+def main(ledger_path: str, jobs_path: str, go_path: str) -> None:
+    ledger = SqliteLedger(ledger_path, create=False)
+    jobs = [json.loads(line) for line in Path(jobs_path).read_text().splitlines()]
+    go = Path(go_path)
+    while not go.exists():
+        time.sleep(0.001)
+    redeemed: list[str] = []
+    refused: dict[str, int] = {}
+    for job in jobs:
+        r = Receipt.decode(bytes.fromhex(job["receipt"]))
+        try:
+            result = ledger.redeem(
+                r, bytes.fromhex(job["deposit"]), bytes.fromhex(job["provider"]), time.time()
+            )
+        except LedgerError as e:
+            refused[e.code.name] = refused.get(e.code.name, 0) + 1
+            continue
+        redeemed.append(result.receipt_hash.hex())
+        print("redeemed", len(redeemed), file=sys.stderr, flush=True)
+    ledger.close()
+    print(json.dumps({"redeemed": redeemed, "refused": refused}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

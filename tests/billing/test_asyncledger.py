@@ -1,0 +1,122 @@
+"""AsyncLedger: every call on one worker thread, never on the reactor's."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from cellvpn.billing.asyncledger import AsyncLedger
+from cellvpn.billing.interfaces import LedgerError, LedgerUnavailableError
+from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.wire.service import ErrorCode
+
+from .helpers import NOW, chain, deposit, key
+
+pytestmark = pytest.mark.timeout(30)
+
+PROVIDER = key("provider")
+CLIENT = key("client")
+
+
+class ThreadRecordingLedger(SqliteLedger):
+    """Notes the thread of every ledger call."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.threads: list[threading.Thread] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if callable(attr) and not name.startswith("_") and name != "threads":
+
+            def recorded(*args: Any, **kwargs: Any) -> Any:
+                super(ThreadRecordingLedger, self).__getattribute__("threads").append(
+                    threading.current_thread()
+                )
+                return attr(*args, **kwargs)
+
+            return recorded
+        return attr
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_run_in_order_on_one_thread_that_is_not_the_reactors(
+    tmp_path: Path, reactor: Any
+) -> None:
+    ledger = ThreadRecordingLedger(tmp_path / "ledger.db")
+    aledger = AsyncLedger(ledger, reactor)
+    assert await aledger.mint(CLIENT.account, 1000) == 1000
+    row = await aledger.create_deposit(deposit(CLIENT, value=600), NOW)
+    # Queued together, they still run one after another, in order.
+    receipts = chain(PROVIDER, CLIENT, row.id, 5, value=10)
+    ds = [aledger.redeem(r, row.id, PROVIDER.public, NOW) for r in receipts]
+    results = [await d for d in ds]
+    assert [r.locked_left for r in results] == [590, 580, 570, 560, 550]
+    assert await aledger.balance(PROVIDER.account) == 50
+    ok, figures = await aledger.check_invariant()
+    assert ok, figures
+    worker = await aledger.run(threading.current_thread)
+    assert worker is not threading.main_thread()
+    assert worker is not threading.current_thread()
+    assert ledger.threads and set(ledger.threads) == {worker}
+    # The reactor thread never opened a connection of its own.
+    assert getattr(ledger._local, "conn", None) is None
+    aledger.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_arrive_as_failures_and_a_stopped_ledger_says_so(
+    tmp_path: Path, reactor: Any
+) -> None:
+    aledger = AsyncLedger(SqliteLedger(tmp_path / "ledger.db"), reactor)
+    with pytest.raises(LedgerError) as info:
+        await aledger.create_deposit(deposit(CLIENT), NOW)
+    assert info.value.code == ErrorCode.TX_COND_NOT_ENOUGH
+    await aledger.close()
+    with pytest.raises(LedgerUnavailableError):
+        await aledger.balance(CLIENT.account)
+
+
+class CountingLedger(SqliteLedger):
+    """Counts the commits of redemptions."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    def redeem_many(self, requests: Any) -> Any:
+        self.batches.append(len(requests))
+        return super().redeem_many(requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redemptions_waiting_together_share_a_commit_and_keep_their_order(
+    tmp_path: Path, reactor: Any
+) -> None:
+    ledger = CountingLedger(tmp_path / "ledger.db")
+    aledger = AsyncLedger(ledger, reactor)
+    await aledger.mint(CLIENT.account, 10**6)
+    row = await aledger.create_deposit(deposit(CLIENT, value=10**6), NOW)
+    receipts = chain(PROVIDER, CLIENT, row.id, 40, value=10)
+    # Called in one go: the first goes alone, the rest wait together behind it.
+    ds = [aledger.redeem(r, row.id, PROVIDER.public, NOW) for r in receipts[:20]]
+    # A read in between sees exactly the redemptions asked for before it...
+    middle = aledger.balance(PROVIDER.account)
+    replay = aledger.redeem(receipts[0], row.id, PROVIDER.public, NOW)
+    ds += [aledger.redeem(r, row.id, PROVIDER.public, NOW) for r in receipts[20:]]
+    results = [await d for d in ds]
+    assert [r.locked_left for r in results] == [10**6 - 10 * n for n in range(1, 41)]
+    assert await middle == 200
+    # ...and a refusal in a group fails its own Deferred only.
+    with pytest.raises(LedgerError) as info:
+        await replay
+    assert info.value.code == ErrorCode.WRONG_HASH
+    assert sum(ledger.batches) == 41
+    assert len(ledger.batches) < 41
+    ok, figures = await aledger.check_invariant()
+    assert ok, figures
+    await aledger.close()

@@ -1,0 +1,231 @@
+"""Random sequences of ledger operations: money is never created, lost or counted twice.
+
+A model of balances and deposits runs beside the SQLite ledger; after every step the ledger
+must agree with the model and pass its own invariant check.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from cellvpn.billing.interfaces import LedgerError
+from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.wire.receipt import Receipt, Unit
+from cellvpn.wire.service import ErrorCode
+
+from .helpers import NOW, close, deposit, key, receipt
+
+CLIENTS = [key(f"client-{n}") for n in range(3)]
+PROVIDERS = [key(f"provider-{n}") for n in range(2)]
+#: Mostly small amounts (so deposits and receipts succeed), sometimes far beyond 64 bits.
+amounts = st.one_of(st.integers(0, 10**5), st.integers(0, 10**30))
+
+
+@dataclass
+class ModelDeposit:
+    owner: int
+    locked: int
+    max_unit_price: int
+    unit: int
+    expires: int
+    state: bytes
+    closed: bool = False
+    usage: str | None = None
+    redeemed: list[Receipt] = field(default_factory=list)
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="cellvpn-ledger-"))
+        self.ledger = SqliteLedger(self.dir / "ledger.db")
+        self.now = NOW
+        self.minted = 0
+        self.balances: dict[bytes, int] = {}
+        self.deposits: dict[bytes, ModelDeposit] = {}
+        self.order: list[bytes] = []
+        self.nonce = 0
+
+    def teardown(self) -> None:
+        self.ledger.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _pick(self, data: st.DataObject, open_first: bool = False) -> tuple[bytes, ModelDeposit]:
+        """A deposit; mostly an open one when ``open_first`` (closed ones refuse everything)."""
+        choices = self.order
+        if open_first and data.draw(st.integers(0, 9)) > 0:
+            choices = [d for d in self.order if not self.deposits[d].closed] or self.order
+        dep_id = data.draw(st.sampled_from(choices))
+        return dep_id, self.deposits[dep_id]
+
+    @initialize(value=st.integers(10**5, 10**6))
+    def start(self, value: int) -> None:
+        for who in range(len(CLIENTS)):
+            self.mint(who, value)
+
+    @rule(who=st.integers(0, 2), value=st.integers(1, 10**30))
+    def mint(self, who: int, value: int) -> None:
+        account = CLIENTS[who].account
+        assert self.ledger.mint(account, value) == self.balances.get(account, 0) + value
+        self.balances[account] = self.balances.get(account, 0) + value
+        self.minted += value
+
+    @rule(
+        who=st.integers(0, 2),
+        value=amounts,
+        max_price=st.integers(0, 100),
+        lifetime=st.integers(-10, 10**4),
+        unit=st.sampled_from([Unit.SEC, Unit.B, Unit.SEC, Unit.B, Unit.PCS]),
+    )
+    def create_deposit(
+        self, who: int, value: int, max_price: int, lifetime: int, unit: int
+    ) -> None:
+        owner = CLIENTS[who]
+        self.nonce += 1
+        signed = deposit(owner, value, max_price, unit, int(self.now) + lifetime, self.nonce)
+        balance = self.balances.get(owner.account)
+        expected: ErrorCode | None = None
+        if unit not in (Unit.SEC, Unit.B):
+            expected = ErrorCode.UNIT_TYPE_ERROR
+        elif int(self.now) + lifetime <= self.now or value == 0:
+            expected = ErrorCode.TX_CREATION_ERROR
+        elif max_price == 0:
+            expected = ErrorCode.PRICE_ERROR
+        elif balance is None or balance < value:
+            expected = ErrorCode.TX_COND_NOT_ENOUGH
+        try:
+            row = self.ledger.create_deposit(signed, self.now)
+        except LedgerError as e:
+            assert e.code == expected, e.summary
+            return
+        assert expected is None
+        assert balance is not None
+        self.balances[owner.account] = balance - value
+        self.deposits[row.id] = ModelDeposit(who, value, max_price, unit, row.expires, row.id)
+        self.order.append(row.id)
+
+    @precondition(lambda self: self.order)
+    @rule(
+        data=st.data(),
+        provider=st.integers(0, 1),
+        units=st.integers(0, 50),
+        kind=st.sampled_from(
+            ["good"] * 6 + ["greedy", "overdraw", "replay", "fork", "wrong-client", "wrong-unit"]
+        ),
+    )
+    def redeem(self, data: st.DataObject, provider: int, units: int, kind: str) -> None:
+        dep_id, dep = self._pick(data, open_first=True)
+        prov = PROVIDERS[provider]
+        client = CLIENTS[dep.owner]
+        per_unit = data.draw(st.integers(0, dep.max_unit_price))
+        value = min(units * per_unit, dep.locked)
+        if kind == "greedy":
+            value = units * dep.max_unit_price + 1
+        elif kind == "overdraw":
+            value = dep.locked + 1
+            units = -(-value // max(dep.max_unit_price, 1))
+        unit = dep.unit
+        if kind == "replay" and dep.redeemed:
+            r = dep.redeemed[-1]
+        else:
+            prev = dep.state
+            if kind == "fork" and dep.redeemed:
+                prev = dep.redeemed[-1].info.prev_hash
+            signer = CLIENTS[(dep.owner + 1) % 3] if kind == "wrong-client" else client
+            if kind == "wrong-unit":
+                unit = Unit.B if unit == Unit.SEC else Unit.SEC
+            r = receipt(
+                prov, signer, prev, value=value, units=units, unit=unit, addition=self.nonce
+            )
+            self.nonce += 1
+        before = self.ledger.dump()
+        try:
+            result = self.ledger.redeem(r, dep_id, prov.public, self.now)
+        except LedgerError as e:
+            assert self.ledger.dump() == before
+            assert e.code in (
+                ErrorCode.TX_COND_NOT_FOUND,
+                ErrorCode.RECEIPT_WRONG_PKEY_HASH,
+                ErrorCode.UNIT_TYPE_ERROR,
+                ErrorCode.RECEIPT_UNITS_ERROR,
+                ErrorCode.WRONG_HASH,
+                ErrorCode.TX_COND_NOT_ENOUGH,
+            ), e.summary
+            return
+        # Accepted: it must have been acceptable, and it pays exactly its value.
+        assert not dep.closed and self.now < dep.expires
+        assert r.info.prev_hash == dep.state and r.signatures[1].public_key == client.public
+        assert r.info.units_type == dep.unit and r.info.units > 0
+        assert r.info.value <= r.info.units * dep.max_unit_price and r.info.value <= dep.locked
+        dep.locked -= r.info.value
+        dep.state = r.hash
+        dep.redeemed.append(r)
+        self.balances[prov.account] = self.balances.get(prov.account, 0) + r.info.value
+        assert result.locked_left == dep.locked
+        assert result.provider_balance == self.balances[prov.account]
+
+    @precondition(lambda self: self.order)
+    @rule(data=st.data(), by_owner=st.booleans())
+    def close(self, data: st.DataObject, by_owner: bool) -> None:
+        dep_id, dep = self._pick(data)
+        owner = CLIENTS[dep.owner] if by_owner else CLIENTS[(dep.owner + 1) % 3]
+        self.nonce += 1
+        try:
+            returned = self.ledger.close_deposit(close(owner, dep_id, self.nonce), self.now)
+        except LedgerError:
+            assert dep.closed or dep.usage is not None or not by_owner
+            return
+        assert by_owner and not dep.closed and dep.usage is None
+        assert returned == dep.locked
+        account = CLIENTS[dep.owner].account
+        self.balances[account] = self.balances.get(account, 0) + returned
+        dep.locked = 0
+        dep.closed = True
+
+    @precondition(lambda self: self.order)
+    @rule(data=st.data(), marker=st.sampled_from(["a:1", "a:2", "b:1", None]))
+    def usage(self, data: st.DataObject, marker: str | None) -> None:
+        dep_id, dep = self._pick(data)
+        ok = self.ledger.set_active_usage(dep_id, marker)
+        if marker is None:
+            assert ok
+            dep.usage = None
+        elif dep.closed or dep.usage not in (None, marker):
+            assert not ok
+        else:
+            assert ok
+            dep.usage = marker
+
+    @rule()
+    def restart(self) -> None:
+        """A server restart clears its own markers."""
+        self.ledger.clear_active_usages("a:")
+        for dep in self.deposits.values():
+            if dep.usage is not None and dep.usage.startswith("a:"):
+                dep.usage = None
+
+    @rule(seconds=st.integers(1, 600))
+    def wait(self, seconds: int) -> None:
+        self.now += seconds
+
+    @invariant()
+    def money_adds_up(self) -> None:
+        ok, figures = self.ledger.check_invariant()
+        assert ok, figures
+        assert figures["minted"] == self.minted == self.ledger.total_supply()
+        locked = sum(d.locked for d in self.deposits.values())
+        assert figures["locked"] == locked
+        assert figures["balances"] == sum(self.balances.values())
+        for account, balance in self.balances.items():
+            assert self.ledger.balance(account) == balance
+
+
+LedgerMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestLedgerInvariant = LedgerMachine.TestCase
