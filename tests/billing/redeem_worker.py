@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from cellvpn.billing.interfaces import LedgerError
+from cellvpn.billing.interfaces import LedgerError, LedgerUnavailableError
 from cellvpn.billing.sqlite import SqliteLedger
 from cellvpn.wire.receipt import Receipt
 
@@ -29,12 +29,18 @@ def main(ledger_path: str, jobs_path: str, go_path: str) -> None:
     refused: dict[str, int] = {}
     for job in jobs:
         r = Receipt.decode(bytes.fromhex(job["receipt"]))
-        try:
-            result = ledger.redeem(
-                r, bytes.fromhex(job["deposit"]), bytes.fromhex(job["provider"]), time.time()
-            )
-        except LedgerError as e:
-            refused[e.code.name] = refused.get(e.code.name, 0) + 1
+        while True:
+            try:
+                result = ledger.redeem(
+                    r, bytes.fromhex(job["deposit"]), bytes.fromhex(job["provider"]), time.time()
+                )
+            except LedgerUnavailableError:
+                continue  # the lock was busy longer than the timeout: nothing changed, again
+            except LedgerError as e:
+                refused[e.code.name] = refused.get(e.code.name, 0) + 1
+                result = None
+            break
+        if result is None:
             continue
         redeemed.append(result.receipt_hash.hex())
         print("redeemed", len(redeemed), file=sys.stderr, flush=True)
