@@ -285,9 +285,16 @@ class VpnLab:
         return self.work / f"{name}.sock"
 
     def start_client(
-        self, ns: Namespace, name: str, section_extra: str = "", wait: bool = True
+        self,
+        ns: Namespace,
+        name: str,
+        section_extra: str = "",
+        wait: bool = True,
+        extra: str = "",
     ) -> Twistd:
-        cfg = self.client_config(name, section_extra=section_extra)
+        """Start ``twistd cellvpn-client``; ``section_extra`` goes into [client], ``extra``
+        (other sections) at the end."""
+        cfg = self.client_config(name, extra=extra, section_extra=section_extra)
         client = Twistd(ns, "cellvpn-client", cfg, self.work / f"{name}.log")
         if wait:
             client.wait_log(r"VPN up: ")

@@ -26,7 +26,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cellvpn.billing.keys import KeyFileError
 from cellvpn.client.backoff import Backoff
+from cellvpn.client.billing import ClientBilling
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
 from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
@@ -105,7 +107,13 @@ class VPNClientService(MultiService):
             self._tun_packets,
             resolv_conf or Path("/etc/resolv.conf"),
         )
-        self.billing: Any = None
+        self.billing: ClientBilling | None = None
+        self._billing_error: str | None = None
+        if config.wallet.key is not None:
+            try:
+                self.billing = ClientBilling(config.wallet, c.state_dir)
+            except KeyFileError as e:
+                self._billing_error = str(e)
         self.socks: SocksService | None = None
         if c.socks is not None:
             self.socks = SocksService(c.socks, self, reactor)
@@ -114,6 +122,11 @@ class VPNClientService(MultiService):
         self.control.setServiceParent(self)
 
     # --- service ---------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        if self._billing_error is not None:
+            raise StartupError(f"[wallet] key: {self._billing_error}")
+        super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()
@@ -157,6 +170,8 @@ class VPNClientService(MultiService):
             self.log.error("cannot start: {why}", why=str(e))
             return defer.succeed(BAD_PARAMETERS)
         self.host, self.port = host, port
+        if self.billing is not None:
+            self.billing.stopped = None  # a new start: a new chance
         self.machine.fire(ClientInput.START)
         self.last_error = None
         self._keep_trying = keep_trying
@@ -214,6 +229,7 @@ class VPNClientService(MultiService):
             "last_error": self.last_error,
             **tunnel,
             "kill_switch": self.config.client.kill_switch,
+            "billing": self.billing.describe() if self.billing is not None else None,
             "counters": {
                 "sent_packets": stream.sent_packets if stream else 0,
                 "sent_bytes": stream.sent_bytes if stream else 0,
@@ -306,10 +322,9 @@ class VPNClientService(MultiService):
         stream.proto.on_pause.append(self.tunnel.pause_reading)
         stream.proto.on_resume.append(self.tunnel.resume_reading)
 
-    def make_request(self, stream: ClientStream) -> Request:
+    def make_request(self, stream: ClientStream) -> Request | None:
         if self.billing is not None:
-            request: Request = self.billing.make_request(stream)
-            return request
+            return self.billing.make_request(stream)
         return Request()
 
     def service_packet(self, stream: ClientStream, ptype: int, data: memoryview) -> bool:
@@ -402,6 +417,8 @@ class VPNClientService(MultiService):
         self._cancel(stream.setup_timer)
         stream.setup_timer = None
         self.stream = None
+        if self.billing is not None and self.billing.permanent:
+            why, permanent = str(self.billing.stopped), True
         self.last_error = why
         self.tunnel.resume_reading()  # nothing to wait for: packets are counted and dropped
         if self.socks is not None:

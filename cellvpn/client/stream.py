@@ -64,7 +64,7 @@ class StreamOwner(Protocol):
 
     def stream_packet_gso(self, header_and_packet: memoryview) -> None: ...
 
-    def make_request(self, stream: ClientStream) -> Request: ...
+    def make_request(self, stream: ClientStream) -> Request | None: ...
 
     def service_packet(self, stream: ClientStream, ptype: int, data: memoryview) -> bool: ...
 
@@ -135,7 +135,9 @@ class ClientStream:
         pinger.start(self.ping_interval, now=False)
         self._pinger = pinger
         self.owner.stream_established(self)
-        self.send_service(PacketType.REQUEST, self.owner.make_request(self).encode())
+        request = self.owner.make_request(self)
+        if request is not None:  # None: billing sends it later (a deposit is being made)
+            self.send_service(PacketType.REQUEST, request.encode())
 
     def stream_closed(self, proto: StreamProtocol, event: Closed) -> None:
         self.close_event = event
@@ -250,6 +252,7 @@ class ClientStream:
             if ptype == PacketType.SUCCESS and not self.granted:
                 self.usage_id = Success.decode(data).usage_id
                 self.granted = True
+                self.owner.service_packet(self, ptype, data)
                 if self.want_address:
                     self.request_address()
                 else:

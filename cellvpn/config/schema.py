@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar, get_type_hints
 
 from cellvpn.config.endpoints import endpoint
-from cellvpn.config.fields import Check, at_most_one, both_or_neither, option
+from cellvpn.config.fields import Check, ParseError, Parser, at_most_one, both_or_neither, option
 from cellvpn.config.parsers import (
     BOOL,
     FINGERPRINT,
@@ -311,6 +311,76 @@ class WalletSection:
     )
 
 
+def _token(text: str, base: Path) -> str:
+    if not (1 <= len(text) <= 10 and text.isascii() and text.isalnum()):
+        raise ParseError
+    return text
+
+
+#: A token ticker, as orders carry it.
+TOKEN: Parser[str] = Parser(_token, "a ticker of 1 to 10 ASCII letters or digits")
+
+
+def _ledger_url(text: str, base: Path) -> str:
+    if text.startswith("sqlite:////"):
+        return text
+    if text.startswith("sqlite:") and not text.startswith("sqlite:/") and len(text) > 7:
+        return "sqlite:///" + str((base / text[7:]).resolve())
+    raise ParseError
+
+
+#: Where the ledger is; a relative sqlite path starts at the config file's folder.
+LEDGER_URL: Parser[str] = Parser(
+    _ledger_url, "sqlite:////absolute/path or sqlite:path/relative/to/this/file"
+)
+
+
+class PriceUnit(StrEnum):
+    """What a receipt pays for: seconds of service or bytes carried."""
+
+    SEC = "SEC"
+    B = "B"
+
+
+@dataclass(frozen=True)
+class BillingSection:
+    """The provider's key and price; without a price the service is free (allow_free_srv)."""
+
+    key: Path | None = option(
+        _OPTIONAL_PATH,
+        None,
+        "Ed25519 provider key that signs orders and receipts; empty = state_dir/provider.key,"
+        " created on first start.",
+    )
+    price: int = option(integer(0), 0, "Price in datoshi for `units` units; 0 = no paid service.")
+    price_unit: PriceUnit = option(choice(PriceUnit), PriceUnit.SEC, "Unit of the price: SEC or B.")
+    units: int = option(
+        integer(1), 3600, "Units one receipt pays for (seconds, or bytes of IP traffic)."
+    )
+    token: str = option(TOKEN, "CELL", "Token ticker of the price.")
+    grace_per_address: int = option(
+        integer(0, 1000),
+        2,
+        "Concurrent grace sessions allowed per client IP address (unknown deposits).",
+    )
+    receipt_timeout: float = option(
+        seconds(0.5, 600), 10.0, "Seconds to wait for a signed receipt before asking again."
+    )
+    receipt_attempts: int = option(integer(1, 100), 3, "Times a receipt is asked for.")
+    save_interval: float = option(
+        seconds(1, 3600), 60.0, "Seconds between saves of the remaining limits."
+    )
+
+
+@dataclass(frozen=True)
+class LedgerSection:
+    """Where accounts, deposits and receipts are kept."""
+
+    url: str | None = option(
+        optional(LEDGER_URL), None, "The ledger's location; empty = state_dir/ledger.db."
+    )
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything the server reads from its config file, validated."""
@@ -321,6 +391,8 @@ class ServerConfig:
     srv_vpn: SrvVpnSection = field(default_factory=SrvVpnSection)
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    billing: BillingSection = field(default_factory=BillingSection)
+    ledger: LedgerSection = field(default_factory=LedgerSection)
     warnings: tuple[str, ...] = ()
 
 

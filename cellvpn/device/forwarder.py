@@ -31,6 +31,8 @@ class Peer(Protocol):
 
     addr_key: bytes
     counters: SessionCounters
+    #: IP bytes that may still pass before ``allowance_used`` must be called (billing)
+    allowance: int
     #: the session agreed to VPN_SEND_GSO / VPN_RECV_GSO
     offload: bool
 
@@ -43,6 +45,9 @@ class Peer(Protocol):
 
     def flush(self) -> None:
         """Write what ``deliver`` queued, as one transport write."""
+
+    def allowance_used(self) -> None:
+        """The allowance reached zero: billing looks at the limits and sets a new one."""
 
 
 class Forwarder:
@@ -110,6 +115,9 @@ class Forwarder:
                 counters = peer.counters
                 counters.to_client_packets += 1
                 counters.to_client_bytes += len(pkt)
+                peer.allowance -= len(pkt)
+                if peer.allowance <= 0:
+                    peer.allowance_used()
                 touched[id(peer)] = peer
         for peer in touched.values():
             peer.flush()
@@ -137,6 +145,9 @@ class Forwarder:
                 if peer.deliver(pkt):
                     counters.to_client_packets += 1
                     counters.to_client_bytes += len(pkt)
+                    peer.allowance -= len(pkt)
+                    if peer.allowance <= 0:
+                        peer.allowance_used()
                     touched[id(peer)] = peer
                 continue
             header = view[:10]
@@ -147,6 +158,9 @@ class Forwarder:
                 if peer.deliver(clamped if clamped is not None else pkt):
                     counters.to_client_packets += 1
                     counters.to_client_bytes += len(pkt)
+                    peer.allowance -= len(pkt)
+                    if peer.allowance <= 0:
+                        peer.allowance_used()
                     touched[id(peer)] = peer
                 continue
             packets, size = vnet.ip_bytes(header, pkt)
@@ -165,6 +179,9 @@ class Forwarder:
                     size = sum(len(s) for s, ok in zip(segments, delivered, strict=True) if ok)
             counters.to_client_packets += packets
             counters.to_client_bytes += size
+            peer.allowance -= size
+            if peer.allowance <= 0:
+                peer.allowance_used()
             touched[id(peer)] = peer
         for peer in touched.values():
             peer.flush()
@@ -196,6 +213,9 @@ class Forwarder:
         if ok:
             counters.from_client_packets += 1
             counters.from_client_bytes += size
+            peer.allowance -= size
+            if peer.allowance <= 0:
+                peer.allowance_used()
         else:
             counters.dropped_tun_write += 1
             counters.from_client_lost_bytes += size
@@ -233,6 +253,9 @@ class Forwarder:
         if ok:
             counters.from_client_packets += packets
             counters.from_client_bytes += size
+            peer.allowance -= size
+            if peer.allowance <= 0:
+                peer.allowance_used()
         else:
             counters.dropped_tun_write += packets
             counters.from_client_lost_bytes += size
@@ -248,6 +271,9 @@ class Forwarder:
             return
         counters.from_client_packets += packets
         counters.from_client_bytes += size
+        peer.allowance -= size
+        if peer.allowance <= 0:
+            peer.allowance_used()
         if header is _PLAIN or (header[0] == 0 and header[1] == 0):
             ok = other.deliver(pkt)
         elif other.offload:
@@ -258,4 +284,7 @@ class Forwarder:
             oc = other.counters
             oc.to_client_packets += packets
             oc.to_client_bytes += size
+            other.allowance -= size
+            if other.allowance <= 0:
+                other.allowance_used()
             other.flush()

@@ -151,6 +151,7 @@ class _Link:
             for offset in range(0, len(data), size):
                 self.send(OpCode.RECV, sock.sock_id, bytes(view[offset : offset + size]))
         session.counters.proxy_to_client_bytes += len(data)
+        session.charge(len(data))
         session.flush()
 
     def target_lost(self, sock: _Socket) -> None:
@@ -174,6 +175,7 @@ class _Link:
         assert target.transport is not None
         target.transport.write(data)
         self.session.counters.proxy_from_client_bytes += len(data)
+        self.session.charge(len(data))
 
     def close(self, sock: _Socket) -> None:
         """Forget ``sock`` and close its connection (what is written still goes out)."""

@@ -20,11 +20,15 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from cellvpn.billing.asyncledger import AsyncLedger
+from cellvpn.billing.keys import KeyFileError, load_or_create_key
+from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
 from cellvpn.config import ServerConfig
 from cellvpn.config.schema import Offload
 from cellvpn.conn import pki
@@ -37,6 +41,7 @@ from cellvpn.device.packet import mss_for_mtu
 from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import NetConfigError, Netlink
+from cellvpn.server.billing import ServerBilling
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.session import ServerSession
@@ -102,7 +107,8 @@ class VPNServerService(MultiService):
         self.tun_ready = False
         self.netlink = Netlink()
         self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=FINISHED_KEPT)
-        self.billing: Any = None
+        self.billing: ServerBilling | None = None
+        self.ledger: AsyncLedger | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
         #: Called with a reason when the service cannot go on (twistd then exits with status 1).
         self.on_fatal: Callable[[str], None] = self._fatal
@@ -140,6 +146,8 @@ class VPNServerService(MultiService):
                 cert=str(cert),
                 fp=pki.format_fingerprint(pki.fingerprint_of(cert.read_bytes())),
             )
+        if self.config.billing.price > 0:
+            self._open_billing()
         if self.config.srv_vpn.enabled:
             self._open_tun()
         if self.proxy is not None:
@@ -211,8 +219,30 @@ class VPNServerService(MultiService):
         tun = self.tun
         return tun is not None and tun.writev(header, packet)
 
+    def _open_billing(self) -> None:
+        """The provider key and the ledger: both needed before the first REQUEST."""
+        b = self.config.billing
+        state = self.config.server.state_dir
+        path = b.key or state / "provider.key"
+        try:
+            key, created = load_or_create_key(path)
+        except KeyFileError as e:
+            raise StartupError(str(e)) from None
+        if created:
+            self.log.info("created the provider key {path}", path=str(path))
+        url = self.config.ledger.url or f"sqlite:///{(state / 'ledger.db').resolve()}"
+        try:
+            ledger = open_ledger(url)
+        except LedgerOpenError as e:
+            raise StartupError(str(e)) from None
+        self.ledger = AsyncLedger(ledger, self.reactor)
+        self.billing = ServerBilling(self, key, self.ledger, b, self.config.srv_vpn.grace_period)
+
     def startService(self) -> None:
         super().startService()
+        if self.billing is not None:
+            d = Deferred.fromCoroutine(self.billing.start())
+            d.addErrback(lambda f: self.on_fatal(f"cannot start billing: {f.getErrorMessage()}"))
         if self.tun is not None:
             self.tun.startReading()
         host = self.port.getHost()
@@ -224,6 +254,11 @@ class VPNServerService(MultiService):
 
     def stopService(self) -> Any:
         self.accepting = False
+        saving: Deferred[Any] | None = None
+        if self.billing is not None:
+            saving = Deferred.fromCoroutine(self.billing.stop())
+            saving.addErrback(lambda f: self.log.failure("saving billing state failed", f))
+            saving.addBoth(lambda _: self.ledger.close() if self.ledger else None)
         for session in self.sessions:
             if session.proto is not None:
                 session.proto.close(CloseCode.SHUTDOWN, "server is shutting down")
@@ -236,6 +271,8 @@ class VPNServerService(MultiService):
         if self.port is not None:
             port, self.port = self.port, None
             d.addCallback(lambda _: port.stopListening())
+        if saving is not None:
+            d.addCallback(lambda _: saving)
         return d
 
     # --- reporting -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import describe_tls_failure, peer_fingerprint
 from cellvpn.device.counters import SessionCounters
+from cellvpn.server.billing import UNMETERED, Bill
 from cellvpn.server.check import answer_check
 from cellvpn.server.usage import ACTIVE, UsageInput, UsageState, new_usage
 from cellvpn.stream import caps
@@ -67,6 +68,10 @@ class ServerSession:
         self.offload = False
         #: bytes queued towards the client while its transport was full
         self.backlog = 0
+        #: the session's billing state (None: free service or no REQUEST yet)
+        self.bill: Bill | None = None
+        #: IP bytes the forwarder may still carry before billing must look (B units)
+        self.allowance = UNMETERED
         self.pings = 0
         self.proxy: Any = None
         #: StreamConnection.send_channel, bound once the stream is set up
@@ -90,7 +95,8 @@ class ServerSession:
         conn = proto.conn
         conn.register_channel(CHANNEL_R, self._on_service_packet)
         conn.register_channel(CHANNEL_S, self._on_vpn_packet)
-        conn.accept(sid, resume_token=self.resume_token)
+        order = server.billing.welcome_order() if server.billing is not None else b""
+        conn.accept(sid, resume_token=self.resume_token, order=order)
         self.offload = caps.OFFLOAD in conn.caps
         self._send = conn.send_channel
         server.sessions.add(sid, self)
@@ -138,6 +144,24 @@ class ServerSession:
             why=self.close_reason or describe_tls_failure(reason),
         )
 
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    def allowance_used(self) -> None:
+        """The forwarder carried the allowance: billing accounts for it and sets the next."""
+        billing = self.server.billing
+        if billing is not None:
+            billing.allowance_used(self)
+        else:
+            self.allowance = UNMETERED
+
+    def charge(self, size: int) -> None:
+        """Bytes carried outside the forwarder (the L4 proxy), billed like IP bytes."""
+        self.allowance -= size
+        if self.allowance <= 0:
+            self.allowance_used()
+
     def close(self, code: int, reason: str) -> None:
         if self.proto is not None:
             self.proto.close(code, reason)
@@ -181,8 +205,11 @@ class ServerSession:
     # --- 'R': service ----------------------------------------------------------------------
 
     def send_service(self, ptype: int, body: bytes) -> None:
+        """One 'R' packet, written at once: billing answers from ledger callbacks, outside
+        any dataReceived that would flush it."""
         if self.proto is not None:
             self.proto.conn.send_channel(CHANNEL_R, ptype, body)
+            self.proto.flush()
 
     def _on_service_packet(self, ptype: int, data: memoryview) -> None:
         assert self.proto is not None
@@ -370,6 +397,7 @@ class ServerSession:
             "seq_replays": conn.seq.replays if conn else 0,
             "seq_gaps": conn.seq.gaps if conn else 0,
             "pings": self.pings,
+            "billing": self.server.billing.describe(self) if self.server.billing else None,
         }
 
 

@@ -40,6 +40,8 @@ class PacketType(IntEnum):
     RESPONSE_DATA = 0x31
     NEW_TX_COND_REQUEST = 0x40
     NEW_TX_COND_RESPONSE = 0x41
+    DEPOSIT_CREATE = 0x42  # cellvpn: C->S, a signed deposit request
+    DEPOSIT_CREATED = 0x43  # cellvpn: S->C, the new deposit's 32-byte id
     CHECK_REQUEST = 0x50
     CHECK_RESPONSE = 0x51
     SUCCESS = 0xF0

@@ -130,7 +130,7 @@ class LedgerMachine(RuleBasedStateMachine):
             value = units * dep.max_unit_price + 1
         elif kind == "overdraw":
             value = dep.locked + 1
-            units = -(-value // max(dep.max_unit_price, 1))
+            units = min(-(-value // max(dep.max_unit_price, 1)), 2**64 - 1)  # a u64 field
         unit = dep.unit
         if kind == "replay" and dep.redeemed:
             r = dep.redeemed[-1]

@@ -1,0 +1,720 @@
+"""The server's side of billing on channel 'R': who pays, how much is left, when to ask again.
+
+The flow keeps the original's shape (REQUEST -> SIGN_REQUEST <-> SIGN_RESPONSE -> SUCCESS, or
+ERROR; NOTIFY_STOPPED at the end) on cellvpn's own ledger:
+
+- REQUEST names a deposit and the server's order and proves the client's key (see
+  :mod:`cellvpn.billing.proof`). A banned key is refused at once. A deposit the ledger does not
+  know yet gets GRACE: service for ``grace_period`` seconds while the ledger is polled; a
+  deposit that never shows up ends in ERROR and a ban of ``grace_period * 50`` seconds.
+- A known deposit is checked (owner, service, unit, price, funds) and marked in use by this
+  session (one usage per deposit: a newer session of the same client takes it over). Limits
+  saved from an earlier session of this client are used first; otherwise the first receipt is
+  asked for (``receipt_timeout`` seconds, ``receipt_attempts`` times), redeemed in the ledger,
+  and only then is the service granted.
+- Limits count seconds (SEC) or IP bytes both ways, L4 proxy bytes included (B). When half of
+  the current receipt is left the next receipt is asked for; at zero without one, the session
+  gets NOTIFY_STOPPED on 'R', not one more packet passes, and the stream is closed.
+- Remaining limits are saved every ``save_interval`` seconds and when the session ends, so a
+  killed server loses at most that much usage, always in the client's favour; receipts chain on
+  the deposit's state hash, so nothing is ever charged twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from cellvpn.billing.asyncledger import AsyncLedger
+from cellvpn.billing.interfaces import DepositRow, LedgerError, LedgerUnavailableError
+from cellvpn.billing.keys import KeyPair, account_of
+from cellvpn.billing.proof import proven_key
+from cellvpn.billing.records import Order, SignedDeposit, SignedOrder, receipt_units_value_ok
+from cellvpn.config.schema import BillingSection
+from cellvpn.server.usage import UsageInput, UsageState
+from cellvpn.wire.errors import DecodeError
+from cellvpn.wire.receipt import Receipt, ReceiptInfo, Unit
+from cellvpn.wire.service import SRV_UID_VPN, Error, ErrorCode, PacketType, Request, Success
+from cellvpn.wire.setup import CloseCode
+
+if TYPE_CHECKING:
+    from cellvpn.server.service import VPNServerService
+    from cellvpn.server.session import ServerSession
+
+#: An allowance that is never used up (free service, grace).
+UNMETERED = 1 << 62
+#: Seconds between looks at the ledger for a deposit during grace.
+GRACE_POLL = 1.0
+#: Seconds between the NOTIFY_STOPPED and the close, so the client reads why.
+STOP_LINGER = 2.0
+#: How long an order the server publishes stays valid (it is renewed at every start).
+ORDER_LIFETIME = 30 * 86400
+
+
+@dataclass
+class Bill:
+    """One session's billing state."""
+
+    client_public: bytes
+    client: bytes
+    deposit_id: bytes
+    unit: int = Unit.SEC
+    mode: str = "idle"  # idle, grace, paid, stopped
+    #: units left (bytes or seconds) of what was paid for
+    limit: float = 0
+    #: the allowance handed to the forwarder when it was last armed (B)
+    armed: int = 0
+    locked_left: int = 0
+    #: the deposit's state hash: the prev hash of the next receipt
+    state_hash: bytes = bytes(32)
+    pending: Receipt | None = None
+    pending_kind: str = ""
+    attempts: int = 0
+    timer: IDelayedCall | None = None
+    next_failed: ErrorCode | None = None
+    marker: str = ""
+    grace_timer: IDelayedCall | None = None
+    poller: LoopingCall | None = None
+    ticker: LoopingCall | None = None
+    last_tick: float = 0.0
+    paid_value: int = 0
+    started: float = field(default_factory=time.monotonic)
+    saved_bytes: int = 0
+    saved_seconds: float = 0.0
+    receipts: int = 0
+
+
+class ServerBilling:
+    """Billing for every session of one server."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server: VPNServerService,
+        key: KeyPair,
+        ledger: AsyncLedger,
+        config: BillingSection,
+        grace_period: float,
+    ) -> None:
+        self.server = server
+        self.key = key
+        self.ledger = ledger
+        self.config = config
+        self.grace_period = grace_period
+        self.unit = Unit.SEC if config.price_unit.value == "SEC" else Unit.B
+        self.order = SignedOrder.sign(
+            Order(
+                unit=self.unit,
+                units=config.units,
+                price=config.price,
+                token=config.token,
+                provider=key.public,
+                expires=int(time.time()) + ORDER_LIFETIME,
+            ),
+            key,
+        )
+        self.prefix = key.account_hex + ":"
+        self._saver: LoopingCall | None = None
+        self.redeemed = 0
+        self.refused = 0
+
+    # --- start and stop -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.ledger.put_order(self.order)
+        cleared = await self.ledger.clear_active_usages(self.prefix)
+        if cleared:
+            self.log.info("released {n} deposit(s) marked in use by an earlier run", n=cleared)
+        saver = LoopingCall(self.save_all)
+        saver.clock = self.server.reactor
+        saver.start(self.config.save_interval, now=False)
+        self._saver = saver
+        self.log.info(
+            "billing: order {order} = {price} {token} per {units} {unit}, provider {account}",
+            order=self.order.hash.hex()[:16],
+            price=self.config.price,
+            token=self.config.token,
+            units=self.config.units,
+            unit=self.config.price_unit.value,
+            account=self.key.account_hex,
+        )
+
+    async def stop(self) -> None:
+        if self._saver is not None and self._saver.running:
+            self._saver.stop()
+        for session in self.server.sessions:
+            await self._finish(session)
+
+    def welcome_order(self) -> bytes:
+        return self.order.encode()
+
+    # --- REQUEST ------------------------------------------------------------------------------
+
+    def request(self, session: ServerSession, request: Request) -> None:
+        d = defer.Deferred.fromCoroutine(self._request(session, request))
+        d.addErrback(self._failed, session, "handling REQUEST")
+
+    def _failed(self, failure: Any, session: ServerSession, what: str) -> None:
+        if failure.check(LedgerUnavailableError):
+            self._refuse(session, ErrorCode.NO_LEDGER, f"ledger unavailable: {failure.value}")
+            return
+        self.log.failure("billing failed while {what}", failure, what=what)
+        self._refuse(session, ErrorCode.REQUEST_INTERNAL_ERROR, f"internal error while {what}")
+
+    async def _request(self, session: ServerSession, request: Request) -> None:
+        if request.order_hash == bytes(32):
+            self._refuse(session, ErrorCode.NO_ORDER_HASH, "REQUEST names no order")
+            return
+        if request.tx_cond == bytes(32):
+            self._refuse(session, ErrorCode.NO_TX_HASH, "REQUEST names no deposit")
+            return
+        if request.order_hash != self.order.hash:
+            self._refuse(session, ErrorCode.PRICE_ERROR, "REQUEST names another order")
+            return
+        if request.srv_uid != SRV_UID_VPN:
+            self._refuse(session, ErrorCode.SERVICE_NOT_FOUND, "REQUEST is not for the VPN")
+            return
+        try:
+            public = proven_key(request, session.session_id or 0)
+        except DecodeError as e:
+            self._refuse(session, ErrorCode.RECEIPT_WRONG_PKEY_HASH, str(e))
+            return
+        client = account_of(public)
+        if session.identity is None or session.identity.startswith("token:"):
+            session.identity = f"key:{client.hex()}"  # sticky leases follow the proven key
+        now = time.time()
+        banned = await self.ledger.banned_until(self.key.account, client, now)
+        if banned is not None:
+            self._refuse(
+                session,
+                ErrorCode.RECEIPT_BANNED_PKEY_HASH,
+                f"key {client.hex()[:16]} is banned for {banned - now:.0f} s more",
+            )
+            return
+        bill = Bill(client_public=public, client=client, deposit_id=request.tx_cond)
+        session.bill = bill
+        deposit = await self.ledger.get_deposit(request.tx_cond)
+        if session.ended:
+            return
+        if deposit is None:
+            await self._grace(session, bill)
+            return
+        await self._pay(session, bill, deposit)
+
+    # --- grace --------------------------------------------------------------------------------
+
+    async def _grace(self, session: ServerSession, bill: Bill) -> None:
+        host = _host(session.peer)
+        in_grace = sum(
+            1
+            for s in self.server.sessions
+            if s is not session
+            and s.bill is not None
+            and s.bill.mode == "grace"
+            and _host(s.peer) == host
+        )
+        if in_grace >= self.config.grace_per_address:
+            self._refuse(
+                session,
+                ErrorCode.TX_COND_NOT_FOUND,
+                f"deposit not in the ledger and {host} already has {in_grace} grace session(s)",
+            )
+            return
+        bill.mode = "grace"
+        session.allowance = UNMETERED
+        session.grant(UsageInput.GRANT_GRACE)
+        clock = self.server.reactor
+        bill.grace_timer = clock.callLater(self.grace_period, self._grace_over, session)
+        poller = LoopingCall(self._poll, session)
+        poller.clock = clock
+        poller.start(GRACE_POLL, now=False).addErrback(self._failed, session, "polling")
+        bill.poller = poller
+        self.log.info(
+            "session {sid}: deposit {dep} not in the ledger yet: grace for {grace:g} s",
+            sid=_sid(session),
+            dep=bill.deposit_id.hex()[:16],
+            grace=self.grace_period,
+        )
+
+    async def _poll(self, session: ServerSession) -> None:
+        bill = session.bill
+        if bill is None or bill.mode != "grace" or session.ended:
+            return
+        deposit = await self.ledger.get_deposit(bill.deposit_id)
+        if deposit is not None and bill.mode == "grace" and not session.ended:
+            _stop_loop(bill.poller)
+            _cancel(bill.grace_timer)
+            self.log.info("session {sid}: deposit appeared in the ledger", sid=_sid(session))
+            await self._pay(session, bill, deposit)
+
+    def _grace_over(self, session: ServerSession) -> None:
+        bill = session.bill
+        if bill is None or bill.mode != "grace":
+            return
+        _stop_loop(bill.poller)
+        until = time.time() + self.grace_period * 50
+        d = self.ledger.ban(self.key.account, bill.client, until)
+        d.addErrback(self._failed, session, "banning")
+        self._refuse(
+            session,
+            ErrorCode.TX_COND_NOT_FOUND,
+            f"deposit never appeared within {self.grace_period:g} s: key banned for "
+            f"{self.grace_period * 50:g} s",
+            close=True,
+        )
+
+    # --- paying -------------------------------------------------------------------------------
+
+    def _check_deposit(self, bill: Bill, deposit: DepositRow) -> tuple[ErrorCode, str] | None:
+        order = self.order.order
+        if deposit.owner != bill.client:
+            return ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"
+        if deposit.srv_uid != SRV_UID_VPN:
+            return ErrorCode.TX_COND_WRONG_SRV_UID, "the deposit is for another service"
+        if deposit.closed or deposit.expired(time.time()):
+            return ErrorCode.TX_COND_NOT_FOUND, "the deposit is closed or expired"
+        if deposit.unit != order.unit:
+            return ErrorCode.UNIT_TYPE_ERROR, "the deposit pays for another unit"
+        if not receipt_units_value_ok(order.price, order.units, deposit.max_unit_price):
+            return ErrorCode.RECEIPT_UNITS_ERROR, "the price is above the deposit's maximum"
+        return None
+
+    async def _pay(self, session: ServerSession, bill: Bill, deposit: DepositRow) -> None:
+        problem = self._check_deposit(bill, deposit)
+        if problem is not None:
+            self._refuse(session, *problem, close=bill.mode == "grace")
+            return
+        if not await self._mark(session, bill, deposit):
+            return
+        bill.unit = deposit.unit
+        bill.locked_left = deposit.locked
+        bill.state_hash = deposit.state_hash
+        limits = None
+        if not any(
+            s is not session and s.bill is not None and s.bill.client == bill.client
+            for s in self.server.sessions
+        ):
+            limits = await self.ledger.load_limits(self.key.account, bill.client)
+        if session.ended:
+            return
+        left: float = 0
+        if limits is not None:
+            left = limits.bytes_left if bill.unit == Unit.B else limits.seconds_left
+        if left > 0:
+            bill.limit = left
+            self.log.info(
+                "session {sid}: resuming with {left} {unit} saved from an earlier session",
+                sid=_sid(session),
+                left=int(left),
+                unit=_unit_name(bill.unit),
+            )
+            self._paid(session, bill)
+            return
+        if bill.locked_left < self.order.order.price:
+            self._refuse(
+                session,
+                ErrorCode.TX_COND_NOT_ENOUGH,
+                "the deposit cannot pay one receipt",
+                close=bill.mode == "grace",
+            )
+            return
+        self._ask(session, bill, "first", bill.state_hash)
+
+    async def _mark(self, session: ServerSession, bill: Bill, deposit: DepositRow) -> bool:
+        """One usage per deposit: take it, or take it over from our own older session."""
+        marker = f"{self.prefix}{session.session_id or 0:08x}"
+        current = deposit.active_usage
+        if current is not None and current != marker:
+            if not current.startswith(self.prefix):
+                self._refuse(
+                    session, ErrorCode.CANT_ADD_USAGE, "the deposit is in use on another server"
+                )
+                return False
+            old = self.server.sessions.get(int(current[len(self.prefix) :], 16))
+            if old is not None and old is not session:
+                self.log.info(
+                    "session {sid} takes over deposit {dep} from session {old}",
+                    sid=_sid(session),
+                    dep=bill.deposit_id.hex()[:16],
+                    old=_sid(old),
+                )
+                await self._finish(old)
+                old.close(CloseCode.TAKEN_OVER, "a newer session took over the deposit")
+        ok = await self.ledger.set_active_usage(bill.deposit_id, marker, only_if=current)
+        if not ok:
+            self._refuse(session, ErrorCode.CANT_ADD_USAGE, "the deposit is in use")
+            return False
+        bill.marker = marker
+        return True
+
+    def _ask(self, session: ServerSession, bill: Bill, kind: str, prev: bytes) -> None:
+        """Issue a receipt signed by the provider: SIGN_REQUEST."""
+        order = self.order.order
+        info = ReceiptInfo(
+            srv_uid=SRV_UID_VPN,
+            units_type=order.unit,
+            units=order.units,
+            value=order.price,
+            prev_hash=prev,
+        )
+        receipt = Receipt(info, (self.key.signature(info.encode()),))
+        bill.pending = receipt
+        bill.pending_kind = kind
+        bill.attempts = 0
+        self._send_pending(session, bill)
+
+    def _send_pending(self, session: ServerSession, bill: Bill) -> None:
+        if bill.pending is None or session.ended:
+            return
+        bill.attempts += 1
+        session.send_service(PacketType.SIGN_REQUEST, bill.pending.encode())
+        session.flush()
+        bill.timer = self.server.reactor.callLater(
+            self.config.receipt_timeout, self._receipt_timeout, session
+        )
+
+    def _receipt_timeout(self, session: ServerSession) -> None:
+        bill = session.bill
+        if bill is None or bill.pending is None:
+            return
+        bill.timer = None
+        if bill.attempts < self.config.receipt_attempts:
+            self._send_pending(session, bill)
+            return
+        kind = bill.pending_kind
+        bill.pending = None
+        if kind == "first":
+            self._refuse(
+                session,
+                ErrorCode.RECEIPT_NO_SIGN,
+                f"no signed receipt after {bill.attempts} attempts",
+                close=True,
+            )
+        else:
+            # as the original: the client keeps what it paid for, then the service stops
+            bill.next_failed = ErrorCode.RECEIPT_NO_SIGN
+            self.log.info(
+                "session {sid}: the next receipt was not signed; service ends with the limits",
+                sid=_sid(session),
+            )
+            self._rearm(session, bill)
+
+    def service_packet(self, session: ServerSession, ptype: int, data: memoryview) -> bool:
+        if ptype == PacketType.SIGN_RESPONSE:
+            d = defer.Deferred.fromCoroutine(self._signed(session, Receipt.decode(data)))
+            d.addErrback(self._failed, session, "redeeming a receipt")
+            return True
+        if ptype == PacketType.DEPOSIT_CREATE:
+            d = defer.Deferred.fromCoroutine(self._create(session, SignedDeposit.decode(data)))
+            d.addErrback(self._failed, session, "creating a deposit")
+            return True
+        return False
+
+    async def _signed(self, session: ServerSession, receipt: Receipt) -> None:
+        bill = session.bill
+        pending = bill.pending if bill is not None else None
+        if bill is None or pending is None or receipt.info_bytes != pending.info_bytes:
+            self.refused += 1
+            self._error(session, ErrorCode.RECEIPT_CANT_FIND, "SIGN_RESPONSE for no receipt")
+            return
+        if receipt.info.version != 2:
+            self._error(session, ErrorCode.RECEIPT_WRONG_VERSION, "receipt version")
+            return
+        if len(receipt.signatures) < 2 or receipt.signatures[1].public_key != bill.client_public:
+            self._error(session, ErrorCode.RECEIPT_NO_SIGN, "the receipt lacks the client's sign")
+            return
+        bill.pending = None
+        _cancel(bill.timer)
+        kind = bill.pending_kind
+        try:
+            result = await self.ledger.redeem(
+                receipt, bill.deposit_id, self.key.public, time.time()
+            )
+        except LedgerError as e:
+            self.refused += 1
+            self.log.info(
+                "session {sid}: receipt refused by the ledger: {why}",
+                sid=_sid(session),
+                why=e.summary,
+            )
+            if kind == "first":
+                self._refuse(session, e.code, e.summary, close=True)
+            else:
+                bill.next_failed = e.code
+                self._rearm(session, bill)
+            return
+        self.redeemed += 1
+        bill.receipts += 1
+        bill.locked_left = result.locked_left
+        bill.state_hash = result.receipt_hash
+        bill.paid_value += result.value
+        bill.limit += receipt.info.units
+        self.log.info(
+            "session {sid}: receipt {hash} redeemed: {value} {token} for {units} {unit}, "
+            "{left} left in the deposit",
+            sid=_sid(session),
+            hash=result.receipt_hash.hex()[:16],
+            value=result.value,
+            token=self.config.token,
+            units=receipt.info.units,
+            unit=_unit_name(bill.unit),
+            left=result.locked_left,
+        )
+        if session.ended:
+            return
+        if bill.mode in ("idle", "grace"):
+            self._paid(session, bill)
+        else:
+            session.send_service(PacketType.SUCCESS, Success(session.usage_id).encode())
+            session.flush()
+            self._rearm(session, bill)
+
+    def _paid(self, session: ServerSession, bill: Bill) -> None:
+        """The first payment (or saved limits): the service is granted, metering starts."""
+        bill.mode = "paid"
+        if session.usage.state is UsageState.IDLE:
+            session.grant(UsageInput.PAID)
+        else:
+            session.usage.fire(UsageInput.PAID)
+            session.send_service(PacketType.SUCCESS, Success(session.usage_id).encode())
+            session.flush()
+        bill.last_tick = time.monotonic()
+        if bill.unit == Unit.SEC:
+            session.allowance = UNMETERED
+            ticker = LoopingCall(self._tick, session)
+            ticker.clock = self.server.reactor
+            ticker.start(1.0, now=False)
+            bill.ticker = ticker
+        self._rearm(session, bill)
+
+    async def _create(self, session: ServerSession, signed: SignedDeposit) -> None:
+        try:
+            row = await self.ledger.create_deposit(signed, time.time())
+        except LedgerError as e:
+            self._error(session, e.code, f"deposit refused: {e.summary}")
+            return
+        self.log.info(
+            "session {sid}: deposit {dep} created: {value} locked",
+            sid=_sid(session),
+            dep=row.id.hex()[:16],
+            value=row.locked,
+        )
+        session.send_service(PacketType.DEPOSIT_CREATED, row.id)
+        session.flush()
+
+    # --- metering -----------------------------------------------------------------------------
+
+    def allowance_used(self, session: ServerSession) -> None:
+        """The forwarder used up the byte allowance: account for it and look again."""
+        bill = session.bill
+        if bill is None or bill.mode != "paid" or bill.unit != Unit.B:
+            session.allowance = UNMETERED
+            return
+        used = bill.armed - session.allowance
+        bill.limit -= used
+        self._rearm(session, bill)
+
+    def _tick(self, session: ServerSession) -> None:
+        bill = session.bill
+        if bill is None or bill.mode != "paid":
+            return
+        now = time.monotonic()
+        bill.limit -= now - bill.last_tick
+        bill.last_tick = now
+        self._rearm(session, bill)
+
+    def _used_bytes_now(self, session: ServerSession, bill: Bill) -> None:
+        if bill.unit == Unit.B and bill.mode == "paid":
+            bill.limit -= bill.armed - session.allowance
+            bill.armed = session.allowance
+
+    def _rearm(self, session: ServerSession, bill: Bill) -> None:
+        """Ask for the next receipt at half, stop at zero, and set the next allowance."""
+        if bill.mode != "paid" or session.ended:
+            return
+        units = self.order.order.units
+        half = units / 2
+        if bill.limit <= 0:
+            self._stop(session, bill)
+            return
+        if bill.limit <= half and bill.pending is None and bill.next_failed is None:
+            if bill.locked_left >= self.order.order.price:
+                self.log.info(
+                    "session {sid}: {left} {unit} left of {units}: asking for the next receipt",
+                    sid=_sid(session),
+                    left=int(bill.limit),
+                    unit=_unit_name(bill.unit),
+                    units=units,
+                )
+                self._ask(session, bill, "next", bill.state_hash)
+            else:
+                bill.next_failed = ErrorCode.TX_COND_NOT_ENOUGH
+        if bill.unit == Unit.B:
+            mark = bill.limit - half if bill.limit > half and bill.pending is None else bill.limit
+            allowance = max(1, int(mark))
+            session.allowance = allowance
+            bill.armed = allowance
+
+    def _stop(self, session: ServerSession, bill: Bill) -> None:
+        """Limits used up without a signed next receipt: NOTIFY_STOPPED, no more packets."""
+        bill.mode = "stopped"
+        _stop_loop(bill.ticker)
+        _cancel(bill.timer)
+        unsigned = bill.pending is not None
+        bill.pending = None
+        code = bill.next_failed or (
+            ErrorCode.RECEIPT_NO_SIGN if unsigned else ErrorCode.RECEIPT_CANT_FIND
+        )
+        session.allowance = UNMETERED
+        if session.usage.can(UsageInput.STOP):
+            session.usage.fire(UsageInput.STOP)
+        self.server.forwarder_detach(session)
+        if self.server.proxy is not None:
+            self.server.proxy.usage_ended(session)
+        error = Error(code, session.usage_id)
+        session.send_service(PacketType.NOTIFY_STOPPED, error.encode())
+        session.flush()
+        self.log.info(
+            "session {sid} with {peer}: service stopped, limits used up ({code})",
+            sid=_sid(session),
+            peer=session.peer,
+            code=error.name,
+        )
+        self.server.reactor.callLater(
+            STOP_LINGER, session.close, CloseCode.SERVICE_STOPPED, f"service stopped: {error.name}"
+        )
+
+    # --- refusals and the end -----------------------------------------------------------------
+
+    def _error(self, session: ServerSession, code: int, why: str) -> None:
+        """An ERROR for one packet that leaves the usage as it is."""
+        session.send_service(PacketType.ERROR, Error(code, session.usage_id).encode())
+        session.flush()
+        self.log.info(
+            "session {sid} with {peer}: refused ({code}): {why}",
+            sid=_sid(session),
+            peer=session.peer,
+            code=Error(code).name,
+            why=why,
+        )
+
+    def _refuse(self, session: ServerSession, code: int, why: str, close: bool = False) -> None:
+        if session.ended:
+            return
+        bill = session.bill
+        if bill is not None:
+            _stop_loop(bill.poller)
+            _stop_loop(bill.ticker)
+            _cancel(bill.timer)
+            _cancel(bill.grace_timer)
+            bill.mode = "stopped"
+        session.refuse(code, why)
+        session.flush()
+        if close:
+            self.server.reactor.callLater(
+                STOP_LINGER, session.close, CloseCode.REFUSED, f"{Error(code).name}: {why}"
+            )
+
+    def session_ended(self, session: ServerSession) -> None:
+        d = defer.Deferred.fromCoroutine(self._finish(session))
+        d.addErrback(lambda f: self.log.failure("saving a session's billing failed", f))
+
+    async def _finish(self, session: ServerSession) -> None:
+        bill = session.bill
+        if bill is None:
+            return
+        session.bill = None
+        for loop in (bill.poller, bill.ticker):
+            _stop_loop(loop)
+        for call in (bill.timer, bill.grace_timer):
+            _cancel(call)
+        if bill.mode in ("paid", "stopped"):
+            if bill.unit == Unit.SEC and bill.mode == "paid":
+                now = time.monotonic()
+                bill.limit -= now - bill.last_tick
+                bill.last_tick = now
+            self._used_bytes_now(session, bill)
+            await self._save(session, bill)
+        if bill.marker:
+            await self.ledger.set_active_usage(bill.deposit_id, None, only_if=bill.marker)
+
+    def save_all(self) -> defer.Deferred[None]:
+        async def run() -> None:
+            for session in self.server.sessions:
+                bill = session.bill
+                if bill is not None and bill.mode == "paid":
+                    self._used_bytes_now(session, bill)
+                    await self._save(session, bill)
+
+        return defer.Deferred.fromCoroutine(run())
+
+    async def _save(self, session: ServerSession, bill: Bill) -> None:
+        left = max(bill.limit, 0)
+        await self.ledger.save_limits(
+            self.key.account,
+            bill.client,
+            int(left) if bill.unit == Unit.B else 0,
+            float(left) if bill.unit == Unit.SEC else 0.0,
+            time.time(),
+        )
+        counters = session.counters
+        carried = counters.from_client_bytes + counters.to_client_bytes
+        carried += counters.proxy_from_client_bytes + counters.proxy_to_client_bytes
+        seconds = time.monotonic() - bill.started
+        await self.ledger.add_usage(
+            self.key.account,
+            bill.client,
+            "paid",
+            seconds - bill.saved_seconds,
+            carried - bill.saved_bytes,
+            bill.paid_value,
+        )
+        bill.saved_seconds = seconds
+        bill.saved_bytes = carried
+        bill.paid_value = 0
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    def describe(self, session: ServerSession) -> dict[str, Any] | None:
+        bill = session.bill
+        if bill is None:
+            return None
+        self._used_bytes_now(session, bill)
+        return {
+            "client": bill.client.hex(),
+            "deposit": bill.deposit_id.hex(),
+            "mode": bill.mode,
+            "unit": _unit_name(bill.unit),
+            "limit_left": bill.limit,
+            "receipts": bill.receipts,
+            "locked_left": str(bill.locked_left),
+        }
+
+
+def _unit_name(unit: int) -> str:
+    return "seconds" if unit == Unit.SEC else "bytes"
+
+
+def _sid(session: ServerSession) -> str:
+    return f"{session.session_id or 0:#010x}"
+
+
+def _host(peer: str) -> str:
+    return peer.rsplit(":", 1)[0]
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+def _stop_loop(loop: LoopingCall | None) -> None:
+    if loop is not None and loop.running:
+        loop.stop()
