@@ -38,3 +38,50 @@ def last_json(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) ->
 def ping(ns: Namespace, target: str, count: int = 3) -> bool:
     done = ns.exec("ping", "-c", str(count), "-i", "0.2", "-W", "2", target, check=False)
     return done.returncode == 0
+
+
+# --- billing ----------------------------------------------------------------------------------
+
+
+def ledger_url(work: Path) -> str:
+    """The ledger a VpnLab server keeps in its state folder."""
+    return f"sqlite:///{work / 'state' / 'ledger.db'}"
+
+
+def ledger_ctl(work: Path, *args: str, check: bool = True) -> Any:
+    """``cellvpn-ctl --json ledger ARGS --ledger <the lab server's ledger>``, as JSON."""
+    from cellvpn.lab import VENV_BIN
+
+    done = subprocess.run(
+        [str(VENV_BIN / "cellvpn-ctl"), "--json", "ledger", *args, "--ledger", ledger_url(work)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"cellvpn-ctl ledger {args[0]} failed: {done.stderr.strip()}")
+    return json.loads(done.stdout) if done.stdout.strip() else {"error": done.stderr.strip()}
+
+
+def wallet(work: Path, name: str, mint: int) -> tuple[Path, str]:
+    """A client key file with ``mint`` datoshi in its account; returns (key path, account)."""
+    key = work / f"{name}.key"
+    account: str = ledger_ctl(work, "keygen", str(key))["account"]
+    if mint:
+        ledger_ctl(work, "mint", account, str(mint))
+    return key, account
+
+
+def wallet_section(
+    key: Path, deposit_value: int = 0, max_unit_price: int = 1, deposit: str = ""
+) -> str:
+    text = f"[wallet]\nkey = {key}\nmax_unit_price = {max_unit_price}\n"
+    if deposit_value:
+        text += f"deposit_value = {deposit_value}\n"
+    if deposit:
+        text += f"deposit = {deposit}\n"
+    return text
+
+
+def billing_section(price: int, unit: str, units: int, extra: str = "") -> str:
+    return f"[billing]\nprice = {price}\nprice_unit = {unit}\nunits = {units}\n" + extra
