@@ -53,6 +53,8 @@ UNMETERED = 1 << 62
 GRACE_POLL = 1.0
 #: Seconds between the NOTIFY_STOPPED and the close, so the client reads why.
 STOP_LINGER = 2.0
+#: Bytes carried between looks while a signed receipt is being redeemed at zero.
+DEBT_STEP = 256 * 1024
 #: How long an order the server publishes stays valid (it is renewed at every start).
 ORDER_LIFETIME = 30 * 86400
 
@@ -78,6 +80,8 @@ class Bill:
     attempts: int = 0
     timer: IDelayedCall | None = None
     next_failed: ErrorCode | None = None
+    #: a signed receipt is in the ledger's hands: at zero, carry on (into debt) until it is done
+    redeeming: bool = False
     marker: str = ""
     grace_timer: IDelayedCall | None = None
     poller: LoopingCall | None = None
@@ -88,6 +92,8 @@ class Bill:
     saved_bytes: int = 0
     saved_seconds: float = 0.0
     receipts: int = 0
+    #: when NOTIFY_STOPPED went out (wall clock), for reports
+    stopped_at: float | None = None
 
 
 class ServerBilling:
@@ -433,11 +439,13 @@ class ServerBilling:
         bill.pending = None
         _cancel(bill.timer)
         kind = bill.pending_kind
+        bill.redeeming = True
         try:
             result = await self.ledger.redeem(
                 receipt, bill.deposit_id, self.key.public, time.time()
             )
         except LedgerError as e:
+            bill.redeeming = False
             self.refused += 1
             self.log.info(
                 "session {sid}: receipt refused by the ledger: {why}",
@@ -450,6 +458,7 @@ class ServerBilling:
                 bill.next_failed = e.code
                 self._rearm(session, bill)
             return
+        bill.redeeming = False
         self.redeemed += 1
         bill.receipts += 1
         bill.locked_left = result.locked_left
@@ -486,6 +495,7 @@ class ServerBilling:
             session.send_service(PacketType.SUCCESS, Success(session.usage_id).encode())
             session.flush()
         bill.last_tick = time.monotonic()
+        bill.armed = session.allowance  # nothing of the metered kind has passed yet
         if bill.unit == Unit.SEC:
             session.allowance = UNMETERED
             ticker = LoopingCall(self._tick, session)
@@ -517,8 +527,6 @@ class ServerBilling:
         if bill is None or bill.mode != "paid" or bill.unit != Unit.B:
             session.allowance = UNMETERED
             return
-        used = bill.armed - session.allowance
-        bill.limit -= used
         self._rearm(session, bill)
 
     def _tick(self, session: ServerSession) -> None:
@@ -539,9 +547,15 @@ class ServerBilling:
         """Ask for the next receipt at half, stop at zero, and set the next allowance."""
         if bill.mode != "paid" or session.ended:
             return
+        self._used_bytes_now(session, bill)  # what passed since the allowance was last set
         units = self.order.order.units
         half = units / 2
         if bill.limit <= 0:
+            if bill.redeeming:
+                # the next receipt is signed and being redeemed: what passes meanwhile is
+                # paid from it (the limit goes below zero and the receipt's units cover it)
+                session.allowance = bill.armed = DEBT_STEP
+                return
             self._stop(session, bill)
             return
         if bill.limit <= half and bill.pending is None and bill.next_failed is None:
@@ -565,6 +579,7 @@ class ServerBilling:
     def _stop(self, session: ServerSession, bill: Bill) -> None:
         """Limits used up without a signed next receipt: NOTIFY_STOPPED, no more packets."""
         bill.mode = "stopped"
+        bill.stopped_at = time.time()
         _stop_loop(bill.ticker)
         _cancel(bill.timer)
         unsigned = bill.pending is not None
@@ -695,6 +710,7 @@ class ServerBilling:
             "limit_left": bill.limit,
             "receipts": bill.receipts,
             "locked_left": str(bill.locked_left),
+            "stopped_at": bill.stopped_at,
         }
 
 

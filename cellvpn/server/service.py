@@ -309,11 +309,11 @@ class VPNServerService(MultiService):
         if session.address is not None:
             self.forwarder.detach(session)
             self.pool.release(session.address, session, self.reactor.seconds())
+        self.finished.append(session.describe())  # before billing lets go of its state
         if self.proxy is not None:
             self.proxy.session_ended(session)
         if self.billing is not None:
             self.billing.session_ended(session)
-        self.finished.append(session.describe())
 
     def addr_reply(self, address: ipaddress.IPv4Address, with_options: bool) -> AddrReply:
         v = self.config.srv_vpn
