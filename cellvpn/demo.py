@@ -10,11 +10,13 @@ torn down at the end, also after an error.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from cellvpn.lab import NET_HOST_IP, Namespace, Twistd, VpnLab, ctl
 
@@ -27,6 +29,67 @@ def show(ns: Namespace, *cmd: str) -> None:
     print("$ " + " ".join(cmd), flush=True)
     done = ns.exec(*cmd, check=False)
     print((done.stdout + done.stderr).rstrip(), flush=True)
+
+
+def paid_session(lab: VpnLab, cli: Namespace, procs: list[Twistd], tmp: Path) -> None:
+    """The same VPN, paid: 1000 datoshi per 64 MiB of IP traffic, from a prepaid deposit."""
+    say("a paid session: the server sells 64 MiB of traffic for 1000 CELL")
+    procs.append(
+        lab.start_server(
+            extra="[billing]\nprice = 1000\nprice_unit = B\nunits = 67108864\n",
+            vpn_extra="dns = 198.18.5.1\n",
+        )
+    )
+    key = tmp / "client.key"
+    account = lab.ledger("keygen", str(key))["account"]
+    provider = lab.ledger("order", "list")
+    print(f"client account {account}")
+    lab.ledger("mint", account, "100000")
+    print("$ cellvpn-ctl ledger mint <client> 100000")
+    balances = {"client": account, "provider": provider_account(provider)}
+
+    def show_balances(when: str) -> None:
+        parts = [
+            f"{who} {lab.ledger('balance', acct)['balance']}" for who, acct in balances.items()
+        ]
+        print(f"balances {when}: " + ", ".join(parts))
+
+    show_balances("before")
+    wallet = f"[wallet]\nkey = {key}\ndeposit_value = 20000\nmax_unit_price = 1\n"
+    client = lab.start_client(cli, "client", section_extra="default_route = true\n", extra=wallet)
+    procs.append(client)
+    print(client.wait_log(r"deposit \w+ created").group(0))
+    print(client.wait_log(r"VPN up: .*").group(0))
+    size = 200 * 1024 * 1024
+    root = tmp / "www"
+    with open(root / "big.bin", "wb") as f:
+        f.truncate(size)
+    show(cli, "curl", "-sS", "-m", "60", "-o", "/dev/null", "-w",
+         "fetched %{size_download} bytes at %{speed_download} bytes/s\n",
+         f"http://{NET_HOST_IP}/big.bin")  # fmt: skip
+    say("receipts redeemed in the ledger")
+    for r in lab.ledger("receipts")["receipts"]:
+        print(
+            f"  #{r['seq']} {r['hash'][:16]}: {r['units']} {r['unit']} for {r['value']} "
+            f"(prev {r['prev_hash'][:16]})"
+        )
+    say("the client's own record of what it signed")
+    book = (tmp / "client-state" / "receipts.jsonl").read_text().splitlines()
+    print(f"  {sum(1 for line in book if 'signed' in line)} receipts signed, written down first")
+    status = ctl(cli, lab.socket("client"), "--json", "vpn_client", "status").stdout
+    deposit = json.loads(status)["billing"]["deposit"]
+    shown = lab.ledger("deposit", "show", deposit)
+    print(f"deposit {deposit[:16]}: {shown.get('locked')} of {shown.get('initial')} still locked")
+    ctl(cli, lab.socket("client"), "vpn_client", "stop")
+    show_balances("after")
+    for proc in reversed(procs):
+        proc.stop()
+    procs.clear()
+
+
+def provider_account(orders: Any) -> str:
+    listed = orders.get("orders", []) if isinstance(orders, dict) else orders
+    return str(listed[-1]["provider"]) if listed else "?"
 
 
 def main() -> int:
@@ -83,6 +146,9 @@ def main() -> int:
             show(cli, "ip", "-4", "route")
             for proc in reversed(procs):
                 proc.stop()
+            procs.clear()
+
+            paid_session(lab, cli, procs, tmp)
             print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
             return 0
         except Exception as e:

@@ -263,6 +263,19 @@ class VpnLab:
         self.server.wait_log(r"TUN cvpn-srv up")
         return self.server
 
+    def ledger(self, *args: str, check: bool = True) -> Any:
+        """``cellvpn-ctl --json ledger ARGS`` on the server's ledger file, as JSON."""
+        url = f"sqlite:///{self.work / 'state' / 'ledger.db'}"
+        done = subprocess.run(
+            [str(VENV_BIN / "cellvpn-ctl"), "--json", "ledger", *args, "--ledger", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"cellvpn-ctl ledger {args[0]}: {done.stderr.strip()}")
+        return json.loads(done.stdout) if done.stdout.strip() else {"error": done.stderr.strip()}
+
     @property
     def ca(self) -> Path:
         return self.work / "state" / "tls" / "ca.pem"
