@@ -65,7 +65,7 @@ def paid_session(lab: VpnLab, cli: Namespace, procs: list[Twistd], tmp: Path) ->
     with open(root / "big.bin", "wb") as f:
         f.truncate(size)
     show(cli, "curl", "-sS", "-m", "60", "-o", "/dev/null", "-w",
-         "fetched %{size_download} bytes at %{speed_download} bytes/s\n",
+         "fetched %{size_download} bytes at %{speed_download} bytes/s",
          f"http://{NET_HOST_IP}/big.bin")  # fmt: skip
     say("receipts redeemed in the ledger")
     for r in lab.ledger("receipts")["receipts"]:
