@@ -8,12 +8,15 @@ the application object (a server session or the client), which decides what they
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -86,9 +89,17 @@ class StreamProtocol(Protocol):
         self.on_pause: list[Callable[[], object]] = []
         self.on_resume: list[Callable[[], object]] = []
         self._producing = False
+        #: TLS's own, unbuffered write (see connectionMade), or None
+        self._tls_write: Callable[[Any], None] | None = None
 
     def connectionMade(self) -> None:
         self.peer = peer_name(self.transport)
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # Twisted's TLS transport gathers small writes and joins them at the next reactor
+            # turn: a copy of every byte. The connection already hands over one run of small
+            # frames per flush, and large payloads as views, so go straight to the encrypting
+            # write, which takes any buffer and slices views into records without copying.
+            self._tls_write = partial(TLSMemoryBIOProtocol.write, self.transport)
         ticker = LoopingCall(self._tick)
         ticker.clock = self.clock
         ticker.start(self.conn.settings.keepalive_interval, now=False)
@@ -106,10 +117,17 @@ class StreamProtocol(Protocol):
         self.flush()
 
     def flush(self) -> None:
-        """Write everything the connection queued, as one write."""
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.lost:
-            self.transport.write(data)
+        """Write what the connection queued: runs of small frames, and large payloads as they
+        are (TLS takes any buffer, so nothing is joined or copied on the way)."""
+        pieces = self.conn.pieces_to_send()
+        if not pieces or self.transport is None or self.lost:
+            return
+        direct = self._tls_write
+        if direct is not None:
+            for piece in pieces:
+                direct(piece)
+        else:
+            self.transport.write(b"".join(pieces))
 
     def pauseProducing(self) -> None:
         if not self.paused:

@@ -109,6 +109,9 @@ def _tls13_context() -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    # An idle connection gives its read and write buffers (about 34 KiB) back to OpenSSL:
+    # thousands of idle sessions would otherwise cost that much each.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return ctx
 
 

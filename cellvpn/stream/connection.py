@@ -35,6 +35,10 @@ _KEEPALIVE_FRAME = fr.encode_frame(FrameType.KEEPALIVE)
 _ALIVE_FRAME = fr.encode_frame(FrameType.ALIVE)
 
 
+#: Payloads at least this long are queued as they are instead of copied next to their header.
+LARGE_PAYLOAD = 8192
+
+
 class Role(Enum):
     CLIENT = "client"
     SERVER = "server"
@@ -145,7 +149,12 @@ class StreamConnection:
         self._reader = fr.FrameReader(self.settings.max_payload)
         self._seq = chan.SeqTracker()
         self._next_seq = 0
+        #: small frames, coalesced into one write
         self._out = bytearray()
+        #: what is ready to go, in order: sealed runs of small frames and large payloads as
+        #: they came (never copied)
+        self._pieces: list[bytes | bytearray | memoryview] = []
+        self._pieces_size = 0
         self._handlers: dict[int, ChannelHandler] = {}
         self._started = clock()
         self._last_rx = self._started
@@ -184,15 +193,34 @@ class StreamConnection:
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one write."""
-        if not self._out:
-            return b""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        return b"".join(self.pieces_to_send())
+
+    def pieces_to_send(self) -> list[bytes | bytearray | memoryview]:
+        """Everything queued since the last call, in order, with large payloads uncopied.
+
+        A transport that encrypts each write (TLS) takes the pieces one by one: a run of small
+        frames is one piece, and a large payload is handed over as the object it was given as,
+        so a 64 KiB super-packet is never copied on its way into TLS.
+        """
+        self._seal()
+        pieces = self._pieces
+        if pieces:
+            self._pieces = []
+            self._pieces_size = 0
+        return pieces
+
+    def _seal(self) -> None:
+        out = self._out
+        if out:
+            # handed over whole (a fresh buffer takes its place), as a view: TLS slices what it
+            # is given into records, and slicing a view copies nothing
+            self._pieces.append(memoryview(out))
+            self._pieces_size += len(out)
+            self._out = bytearray()
 
     @property
     def pending_output(self) -> int:
-        return len(self._out)
+        return self._pieces_size + len(self._out)
 
     def _frame(self, ftype: int, payload: bytes = b"") -> None:
         self._out += fr.encode_frame(
@@ -230,7 +258,12 @@ class StreamConnection:
         )
         out += data
         if more:
-            out += more
+            if len(more) >= LARGE_PAYLOAD:
+                self._seal()
+                self._pieces.append(memoryview(more))
+                self._pieces_size += len(more)
+            else:
+                out += more
         self.stats.frames_out += 1
         self._tx_since_tick = True
 
