@@ -22,6 +22,7 @@ ERROR; NOTIFY_STOPPED at the end) on cellvpn's own ledger:
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,8 @@ class Bill:
     next_failed: ErrorCode | None = None
     #: a signed receipt is in the ledger's hands: at zero, carry on (into debt) until it is done
     redeeming: bool = False
+    #: fires once that receipt's outcome is booked on this bill (the session's end waits for it)
+    redemption: defer.Deferred[None] | None = None
     marker: str = ""
     grace_timer: IDelayedCall | None = None
     poller: LoopingCall | None = None
@@ -299,6 +302,9 @@ class ServerBilling:
             return
         if not await self._mark(session, bill, deposit):
             return
+        if deposit.active_usage is not None:
+            # taken over from an older session: it may have redeemed a receipt meanwhile
+            deposit = await self.ledger.get_deposit(bill.deposit_id) or deposit
         bill.unit = deposit.unit
         bill.locked_left = deposit.locked
         bill.state_hash = deposit.state_hash
@@ -369,6 +375,10 @@ class ServerBilling:
             units=order.units,
             value=order.price,
             prev_hash=prev,
+            # a fresh number each time: a receipt asked for again (its signed answer lost on
+            # the way) is a new receipt the client may sign; both name the same prev, so the
+            # ledger redeems at most one of them
+            addition=secrets.randbits(63),
         )
         receipt = Receipt(info, (self.key.signature(info.encode()),))
         bill.pending = receipt
@@ -414,8 +424,12 @@ class ServerBilling:
 
     def service_packet(self, session: ServerSession, ptype: int, data: memoryview) -> bool:
         if ptype == PacketType.SIGN_RESPONSE:
+            bill = session.bill
+            busy = bill is not None and bill.redeeming
             d = defer.Deferred.fromCoroutine(self._signed(session, Receipt.decode(data)))
             d.addErrback(self._failed, session, "redeeming a receipt")
+            if bill is not None and bill.redeeming and not busy:
+                bill.redemption = d  # this one went to the ledger
             return True
         if ptype == PacketType.DEPOSIT_CREATE:
             d = defer.Deferred.fromCoroutine(self._create(session, SignedDeposit.decode(data)))
@@ -650,12 +664,17 @@ class ServerBilling:
             _stop_loop(loop)
         for call in (bill.timer, bill.grace_timer):
             _cancel(call)
-        if bill.mode in ("paid", "stopped"):
-            if bill.unit == Unit.SEC and bill.mode == "paid":
+        if bill.mode == "paid":
+            if bill.unit == Unit.SEC:
                 now = time.monotonic()
                 bill.limit -= now - bill.last_tick
                 bill.last_tick = now
             self._used_bytes_now(session, bill)
+        if bill.redemption is not None:
+            # a receipt signed before the end is still being redeemed: what it pays for
+            # belongs in the limits saved now (the client's, for its next session)
+            await bill.redemption
+        if bill.mode in ("paid", "stopped") or bill.receipts:
             await self._save(session, bill)
         if bill.marker:
             await self.ledger.set_active_usage(bill.deposit_id, None, only_if=bill.marker)
