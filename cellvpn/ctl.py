@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    ns.ctl_argv = list(sys.argv[1:] if argv is None else argv)  # sent on by ledger --socket
     handler: Handler | None = getattr(ns, "handler", None)
     if handler is None:
         parser.print_help()

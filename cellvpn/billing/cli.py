@@ -1,9 +1,9 @@
 """``cellvpn-ctl ledger ...``: keys, accounts, deposits, orders, receipts and usage.
 
-Each command is a function ``(ledger, ns) -> Answer`` over any :class:`ILedger`: today the
-ledger is opened from ``--ledger URL``; a proxy that forwards the same calls to a running
-server's control socket can be passed instead without touching the commands. Keys are read and
-records signed here, on the user's side, so a private key never goes to the ledger.
+Each command is a function ``(ledger, ns) -> Answer`` over any :class:`ILedger`: the ledger
+is opened from ``--ledger URL``, or, with ``--socket PATH``, a running server runs the same
+function on its own ledger (:mod:`cellvpn.billing.viasocket`). Keys are read and records signed
+here, on the user's side, so a private key never goes to the ledger.
 
 Money (datoshi, possibly over 2**53) is a decimal string in ``--json`` answers, so no JSON
 reader rounds it.
@@ -426,28 +426,63 @@ def _guarded(run: Callable[[], Answer]) -> Answer:
         raise _fail(str(e)) from None
 
 
-def run_with_ledger(
-    command: LedgerCommand, create: bool = False
-) -> Callable[[argparse.Namespace], int]:
-    """A ctl handler that opens ``--ledger``, runs ``command`` on it and prints the answer."""
+class LedgerHandler:
+    """A ctl handler that runs ``command`` on ``--ledger``, or in the server at ``--socket``."""
 
-    def handler(ns: argparse.Namespace) -> int:
+    def __init__(self, command: LedgerCommand, create: bool = False) -> None:
+        self.command = command
+        self.create = create
+
+    def __call__(self, ns: argparse.Namespace) -> int:
+        if getattr(ns, "socket", None):
+            from cellvpn.billing.viasocket import call_server
+
+            _emit(ns, call_server(ns))
+            return 0
+
         def run() -> Answer:
-            ledger = open_ledger(ns.ledger, create=create)
+            ledger = open_ledger(ns.ledger or DEFAULT_LEDGER_URL, create=self.create)
             try:
-                return command(ledger, ns)
+                return self.command(ledger, ns)
             finally:
                 ledger.close()
 
         _emit(ns, _guarded(run))
         return 0
 
-    return handler
+
+def run_with_ledger(command: LedgerCommand, create: bool = False) -> LedgerHandler:
+    """The handler of ``command``; ``create``: the only one that may create a ledger file."""
+    return LedgerHandler(command, create)
+
+
+class _ReceiptsHandler(LedgerHandler):
+    """``receipts``: the ledger's, or with ``--local`` the ones this client signed."""
+
+    def __call__(self, ns: argparse.Namespace) -> int:
+        if not ns.local:
+            if ns.state_dir is not None:
+                raise _fail("--state-dir goes with --local")
+            return super().__call__(ns)
+        from cellvpn.billing.ownreceipts import own_receipts
+
+        _emit(ns, _guarded(lambda: own_receipts(ns)))
+        return 0
 
 
 def _keygen_handler(ns: argparse.Namespace) -> int:
+    if getattr(ns, "socket", None):
+        from cellvpn.billing.viasocket import KEYGEN_REFUSAL
+
+        raise _fail(KEYGEN_REFUSAL)
     _emit(ns, _guarded(lambda: cmd_keygen(ns)))
     return 0
+
+
+_SOCKET_HELP = (
+    "run the command in the server at this control socket, on its ledger "
+    "(receipts --local: the client's socket)"
+)
 
 
 def add_ledger_commands(subparsers: Any) -> None:
@@ -458,15 +493,17 @@ def add_ledger_commands(subparsers: Any) -> None:
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print the answer as JSON"
     )
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=_SOCKET_HELP)
     p = subparsers.add_parser(
         "ledger", help="the billing ledger: accounts, deposits, orders, receipts, usage"
     )
     p.add_argument(
         "--ledger",
         metavar="URL",
-        default=DEFAULT_LEDGER_URL,
+        default=None,
         help=f"sqlite:////absolute/path or sqlite:relative/path (default {DEFAULT_LEDGER_URL})",
     )
+    p.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=_SOCKET_HELP)
     actions = p.add_subparsers(dest="ledger_action", metavar="ACTION", required=True)
 
     a = actions.add_parser("keygen", parents=[common], help="create a 0600 Ed25519 key file")
@@ -531,11 +568,21 @@ def add_ledger_commands(subparsers: Any) -> None:
     a.add_argument("--provider", help="only this provider (account id or key file)")
     a.set_defaults(handler=run_with_ledger(cmd_order_list))
 
-    a = actions.add_parser("receipts", parents=[common], help="redeemed receipts")
+    a = actions.add_parser(
+        "receipts", parents=[common], help="redeemed receipts (--local: those this client signed)"
+    )
     a.add_argument("--deposit", help="only this deposit")
     a.add_argument("--client", help="only this client (account id or key file)")
     a.add_argument("--provider", help="only this provider (account id or key file)")
-    a.set_defaults(handler=run_with_ledger(cmd_receipts))
+    a.add_argument(
+        "--local", action="store_true", help="the receipts this client signed (its own record)"
+    )
+    a.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="with --local: the client's state folder (default /var/lib/cellvpn-client)",
+    )
+    a.set_defaults(handler=_ReceiptsHandler(cmd_receipts))
 
     a = actions.add_parser("report", parents=[common], help="usage per client: paid, grace, free")
     a.add_argument("--provider", help="only this provider (account id or key file)")

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from cellvpn.billing.keys import KeyPair, load_key
 from cellvpn.billing.proof import sign_request
 from cellvpn.billing.records import DepositRequest, Order, SignedDeposit, SignedOrder
-from cellvpn.client.receipts import ReceiptBook, check_receipt
+from cellvpn.client.receipts import RECORD_FILE, ReceiptBook, check_receipt
 from cellvpn.config.schema import WalletSection
 from cellvpn.wire.errors import DecodeError
 from cellvpn.wire.receipt import Receipt
@@ -43,7 +43,7 @@ class ClientBilling:
         self.wallet = wallet
         self.key: KeyPair = load_key(wallet.key)
         self.state_dir = Path(state_dir)
-        self.book = ReceiptBook(self.state_dir / "receipts.jsonl")
+        self.book = ReceiptBook(self.state_dir / RECORD_FILE)
         self.deposit: bytes | None = None
         if wallet.deposit:
             self.deposit = bytes.fromhex(wallet.deposit)

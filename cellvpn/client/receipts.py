@@ -21,6 +21,9 @@ from cellvpn.billing.records import Order
 from cellvpn.wire.receipt import RECEIPT_VERSION, Receipt
 from cellvpn.wire.service import SRV_UID_VPN
 
+#: The record's file name in the client's state folder.
+RECORD_FILE = "receipts.jsonl"
+
 
 def check_receipt(
     receipt: Receipt,

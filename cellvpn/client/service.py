@@ -30,6 +30,7 @@ from cellvpn.billing.keys import KeyFileError
 from cellvpn.client.backoff import Backoff
 from cellvpn.client.billing import ClientBilling
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
+from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
 from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
 from cellvpn.client.tunnel import ClientTunnel
@@ -260,6 +261,12 @@ class VPNClientService(MultiService):
 
     def control_vpn_client_stop(self) -> defer.Deferred[dict[str, Any]]:
         return self.stop().addCallback(self._answer)
+
+    def control_local_receipts(self) -> list[dict[str, Any]]:
+        """``cellvpn-ctl ledger receipts --local --socket``: every receipt this client signed."""
+        if self.billing is not None:
+            return self.billing.book.receipts()
+        return ReceiptBook(self.config.client.state_dir / RECORD_FILE).receipts()
 
     def _answer(self, code: int) -> dict[str, Any]:
         return {"code": code, "status": self.status()}

@@ -13,8 +13,8 @@ Work that needs privileges (TLS files in ``state_dir``, binding the port) happen
 
 from __future__ import annotations
 
-import collections
 import ipaddress
+import resource
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -29,6 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.keys import KeyFileError, load_or_create_key
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
+from cellvpn.billing.viasocket import run_in_server
 from cellvpn.config import ServerConfig
 from cellvpn.config.schema import Offload
 from cellvpn.conn import pki
@@ -42,6 +43,8 @@ from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import NetConfigError, Netlink
 from cellvpn.server.billing import ServerBilling
+from cellvpn.server.ended import EndedSessions
+from cellvpn.server.metrics import listen_metrics
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.session import ServerSession
@@ -86,6 +89,7 @@ class VPNServerService(MultiService):
         self.accepting = False
         self.identity: pki.ServerIdentity | None = None
         self.port: Any = None
+        self.metrics_port: Any = None
         s = config.server
         self.stream_settings = StreamSettings(
             max_payload=s.max_frame,
@@ -106,7 +110,7 @@ class VPNServerService(MultiService):
         self.tun_name: str | None = None
         self.tun_ready = False
         self.netlink = Netlink()
-        self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=FINISHED_KEPT)
+        self.finished = EndedSessions(FINISHED_KEPT)
         self.billing: ServerBilling | None = None
         self.ledger: AsyncLedger | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
@@ -135,6 +139,7 @@ class VPNServerService(MultiService):
         return identity.cert, identity.key
 
     def privilegedStartService(self) -> None:
+        raise_file_limit()
         cert, key = self._tls_files()
         try:
             creator = server_tls(cert, key, self.config.tls.client_ca)
@@ -156,6 +161,7 @@ class VPNServerService(MultiService):
         factory = TLSMemoryBIOFactory(creator, False, _StreamFactory(self))
         factory.noisy = False
         self.port = listen_now(serverFromString(self.reactor, listen), factory, listen)
+        self.metrics_port = listen_metrics(self)
         super().privilegedStartService()
         self.accepting = True
 
@@ -271,6 +277,9 @@ class VPNServerService(MultiService):
         if self.port is not None:
             port, self.port = self.port, None
             d.addCallback(lambda _: port.stopListening())
+        if self.metrics_port is not None:
+            metrics, self.metrics_port = self.metrics_port, None
+            d.addCallback(lambda _: metrics.stopListening())
         if saving is not None:
             d.addCallback(lambda _: saving)
         return d
@@ -339,6 +348,10 @@ class VPNServerService(MultiService):
             "tun_stats": _tun_stats(self.tun),
         }
 
+    def control_ledger(self, argv: list[str]) -> Deferred[dict[str, Any]]:
+        """``cellvpn-ctl ledger --socket``: a ledger command on this server's own ledger."""
+        return run_in_server(self.ledger, argv)
+
     def status(self) -> dict[str, Any]:
         return {
             "role": "server",
@@ -350,6 +363,13 @@ class VPNServerService(MultiService):
             "network": str(self.network),
             "pool": self.pool.stats(),
         }
+
+
+def raise_file_limit() -> None:
+    """Every session is a socket: lift the soft RLIMIT_NOFILE (often 1024) to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _tun_stats(tun: TunPort | None) -> dict[str, int] | None:

@@ -1,0 +1,382 @@
+"""The server's read-only HTTP face: Prometheus metrics and the original's remain_limits_vpn.
+
+Served on ``[metrics] listen`` (a Twisted endpoint string; empty = off). Nothing here changes
+any state; the ledger is read on its own thread (never on the reactor's), and an error reaches
+the HTTP client as a status and one line of JSON or text, never as a traceback.
+
+- ``GET /metrics``: the Prometheus text exposition format, version 0.0.4. Traffic is summed over
+  live sessions and every session that ended, labelled only by direction and drop reason, so the
+  number of series does not grow with the number of clients.
+- ``GET /remain_limits_vpn?net_id=<dec>&user_pkey_hash=<hex>``: what a client has left with this
+  provider, as the original's JSON ``{net_id, srv_uid, user_pkey_hash, server_pkey_hash,
+  limit_bytes, limit_sec}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from cellvpn import __version__
+from cellvpn.billing.interfaces import LedgerUnavailableError, Limits
+from cellvpn.conn.listen import listen_now
+from cellvpn.device.counters import SessionCounters
+from cellvpn.wire.service import SRV_UID_VPN
+
+if TYPE_CHECKING:
+    from cellvpn.server.service import VPNServerService
+
+log = Logger()
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+JSON_TYPE = b"application/json"
+
+_COUNTER_NAMES = tuple(f.name for f in fields(SessionCounters))
+#: Drop reasons of packets from clients, by their SessionCounters field.
+_FROM_CLIENT_DROPS = (
+    ("spoofed", "dropped_spoofed"),
+    ("malformed", "dropped_malformed"),
+    ("not_active", "dropped_not_active"),
+    ("isolated", "dropped_isolated"),
+    ("tun_write", "dropped_tun_write"),
+    ("bad_offload", "dropped_bad_offload"),
+)
+_DIRECTIONS = ("from_client", "to_client")
+#: TUN counters: metric name, TunStats field, help.
+_TUN_COUNTERS = (
+    ("cellvpn_tun_read_packets_total", "packets_read", "Packets read from the TUN."),
+    ("cellvpn_tun_read_bytes_total", "bytes_read", "Bytes read from the TUN."),
+    ("cellvpn_tun_written_packets_total", "packets_written", "Packets written to the TUN."),
+    ("cellvpn_tun_written_bytes_total", "bytes_written", "Bytes written to the TUN."),
+    (
+        "cellvpn_tun_write_dropped_total",
+        "dropped_eagain",
+        "Packets not written because the TUN's queue was full.",
+    ),
+    ("cellvpn_tun_wakeups_total", "wakeups", "Times the TUN was found readable."),
+)
+_U64 = 1 << 64
+_HASH = re.compile(r"(?:0[xX])?([0-9a-fA-F]{64})")
+_NET_ID = re.compile(r"[0-9]{1,20}")
+
+Sample = tuple[Mapping[str, str], int | float]
+
+
+# --- /metrics ------------------------------------------------------------------------------
+
+
+class Exposition:
+    """Metric families written as the text format wants: HELP, TYPE, then the samples."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
+        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self._lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
+
+    def one(self, name: str, kind: str, help_text: str, value: int | float) -> None:
+        self.family(name, kind, help_text, [({}, value)])
+
+    def render(self) -> bytes:
+        return ("\n".join(self._lines) + "\n").encode()
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: int | float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def session_totals(server: VPNServerService) -> Counter[str]:
+    """SessionCounters summed over the live sessions and every session that ended."""
+    totals = Counter(server.finished.totals)
+    for session in server.sessions:
+        c = session.counters
+        for name in _COUNTER_NAMES:
+            value = getattr(c, name)
+            if value:
+                totals[name] += value
+    return totals
+
+
+def exposition(server: VPNServerService) -> bytes:
+    """The server's metrics now, in the Prometheus text format 0.0.4."""
+    out = Exposition()
+    t = session_totals(server)
+    out.family(
+        "cellvpn_build_info",
+        "gauge",
+        "The running cellvpn version, as a label (the value is always 1).",
+        [({"version": __version__}, 1)],
+    )
+    out.one("cellvpn_sessions_active", "gauge", "Live client sessions.", len(server.sessions))
+    out.one(
+        "cellvpn_sessions_ended_total",
+        "counter",
+        "Client sessions ended since the server started.",
+        server.finished.ended,
+    )
+    out.family(
+        "cellvpn_ip_packets_total",
+        "counter",
+        "IPv4 packets carried between clients and the TUN (offload super-packets count as the "
+        "packets they stand for).",
+        [({"direction": d}, t[f"{d}_packets"]) for d in _DIRECTIONS],
+    )
+    out.family(
+        "cellvpn_ip_bytes_total",
+        "counter",
+        "IP bytes carried between clients and the TUN: whole IPv4 packets, header included, "
+        "stream and TLS overhead excluded.",
+        [({"direction": d}, t[f"{d}_bytes"]) for d in _DIRECTIONS],
+    )
+    out.family(
+        "cellvpn_ip_lost_bytes_total",
+        "counter",
+        "IP bytes of packets dropped on their way between a client and the TUN.",
+        [({"direction": d}, t[f"{d}_lost_bytes"]) for d in _DIRECTIONS],
+    )
+    fwd = server.forwarder
+    drops: list[Sample] = [
+        ({"direction": "from_client", "reason": reason}, t[field])
+        for reason, field in _FROM_CLIENT_DROPS
+    ]
+    drops += [
+        ({"direction": "to_client", "reason": "queue_full"}, t["dropped_queue_full"]),
+        ({"direction": "to_client", "reason": "no_route"}, fwd.dropped_no_route),
+        ({"direction": "to_client", "reason": "malformed"}, fwd.dropped_malformed),
+    ]
+    out.family(
+        "cellvpn_dropped_packets_total",
+        "counter",
+        "Packets dropped, by direction and reason.",
+        drops,
+    )
+    out.family(
+        "cellvpn_proxy_bytes_total",
+        "counter",
+        "TCP payload bytes carried by the L4 proxy.",
+        [({"direction": d}, t[f"proxy_{d}_bytes"]) for d in _DIRECTIONS],
+    )
+    pool = server.pool.stats()
+    out.one("cellvpn_pool_leased", "gauge", "Addresses leased to sessions.", pool["leased"])
+    out.one(
+        "cellvpn_pool_held",
+        "gauge",
+        "Addresses kept for clients that left, until lease_hold passes.",
+        pool["held"],
+    )
+    out.one("cellvpn_pool_capacity", "gauge", "Addresses the pool can lease.", pool["capacity"])
+    out.one(
+        "cellvpn_tun_up", "gauge", "1 when the TUN is configured and up.", int(server.tun_ready)
+    )
+    tun = server.tun
+    if tun is not None:
+        for name, attr, help_text in _TUN_COUNTERS:
+            out.one(name, "counter", help_text, getattr(tun.stats, attr))
+        s = tun.stats
+        out.family(
+            "cellvpn_tun_errors_total",
+            "counter",
+            "TUN errors: writes the device refused (eio, invalid, other), failed reads (read).",
+            [
+                ({"kind": "eio"}, s.errors_eio),
+                ({"kind": "invalid"}, s.errors_invalid),
+                ({"kind": "other"}, s.errors_other),
+                ({"kind": "read"}, s.read_errors),
+            ],
+        )
+    billing = server.billing
+    if billing is not None:
+        out.one(
+            "cellvpn_billing_receipts_redeemed_total",
+            "counter",
+            "Signed receipts redeemed in the ledger.",
+            billing.redeemed,
+        )
+        out.one(
+            "cellvpn_billing_receipts_refused_total",
+            "counter",
+            "Signed receipts refused (bad client signature, or by the ledger).",
+            billing.refused,
+        )
+    return out.render()
+
+
+class MetricsPage(Resource):
+    """``GET /metrics``."""
+
+    isLeaf = True
+
+    def __init__(self, server: VPNServerService) -> None:
+        super().__init__()
+        self.vpn = server
+
+    def render_GET(self, request: Request) -> bytes:
+        try:
+            body = exposition(self.vpn)
+        except Exception:
+            log.failure("building the metrics failed")
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"cannot build the metrics now\n"
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        return body
+
+
+# --- /remain_limits_vpn --------------------------------------------------------------------
+
+
+class QueryError(ValueError):
+    """A missing or bad query parameter; the message is for the HTTP client."""
+
+
+def _param(args: Mapping[bytes, list[bytes]], name: str) -> str:
+    values = args.get(name.encode())
+    if not values:
+        raise QueryError(f"missing parameter {name}")
+    try:
+        return values[0].decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise QueryError(f"{name} must be ASCII") from None
+
+
+def parse_limits_query(args: Mapping[bytes, list[bytes]]) -> tuple[int, bytes]:
+    """``net_id`` (a decimal u64) and ``user_pkey_hash`` (64 hex digits, ``0x`` allowed)."""
+    net_text = _param(args, "net_id")
+    if not _NET_ID.fullmatch(net_text) or int(net_text) >= _U64:
+        raise QueryError("net_id must be a decimal number below 2**64")
+    hash_text = _param(args, "user_pkey_hash")
+    m = _HASH.fullmatch(hash_text)
+    if m is None:
+        raise QueryError("user_pkey_hash must be 64 hex digits")
+    return int(net_text), bytes.fromhex(m.group(1))
+
+
+def limits_answer(
+    net_id: int, client: bytes, provider: bytes, limits: Limits | None
+) -> dict[str, Any]:
+    """The original's JSON; nothing saved is zeros. Both are u64 there, so never negative."""
+    return {
+        "net_id": net_id,
+        "srv_uid": SRV_UID_VPN,
+        "user_pkey_hash": client.hex(),
+        "server_pkey_hash": provider.hex(),
+        "limit_bytes": 0 if limits is None else max(0, int(limits.bytes_left)),
+        "limit_sec": 0 if limits is None else max(0, int(limits.seconds_left)),
+    }
+
+
+def _json_body(request: Request, code: int, value: Mapping[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", JSON_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(value, sort_keys=True).encode() + b"\n"
+
+
+class RemainLimitsPage(Resource):
+    """``GET /remain_limits_vpn?net_id=<dec>&user_pkey_hash=<hex>``."""
+
+    isLeaf = True
+
+    def __init__(self, server: VPNServerService) -> None:
+        super().__init__()
+        self.vpn = server
+
+    def render_GET(self, request: Request) -> bytes | int:
+        billing = self.vpn.billing
+        if billing is None:
+            return _json_body(
+                request, 404, {"error": "this server runs without billing, so it keeps no limits"}
+            )
+        try:
+            net_id, client = parse_limits_query(request.args or {})
+        except QueryError as e:
+            return _json_body(request, 400, {"error": str(e)})
+        provider = billing.key.account
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        def answer(limits: Limits | None) -> None:
+            self._finish(request, gone, 200, limits_answer(net_id, client, provider, limits))
+
+        def failed(failure: Failure) -> None:
+            if failure.check(LedgerUnavailableError):
+                self._finish(request, gone, 503, {"error": "the ledger is unavailable now"})
+                return
+            log.failure("remain_limits_vpn: reading the ledger failed", failure)
+            self._finish(request, gone, 500, {"error": "internal error"})
+
+        d = billing.ledger.load_limits(provider, client)
+        d.addCallbacks(answer, failed)
+        d.addErrback(lambda f: log.failure("remain_limits_vpn: answering failed", f))
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _finish(request: Request, gone: list[bool], code: int, value: Mapping[str, Any]) -> None:
+        if gone:  # the HTTP client went away meanwhile
+            return
+        request.write(_json_body(request, code, value))
+        request.finish()
+
+
+# --- the site -------------------------------------------------------------------------------
+
+
+class MetricsSite(Site):
+    """A Site that never shows a traceback and logs no line per scrape."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        """No access log: a scrape every few seconds would flood the server's log."""
+
+
+def metrics_site(server: VPNServerService) -> MetricsSite:
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(server))
+    root.putChild(b"remain_limits_vpn", RemainLimitsPage(server))
+    return MetricsSite(root)
+
+
+def listen_metrics(server: VPNServerService) -> IListeningPort | None:
+    """Listen on ``[metrics] listen`` now (StartupError if it cannot); None when it is off."""
+    listen = server.config.metrics.listen
+    if not listen:
+        return None
+    endpoint = serverFromString(server.reactor, listen)
+    return listen_now(endpoint, metrics_site(server), f"[metrics] listen {listen}")
