@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -38,6 +38,7 @@ from cellvpn.config import ClientConfig
 from cellvpn.config.schema import Offload
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, client_tls
+from cellvpn.conn.tlsbulk import bulk_tls_factory
 from cellvpn.control.service import ControlService
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import NetConfigError
@@ -230,6 +231,11 @@ class VPNClientService(MultiService):
             "last_error": self.last_error,
             **tunnel,
             "kill_switch": self.config.client.kill_switch,
+            "tun_stats": {k: getattr(port_stats, k) for k in port_stats.__slots__}
+            if port_stats
+            else None,
+            "stream_paused": bool(stream and stream.proto and stream.proto.paused),
+            "pauses": stream.proto.pauses if stream and stream.proto else 0,
             "billing": self.billing.describe() if self.billing is not None else None,
             "counters": {
                 "sent_packets": stream.sent_packets if stream else 0,
@@ -294,7 +300,7 @@ class VPNClientService(MultiService):
             return StreamProtocol(StreamConnection(Role.CLIENT, settings), stream, self.reactor)
 
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
-        d = wrapClientTLS(self._tls, tcp).connect(_Factory(build))
+        d = tcp.connect(bulk_tls_factory(self._tls, True, _Factory(build)))
         d.addErrback(self._connect_failed, stream)
         stream.setup_timer = self.reactor.callLater(CONNECT_TIMEOUT, self._setup_timeout, stream)
 

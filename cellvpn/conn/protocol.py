@@ -29,6 +29,10 @@ from cellvpn.stream.connection import (
 )
 from cellvpn.wire.setup import CloseCode
 
+#: Bytes the TCP transport may hold before it pauses us. Twisted's 64 KiB is one super-packet:
+#: every large write would pause the TUN reader and resume it only once all was sent.
+WRITE_BUFFER = 1 << 20
+
 
 class StreamApplication(TypingProtocol):
     """What sits on top of a stream: a server session or the client.
@@ -86,6 +90,8 @@ class StreamProtocol(Protocol):
         self._abort_call: IDelayedCall | None = None
         self.lost = False
         self.paused = False
+        #: how often the transport was full (for the status)
+        self.pauses = 0
         self.on_pause: list[Callable[[], object]] = []
         self.on_resume: list[Callable[[], object]] = []
         self._producing = False
@@ -100,6 +106,13 @@ class StreamProtocol(Protocol):
             # frames per flush, and large payloads as views, so go straight to the encrypting
             # write, which takes any buffer and slices views into records without copying.
             self._tls_write = partial(TLSMemoryBIOProtocol.write, self.transport)
+            tcp = self.transport.transport
+            if hasattr(tcp, "bufferSize"):
+                tcp.bufferSize = WRITE_BUFFER
+            if hasattr(tcp, "setTcpNoDelay"):
+                # frames are written as whole batches already; Nagle would only hold back the
+                # small ones (the tunnel's TCP ACKs) for a round trip
+                tcp.setTcpNoDelay(True)
         ticker = LoopingCall(self._tick)
         ticker.clock = self.clock
         ticker.start(self.conn.settings.keepalive_interval, now=False)
@@ -132,6 +145,7 @@ class StreamProtocol(Protocol):
     def pauseProducing(self) -> None:
         if not self.paused:
             self.paused = True
+            self.pauses += 1
             for listener in list(self.on_pause):
                 listener()
 

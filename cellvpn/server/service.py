@@ -24,7 +24,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.keys import KeyFileError, load_or_create_key
@@ -36,6 +35,7 @@ from cellvpn.conn import pki
 from cellvpn.conn.listen import listen_now
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, server_tls
+from cellvpn.conn.tlsbulk import bulk_tls_factory
 from cellvpn.control.service import ControlService
 from cellvpn.device.forwarder import Forwarder, Packet
 from cellvpn.device.packet import mss_for_mtu
@@ -158,7 +158,7 @@ class VPNServerService(MultiService):
         if self.proxy is not None:
             self.proxy.read_own_addresses()
         listen = self.config.server.listen
-        factory = TLSMemoryBIOFactory(creator, False, _StreamFactory(self))
+        factory = bulk_tls_factory(creator, False, _StreamFactory(self))
         factory.noisy = False
         self.port = listen_now(serverFromString(self.reactor, listen), factory, listen)
         self.metrics_port = listen_metrics(self)
