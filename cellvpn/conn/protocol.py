@@ -89,6 +89,8 @@ class StreamProtocol(Protocol):
         self._ticker: LoopingCall | None = None
         self._abort_call: IDelayedCall | None = None
         self.lost = False
+        #: the application's hook after each read (batches what the read brought), if any
+        self._input_done: Callable[[], object] | None = getattr(app, "input_done", None)
         self.paused = False
         #: how often the transport was full (for the status)
         self.pauses = 0
@@ -125,6 +127,8 @@ class StreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         events = self.conn.receive_data(data)
+        if self._input_done is not None:
+            self._input_done()
         if events:
             self._dispatch(events)
         self.flush()

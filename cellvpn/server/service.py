@@ -186,10 +186,13 @@ class VPNServerService(MultiService):
                 raise StartupError(str(e)) from None
         else:
             self.offload = True
-            self.forwarder.tun_writev = self._tun_writev
             self.stream_settings = replace(self.stream_settings, caps=caps.KNOWN)
         self.tun_name = handle.name
         self.tun = TunPort(self.reactor, handle.detach(), self.forwarder.from_tun)
+        # the forwarder writes to the port directly: no extra call per packet
+        self.forwarder.tun_write = self.tun.write
+        if self.offload:
+            self.forwarder.tun_writev = self.tun.writev
         d = self.netlink.configure_tun(
             handle.name, self.pool.gateway, self.network.prefixlen, None, v.mtu
         )
@@ -220,10 +223,6 @@ class VPNServerService(MultiService):
     def _tun_write(self, packet: Packet) -> bool:
         tun = self.tun
         return tun is not None and tun.write(packet)
-
-    def _tun_writev(self, header: Packet, packet: Packet) -> bool:
-        tun = self.tun
-        return tun is not None and tun.writev(header, packet)
 
     def _open_billing(self) -> None:
         """The provider key and the ledger: both needed before the first REQUEST."""
@@ -272,6 +271,8 @@ class VPNServerService(MultiService):
         if self.tun is not None:
             tun, self.tun = self.tun, None
             self.tun_ready = False
+            self.forwarder.tun_write = self._tun_write
+            self.forwarder.tun_writev = None
             tun.stopReading()
             tun.close()  # a non-persistent TUN disappears with its last fd
         if self.port is not None:
@@ -298,6 +299,7 @@ class VPNServerService(MultiService):
             self.forwarder.detach(old)
             old.address = None
             old.addr_key = b""
+            old.update_passing()
             self.log.info(
                 "session {new} takes over {addr} from session {old}",
                 new=f"{session.session_id or 0:#010x}",

@@ -60,6 +60,12 @@ class ServerSession:
         self.ended_at: float | None = None
         self.close_reason: str | None = None
         self.usage = new_usage()
+        self.usage.observe(lambda old, event, new: self.update_passing())
+        #: 'S' carries this session's packets: it has an address and an active usage (kept
+        #: up to date here so the packet path reads one attribute)
+        self.passing = False
+        #: VPN_SEND packets of the current read, forwarded together at its end
+        self._inbox: list[memoryview] = []
         self.usage_id = 0
         self.address: ipaddress.IPv4Address | None = None
         self.addr_key = b""
@@ -144,6 +150,9 @@ class ServerSession:
             why=self.close_reason or describe_tls_failure(reason),
         )
 
+    def update_passing(self) -> None:
+        self.passing = bool(self.addr_key) and self.usage.state in ACTIVE
+
     @property
     def ended(self) -> bool:
         return self.ended_at is not None
@@ -165,6 +174,14 @@ class ServerSession:
     def close(self, code: int, reason: str) -> None:
         if self.proto is not None:
             self.proto.close(code, reason)
+
+    def input_done(self) -> None:
+        """The stream processed one read: forward the packets it brought, as one batch."""
+        inbox = self._inbox
+        if inbox:
+            self._inbox = []
+            if self.passing:
+                self.server.forwarder.from_client_batch(self, list(inbox))
 
     # --- the forwarder's Peer ---------------------------------------------------------------
 
@@ -289,8 +306,8 @@ class ServerSession:
             if size != len(data) - 20:
                 self.counters.dropped_malformed += 1
                 self.counters.from_client_lost_bytes += len(data) - 20
-            elif self.addr_key and self.usage.state in ACTIVE:
-                self.server.forwarder.from_client(self, data[20:])
+            elif self.passing:
+                self._inbox.append(data[20:])  # written by input_done, with its neighbours
             else:
                 self.counters.dropped_not_active += 1
                 self.counters.from_client_lost_bytes += size
@@ -299,7 +316,7 @@ class ServerSession:
             if size != len(data) - 20 or not self.offload:
                 self.counters.dropped_bad_offload += 1
                 self.counters.from_client_lost_bytes += len(data) - 20
-            elif self.addr_key and self.usage.state in ACTIVE:
+            elif self.passing:
                 self.server.forwarder.from_client_gso(self, data[20:])
             else:
                 self.counters.dropped_not_active += 1
@@ -356,6 +373,7 @@ class ServerSession:
             return
         self.address = lease.address
         self.addr_key = lease.address.packed
+        self.update_passing()
         reply = server.addr_reply(self.address, caps.ADDR_OPTIONS in self._caps())
         self.send_vpn(
             vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REPLY, reply.encode(), usage_id=self.usage_id)

@@ -1,0 +1,78 @@
+"""Round-trip time a tunnel adds when idle: cellvpn beside the peers, in one run.
+
+    .venv/bin/python bench/rtt_bench.py [--count 200] [--only ovpn-udp,cellvpn]
+
+As root, from the checkout. It uses the peer harness (``../shared/bench``, or the folder in
+CELLVPN_PEER_BENCH) to build the same two namespaces (vpnsrv, vpncli) and the same tunnels as
+``run_baselines.sh``, and for each: ``ping -c COUNT -i 0.01`` over the bare underlay
+(192.0.2.1) and through the tunnel to the server's overlay address. The added RTT is the
+difference of the medians. Runs are exclusive with the harness (the same lock file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+PEERS = Path(os.environ.get("CELLVPN_PEER_BENCH", TOP.parent / "shared" / "bench"))
+
+
+def ping_median(ns: str, target: str, count: int) -> float:
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-i", "0.01", target],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    times = [float(t) for t in re.findall(r"time=([\d.]+) ms", out)]
+    if not times:
+        raise RuntimeError(f"no answers from {target}: {out[-300:]}")
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--only", default="ovpn-udp,pytun-vnet,cellvpn")
+    args = parser.parse_args()
+    os.environ.setdefault("CELLVPN_CHECKOUT", str(TOP))
+    sys.path.insert(0, str(PEERS))
+    import bench as peers  # the harness: topology, tunnels, process handling
+
+    lock = open(Path(tempfile.gettempdir()) / "cellvpn-bench.lock", "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    rows = []
+    try:
+        for name in args.only.split(","):
+            desc, setup = peers.SCENARIOS[name]
+            peers.sh(f"{peers.HERE}/topo.sh up")
+            procs = peers.Procs()
+            try:
+                target = setup(procs)
+                if not peers.wait_ping(target):
+                    raise RuntimeError(f"{name}: no ping through the tunnel")
+                bare = ping_median("vpncli", "192.0.2.1", args.count)
+                tunnel = ping_median("vpncli", target, args.count)
+                rows.append((desc, bare, tunnel))
+            finally:
+                procs.stop_all()
+                peers.sh(f"{peers.HERE}/topo.sh down")
+    finally:
+        lock.close()
+    print(f"median RTT over {args.count} idle pings (ms):")
+    print(f"{'tunnel':<58} {'underlay':>9} {'tunnel':>8} {'added':>8}")
+    for desc, bare, tunnel in rows:
+        print(f"{desc:<58} {bare:>9.3f} {tunnel:>8.3f} {tunnel - bare:>8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
