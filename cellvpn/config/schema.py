@@ -177,7 +177,12 @@ class SrvVpnSection:
         "Large-packet offload: auto = when the host and the client support it, on = require it,"
         " off = never.",
     )
-    workers: int = option(integer(1, 1024), 1, "Packet-forwarding workers (TUN queues).")
+    workers: int = option(
+        integer(1, 1),
+        1,
+        "Packet-forwarding processes; one process serves every session here (see"
+        " docs/performance.md for why), so 1 is the only value.",
+    )
 
     checks: ClassVar[tuple[Check, ...]] = (
         Check(("network_address", "network_mask"), _network_of_mask),

@@ -29,7 +29,7 @@ Packet = bytes | memoryview
 def _key(pkt: Packet) -> tuple[tuple[object, ...], int, int] | None:
     """(what the segments of one run share, seq, payload length); None: not a TCP segment
     that may be joined."""
-    if len(pkt) < 40 or pkt[0] != 0x45:  # IPv4 without options
+    if len(pkt) < 40 or pkt[9] != 6 or pkt[0] != 0x45:  # TCP over IPv4 without options
         return None
     _vhl, tos, total, _id, frag, ttl, proto, _csum, src, dst = _IP.unpack_from(pkt)
     if proto != 6 or frag & 0x3FFF or total != len(pkt):

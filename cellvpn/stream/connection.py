@@ -426,7 +426,7 @@ class StreamConnection:
                     events.append(self._violation(f"packet for channel {cid:#04x} not opened"))
                     break
                 handler(ptype, payload[16:])
-                if self._ended():
+                if self.closed is not None:  # the handler ended the stream
                     break
                 continue
             try:
