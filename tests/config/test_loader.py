@@ -290,19 +290,19 @@ def test_empty_and_odd_values_are_quoted(tmp_path: Path) -> None:
 
 def test_network_with_host_bits(tmp_path: Path) -> None:
     """network_address with host bits for network_mask is an error naming both keys."""
-    path = write(tmp_path, "[srv_vpn]\nnetwork_address = 10.11.12.5\n")
+    path = write(tmp_path, "[srv_vpn]\nnetwork_address = 198.18.5.5\n")
     with pytest.raises(ConfigError) as info:
         load_server_config(path)
     assert info.value.messages == [
-        f"{path}: [srv_vpn] network_address = 10.11.12.5, network_mask = 255.255.255.0: "
-        "expected network_address to be the network of network_mask (10.11.12.0): "
+        f"{path}: [srv_vpn] network_address = 198.18.5.5, network_mask = 255.255.255.0: "
+        "expected network_address to be the network of network_mask (198.18.5.0): "
         "it has host bits set"
     ]
 
 
 def test_cross_checks_skip_bad_keys(tmp_path: Path) -> None:
     """A rule across keys stays quiet when one of its keys is already reported as bad."""
-    messages = errors_of(tmp_path, "[srv_vpn]\nnetwork_address = 10.11.12.5\nnetwork_mask = 1\n")
+    messages = errors_of(tmp_path, "[srv_vpn]\nnetwork_address = 198.18.5.5\nnetwork_mask = 1\n")
     assert len(messages) == 1 and "network_mask = 1" in messages[0]
 
 
