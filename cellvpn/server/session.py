@@ -317,6 +317,8 @@ class ServerSession:
                 self.counters.dropped_bad_offload += 1
                 self.counters.from_client_lost_bytes += len(data) - 20
             elif self.passing:
+                if self._inbox:
+                    self.input_done()  # what came before it goes first: order is kept
                 self.server.forwarder.from_client_gso(self, data[20:])
             else:
                 self.counters.dropped_not_active += 1

@@ -267,3 +267,46 @@ def test_a_slow_client_gets_a_bounded_queue_and_counted_drops(tmp_path: Path) ->
     server.forwarder.from_tun([packet])
     assert counters.to_client_packets + counters.dropped_queue_full == count + 1
     assert c.session.backlog == 0
+
+
+def udp4(src: str, dst: str, data: bytes, sport: int = 40000) -> bytes:
+    """An IPv4 UDP datagram (checksum 0: none, as IPv4 allows)."""
+    return ipv4(src, dst, struct.pack("!HHHH", sport, 5201, 8 + len(data), 0) + data)
+
+
+def test_one_read_reaches_the_tun_in_the_order_it_was_sent(tmp_path: Path) -> None:
+    """VPN_SEND and VPN_SEND_GSO packets of one read are written in the order they were sent,
+    each with its own checked header, and counted."""
+    from cellvpn.device import vnet
+
+    server, clock, written = make_server(tmp_path)
+    writes: list[tuple[bytes, bytes]] = []
+    server.forwarder.tun_writev = lambda h, p: writes.append((bytes(h), bytes(p))) or True
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+    c.session.offload = True  # what the capability agreed at setup sets
+    me, there = "198.18.9.2", "198.19.0.10"
+    datagrams = [udp4(me, there, bytes([i]) * 64) for i in range(4)]
+    partial = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, 0, 0, 20, 6)
+    icmp = ipv4(me, there, b"\x08\0" + bytes(10), proto=1)
+    sends = [
+        (vpn.OpCode.VPN_SEND, datagrams[0]),
+        (vpn.OpCode.VPN_SEND_GSO, partial + datagrams[1]),
+        (vpn.OpCode.VPN_SEND, datagrams[2]),
+        (vpn.OpCode.VPN_SEND_GSO, partial + icmp),  # checksum offload for ICMP: refused
+        (vpn.OpCode.VPN_SEND_GSO, partial + datagrams[3]),
+    ]
+    for op, data in sends:  # one read: every frame, then one pump
+        c.conn.send_channel(CHANNEL_S, 2, vpn.VpnPacket(op, data).encode())
+    c.pump()
+    assert written == []
+    assert writes == [
+        (vnet.PLAIN, datagrams[0]),
+        (partial, datagrams[1]),
+        (vnet.PLAIN, datagrams[2]),
+        (partial, datagrams[3]),
+    ]
+    counters = c.session.counters
+    assert counters.from_client_packets == 4 and counters.dropped_bad_offload == 1
+    assert counters.from_client_bytes == sum(len(d) for d in datagrams)
