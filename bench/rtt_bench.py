@@ -1,10 +1,10 @@
 """Round-trip time a tunnel adds when idle: cellvpn beside the peers, in one run.
 
-    .venv/bin/python bench/rtt_bench.py [--count 200] [--only ovpn-udp,cellvpn]
+    .venv/bin/python bench/rtt_bench.py [--count 200] [--interval 0.01] [--only ovpn-udp,cellvpn]
 
 As root, from the checkout. It uses the peer harness (``../shared/bench``, or the folder in
 CELLVPN_PEER_BENCH) to build the same two namespaces (vpnsrv, vpncli) and the same tunnels as
-``run_baselines.sh``, and for each: ``ping -c COUNT -i 0.01`` over the bare underlay
+``run_baselines.sh``, and for each: ``ping -c COUNT -i INTERVAL`` over the bare underlay
 (192.0.2.1) and through the tunnel to the server's overlay address. The added RTT is the
 difference of the medians. Runs are exclusive with the harness (the same lock file).
 """
@@ -25,9 +25,9 @@ TOP = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("CELLVPN_PEER_BENCH", TOP.parent / "shared" / "bench"))
 
 
-def ping_median(ns: str, target: str, count: int) -> float:
+def ping_median(ns: str, target: str, count: int, interval: str) -> float:
     out = subprocess.run(
-        ["ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-i", "0.01", target],
+        ["ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-i", interval, target],
         capture_output=True,
         text=True,
         timeout=120,
@@ -42,6 +42,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--only", default="ovpn-udp,pytun-vnet,cellvpn")
+    parser.add_argument(
+        "--interval",
+        default="0.01",
+        help="seconds between pings (default 0.01; at 0.002 the CPUs hardly go idle)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("CELLVPN_CHECKOUT", str(TOP))
     sys.path.insert(0, str(PEERS))
@@ -59,15 +64,15 @@ def main() -> int:
                 target = setup(procs)
                 if not peers.wait_ping(target):
                     raise RuntimeError(f"{name}: no ping through the tunnel")
-                bare = ping_median("vpncli", "192.0.2.1", args.count)
-                tunnel = ping_median("vpncli", target, args.count)
+                bare = ping_median("vpncli", "192.0.2.1", args.count, args.interval)
+                tunnel = ping_median("vpncli", target, args.count, args.interval)
                 rows.append((desc, bare, tunnel))
             finally:
                 procs.stop_all()
                 peers.sh(f"{peers.HERE}/topo.sh down")
     finally:
         lock.close()
-    print(f"median RTT over {args.count} idle pings (ms):")
+    print(f"median RTT over {args.count} pings, one every {args.interval} s (ms):")
     print(f"{'tunnel':<58} {'underlay':>9} {'tunnel':>8} {'added':>8}")
     for desc, bare, tunnel in rows:
         print(f"{desc:<58} {bare:>9.3f} {tunnel:>8.3f} {tunnel - bare:>8.3f}")
