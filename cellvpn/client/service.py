@@ -297,7 +297,9 @@ class VPNClientService(MultiService):
         settings = self.stream_settings
 
         def build() -> Protocol:
-            return StreamProtocol(StreamConnection(Role.CLIENT, settings), stream, self.reactor)
+            return StreamProtocol(
+                StreamConnection(Role.CLIENT, settings), stream, self.reactor, c.congestion
+            )
 
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
         d = tcp.connect(bulk_tls_factory(self._tls, True, _Factory(build)))

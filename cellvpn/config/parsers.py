@@ -215,6 +215,26 @@ def list_of(item: Parser[T], plural: str) -> Parser[tuple[T, ...]]:
     return Parser(parse, f"a comma-separated list of {plural}", render)
 
 
+_CONGESTION = re.compile(r"[a-z0-9_]{1,15}")
+
+
+def _congestion(text: str, base: Path) -> str | None:
+    if text == "system":
+        return None
+    if not _CONGESTION.fullmatch(text):
+        raise ParseError
+    return text
+
+
+#: A Linux TCP congestion control module name (``cubic``, ``bbr``, ``reno`` ...), or ``system``
+#: (None) for the kernel's default.
+CONGESTION: Parser[str | None] = Parser(
+    _congestion,
+    "a TCP congestion control name such as cubic, bbr or reno, or system for the kernel's default",
+    lambda v: "system" if v is None else v,
+)
+
+
 _IFNAME_BAD = re.compile(r"[/:\s\x00-\x1f\x7f]")
 
 

@@ -21,6 +21,7 @@ from cellvpn.config.endpoints import endpoint
 from cellvpn.config.fields import Check, ParseError, Parser, at_most_one, both_or_neither, option
 from cellvpn.config.parsers import (
     BOOL,
+    CONGESTION,
     FINGERPRINT,
     HEX64,
     HOST_PORT,
@@ -74,6 +75,12 @@ class ServerSection:
         integer(1500, 16 * 1024 * 1024),
         262144,
         "Largest frame payload accepted, in bytes; a bigger frame closes the stream.",
+    )
+    congestion: str | None = option(
+        CONGESTION,
+        "cubic",
+        "TCP congestion control for what the server sends to clients; system = the kernel's"
+        " default. cubic carries more than bbr through the tunnel: docs/performance.md.",
     )
 
     checks: ClassVar[tuple[Check, ...]] = (
@@ -273,6 +280,12 @@ class ClientSection:
         BOOL, True, "Reconnect with back-off when the connection is lost, keeping the address."
     )
     keepalive: float = option(seconds(0.1, 3600), 3.0, "Seconds between PINGs to the server.")
+    congestion: str | None = option(
+        CONGESTION,
+        "cubic",
+        "TCP congestion control for what the client sends to the server; system = the"
+        " kernel's default. cubic carries more than bbr through the tunnel: docs/performance.md.",
+    )
     dns: tuple[IPv4Address, ...] = option(
         _IPV4_LIST, (), "DNS servers to use while connected; empty = the ones the server offers."
     )

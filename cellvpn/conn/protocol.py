@@ -7,6 +7,7 @@ the application object (a server session or the client), which decides what they
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -33,6 +34,8 @@ from cellvpn.wire.setup import CloseCode
 #: every large write would pause the TUN reader and resume it only once all was sent.
 WRITE_BUFFER = 1 << 20
 
+_log = Logger()
+
 
 class StreamApplication(TypingProtocol):
     """What sits on top of a stream: a server session or the client.
@@ -50,6 +53,28 @@ class StreamApplication(TypingProtocol):
     def stream_closed(self, proto: StreamProtocol, event: Closed) -> None: ...
 
     def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None: ...
+
+
+#: congestion control names already found unusable (said once, not per connection)
+_unusable_congestion: set[str] = set()
+
+
+def set_congestion(sock: socket.socket, name: str) -> bool:
+    """Use TCP congestion control ``name`` for what ``sock`` sends; False if the kernel refuses
+    (module missing or not allowed: logged once per name, and the kernel's default stays)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode("ascii"))
+    except OSError as e:
+        if name not in _unusable_congestion:
+            _unusable_congestion.add(name)
+            _log.warn(
+                "TCP congestion control {name!r} cannot be used ({error}); streams keep the "
+                "kernel's default (see /proc/sys/net/ipv4/tcp_available_congestion_control)",
+                name=name,
+                error=e.strerror or str(e),
+            )
+        return False
+    return True
 
 
 def peer_name(transport: object) -> str:
@@ -81,8 +106,11 @@ class StreamProtocol(Protocol):
         conn: StreamConnection,
         app: StreamApplication,
         clock: IReactorTime,
+        congestion: str | None = None,
     ) -> None:
         self.conn = conn
+        #: TCP congestion control for what this end sends (None: the kernel's default)
+        self.congestion = congestion
         self.app = app
         self.clock = clock
         self.peer = "unknown peer"
@@ -111,6 +139,8 @@ class StreamProtocol(Protocol):
             tcp = self.transport.transport
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = WRITE_BUFFER
+            if self.congestion is not None and hasattr(tcp, "getHandle"):
+                set_congestion(tcp.getHandle(), self.congestion)
             if hasattr(tcp, "setTcpNoDelay"):
                 # frames are written as whole batches already; Nagle would only hold back the
                 # small ones (the tunnel's TCP ACKs) for a round trip

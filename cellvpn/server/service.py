@@ -68,7 +68,9 @@ class _StreamFactory(Factory):
     def buildProtocol(self, addr: Any) -> Protocol:
         server = self.server
         conn = StreamConnection(Role.SERVER, server.stream_settings)
-        return StreamProtocol(conn, ServerSession(server), server.reactor)
+        return StreamProtocol(
+            conn, ServerSession(server), server.reactor, server.config.server.congestion
+        )
 
 
 class VPNServerService(MultiService):

@@ -12,6 +12,7 @@ import pytest
 from cellvpn.config.fields import ParseError, Parser
 from cellvpn.config.parsers import (
     BOOL,
+    CONGESTION,
     FINGERPRINT,
     HEX64,
     HOST_PORT,
@@ -98,6 +99,9 @@ ACCEPTED: list[tuple[Parser[Any], str, Any]] = [
         (IPv4Network("198.18.0.0/15"), IPv6Network("2001:db8::/32")),
     ),
     (IFNAME, "tun0", "tun0"),
+    (CONGESTION, "cubic", "cubic"),
+    (CONGESTION, "bbr", "bbr"),
+    (CONGESTION, "system", None),
     (IFNAME, "cellvpn-server1", "cellvpn-server1"),
     (IFNAME, "tun%d", "tun%d"),
     (HOST_PORT, "vpn.example.net:8089", HostPort("vpn.example.net", 8089)),
@@ -164,6 +168,10 @@ REJECTED: list[tuple[Parser[Any], str]] = [
     (list_of(NAME, "x"), "good.example, bad_name"),
     (list_of(NETWORK, "x"), "198.18.0.1/15"),
     (IFNAME, "a" * 16),
+    (CONGESTION, "Cubic"),
+    (CONGESTION, "cu bic"),
+    (CONGESTION, ""),
+    (CONGESTION, "a" * 16),
     (IFNAME, "tun/0"),
     (IFNAME, "tun:0"),
     (IFNAME, "tun 0"),

@@ -17,12 +17,15 @@ def two_hosts(netns: Any) -> tuple[Namespace, Namespace]:
     return srv, cli
 
 
-def start_server(srv: Namespace, tmp: Path, extra: str = "") -> tuple[Twistd, Path]:
+def start_server(
+    srv: Namespace, tmp: Path, extra: str = "", server_extra: str = ""
+) -> tuple[Twistd, Path]:
     cfg = tmp / "server.cfg"
     cfg.write_text(
         "[server]\n"
         f"listen = tcp:8089:interface={SERVER_IP}\n"
         "state_dir = state\n"
+        f"{server_extra}"
         "[srv_vpn]\nnetwork_address = 198.18.5.0\ntun_name = cvpn-srv\n"
         "[control]\nsocket = server.sock\n" + extra
     )
@@ -32,13 +35,14 @@ def start_server(srv: Namespace, tmp: Path, extra: str = "") -> tuple[Twistd, Pa
 
 
 def start_client(
-    cli: Namespace, tmp: Path, trust: str, name: str = "client"
+    cli: Namespace, tmp: Path, trust: str, name: str = "client", extra: str = ""
 ) -> tuple[Twistd, Path]:
     cfg = tmp / f"{name}.cfg"
     cfg.write_text(
         "[client]\n"
         f"server = {SERVER_IP}:8089\n"
         f"{trust}\n"
+        f"{extra}"
         "keepalive = 60\n"  # PINGs rarely, so the stream's own KEEPALIVEs show
         "default_route = false\n"
         f"state_dir = {name}-state\n"
@@ -131,4 +135,51 @@ def test_garbage_is_logged_and_closed_while_another_session_carries_on(
     assert status["status"] == "STARTED" and status["session_id"] == before["session_id"]
     assert len(ctl_json(srv, server_sock, "status")["sessions"]) == 1
     client.stop()
+    server.stop()
+
+
+def congestion_of(ns: Namespace, filter_: str) -> str:
+    """The congestion control `ss` shows for the one TCP connection matching ``filter_``."""
+    out = ns.exec("ss", "-tinH", "state", "established", filter_).stdout
+    names = {"cubic", "bbr", "reno"} & set(out.split())
+    assert len(names) == 1, out
+    return names.pop()
+
+
+def test_each_end_sends_with_its_congestion_control(netns: Any, tmp_path: Path) -> None:
+    """The server's default (cubic) and a client's own choice (reno) are what their sockets
+    use, whatever the namespace's default is."""
+    srv, cli = two_hosts(netns)
+    server, _ = start_server(srv, tmp_path)
+    ca = tmp_path / "state" / "tls" / "ca.pem"
+    client, _ = start_client(cli, tmp_path, f"ca = {ca}", extra="congestion = reno\n")
+    client.wait_log(r"session 0x[0-9a-f]{8} .* established")
+    assert congestion_of(srv, "sport = :8089") == "cubic"
+    assert congestion_of(cli, "dport = :8089") == "reno"
+    assert "congestion control" not in server.text() + client.text()
+    client.stop()
+    server.stop()
+
+
+def test_an_unusable_congestion_control_is_said_once_and_sessions_go_on(
+    netns: Any, tmp_path: Path
+) -> None:
+    """A name the kernel does not know: one warning however many sessions, the kernel's
+    default on their sockets, and the sessions work."""
+    srv, cli = two_hosts(netns)
+    server, server_sock = start_server(srv, tmp_path, server_extra="congestion = nosuchcc\n")
+    ca = tmp_path / "state" / "tls" / "ca.pem"
+    first, _ = start_client(cli, tmp_path, f"ca = {ca}", "first")
+    second, _ = start_client(cli, tmp_path, f"ca = {ca}", "second")
+    for client in (first, second):
+        client.wait_log(r"session 0x[0-9a-f]{8} .* established")
+    warning = server.wait_log(r"TCP congestion control 'nosuchcc' cannot be used \((.*)\);")
+    assert warning.group(1)  # the kernel's reason, in words
+    assert server.text().count("cannot be used") == 1
+    default = srv.exec("cat", "/proc/sys/net/ipv4/tcp_congestion_control").stdout.strip()
+    out = srv.exec("ss", "-tinH", "state", "established", "sport = :8089").stdout
+    assert out.count(default) >= 2 and "nosuchcc" not in out
+    assert len(ctl_json(srv, server_sock, "status")["sessions"]) == 2
+    first.stop()
+    second.stop()
     server.stop()
