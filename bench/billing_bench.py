@@ -1,6 +1,6 @@
 """Tunnel throughput with byte billing against free service, in the same run.
 
-    .venv/bin/python bench/billing_bench.py [--reps 3]
+    .venv/bin/python bench/billing_bench.py [--reps 7]
 
 As root, from the checkout. It uses the peer harness (``../shared/bench``, or the folder in
 CELLVPN_PEER_BENCH) for the namespaces and iperf3, and runs the harness's cellvpn scenario
@@ -54,7 +54,7 @@ def overlay(root: Path, paid: bool) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
     sys.path.insert(0, str(PEERS))
