@@ -113,7 +113,7 @@ def test_defaults_without_file() -> None:
     assert server.server.max_frame == 262144
     vpn = server.srv_vpn
     assert vpn.enabled and vpn.allow_free_srv and not vpn.debug_more and not vpn.proxy
-    assert vpn.network == IPv4Network("10.11.12.0/24")
+    assert str(vpn.network) == "10.11.12.0/24"  # the default, never given to a device
     assert (vpn.mtu, vpn.grace_period, vpn.lease_hold, vpn.workers) == (1400, 60, 300, 1)
     assert vpn.offload is Offload.AUTO and vpn.tun_name is None and vpn.dns == ()
     assert server.control.socket == Path("/run/cellvpn/server.sock")
