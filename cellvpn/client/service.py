@@ -298,7 +298,11 @@ class VPNClientService(MultiService):
 
         def build() -> Protocol:
             return StreamProtocol(
-                StreamConnection(Role.CLIENT, settings), stream, self.reactor, c.congestion
+                StreamConnection(Role.CLIENT, settings),
+                stream,
+                self.reactor,
+                c.congestion,
+                c.congestion_lan_rtt,
             )
 
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)

@@ -226,11 +226,12 @@ def _congestion(text: str, base: Path) -> str | None:
     return text
 
 
-#: A Linux TCP congestion control module name (``cubic``, ``bbr``, ``reno`` ...), or ``system``
-#: (None) for the kernel's default.
+#: A Linux TCP congestion control module name (``cubic``, ``bbr``, ``reno`` ...), ``auto`` (chosen
+#: per connection, see cellvpn.conn.congestion), or ``system`` (None) for the kernel's default.
 CONGESTION: Parser[str | None] = Parser(
     _congestion,
-    "a TCP congestion control name such as cubic, bbr or reno, or system for the kernel's default",
+    "auto, a TCP congestion control name such as cubic, bbr or reno, or system for the kernel's"
+    " default",
     lambda v: "system" if v is None else v,
 )
 

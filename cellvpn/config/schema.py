@@ -78,9 +78,17 @@ class ServerSection:
     )
     congestion: str | None = option(
         CONGESTION,
-        "cubic",
-        "TCP congestion control for what the server sends to clients; system = the kernel's"
-        " default. cubic carries more than bbr through the tunnel: docs/performance.md.",
+        "auto",
+        "TCP congestion control for what the server sends to clients; auto = bbr on paths"
+        " whose handshake RTT is congestion_lan_rtt or more (it keeps its rate under random"
+        " loss), cubic on shorter ones (it carries more on a clean LAN); system = the"
+        " kernel's default. Figures: docs/performance.md.",
+    )
+    congestion_lan_rtt: float = option(
+        seconds(0, 10),
+        0.001,
+        "Handshake RTT in seconds below which auto takes a path for a LAN (cubic); 0 = bbr on"
+        " every path.",
     )
 
     checks: ClassVar[tuple[Check, ...]] = (
@@ -282,9 +290,16 @@ class ClientSection:
     keepalive: float = option(seconds(0.1, 3600), 3.0, "Seconds between PINGs to the server.")
     congestion: str | None = option(
         CONGESTION,
-        "cubic",
-        "TCP congestion control for what the client sends to the server; system = the"
-        " kernel's default. cubic carries more than bbr through the tunnel: docs/performance.md.",
+        "auto",
+        "TCP congestion control for what the client sends to the server; auto = bbr on paths"
+        " whose handshake RTT is congestion_lan_rtt or more, cubic on shorter ones; system ="
+        " the kernel's default. Figures: docs/performance.md.",
+    )
+    congestion_lan_rtt: float = option(
+        seconds(0, 10),
+        0.001,
+        "Handshake RTT in seconds below which auto takes a path for a LAN (cubic); 0 = bbr on"
+        " every path.",
     )
     dns: tuple[IPv4Address, ...] = option(
         _IPV4_LIST, (), "DNS servers to use while connected; empty = the ones the server offers."

@@ -7,7 +7,6 @@ the application object (a server session or the client), which decides what they
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -21,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from cellvpn.conn.congestion import OuterCongestion
 from cellvpn.stream.connection import (
     Closed,
     Established,
@@ -33,8 +33,6 @@ from cellvpn.wire.setup import CloseCode
 #: Bytes the TCP transport may hold before it pauses us. Twisted's 64 KiB is one super-packet:
 #: every large write would pause the TUN reader and resume it only once all was sent.
 WRITE_BUFFER = 1 << 20
-
-_log = Logger()
 
 
 class StreamApplication(TypingProtocol):
@@ -53,28 +51,6 @@ class StreamApplication(TypingProtocol):
     def stream_closed(self, proto: StreamProtocol, event: Closed) -> None: ...
 
     def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None: ...
-
-
-#: congestion control names already found unusable (said once, not per connection)
-_unusable_congestion: set[str] = set()
-
-
-def set_congestion(sock: socket.socket, name: str) -> bool:
-    """Use TCP congestion control ``name`` for what ``sock`` sends; False if the kernel refuses
-    (module missing or not allowed: logged once per name, and the kernel's default stays)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode("ascii"))
-    except OSError as e:
-        if name not in _unusable_congestion:
-            _unusable_congestion.add(name)
-            _log.warn(
-                "TCP congestion control {name!r} cannot be used ({error}); streams keep the "
-                "kernel's default (see /proc/sys/net/ipv4/tcp_available_congestion_control)",
-                name=name,
-                error=e.strerror or str(e),
-            )
-        return False
-    return True
 
 
 def peer_name(transport: object) -> str:
@@ -107,10 +83,14 @@ class StreamProtocol(Protocol):
         app: StreamApplication,
         clock: IReactorTime,
         congestion: str | None = None,
+        lan_rtt: float = 0.001,
     ) -> None:
         self.conn = conn
-        #: TCP congestion control for what this end sends (None: the kernel's default)
+        #: TCP congestion control for what this end sends: a name, ``auto``, or None for the
+        #: kernel's default; ``lan_rtt`` is where ``auto`` changes its choice
         self.congestion = congestion
+        self.lan_rtt = lan_rtt
+        self.outer = OuterCongestion(None, None, lan_rtt, clock.seconds)
         self.app = app
         self.clock = clock
         self.peer = "unknown peer"
@@ -140,7 +120,9 @@ class StreamProtocol(Protocol):
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = WRITE_BUFFER
             if self.congestion is not None and hasattr(tcp, "getHandle"):
-                set_congestion(tcp.getHandle(), self.congestion)
+                self.outer = OuterCongestion(
+                    tcp.getHandle(), self.congestion, self.lan_rtt, self.clock.seconds
+                )
             if hasattr(tcp, "setTcpNoDelay"):
                 # frames are written as whole batches already; Nagle would only hold back the
                 # small ones (the tunnel's TCP ACKs) for a round trip
@@ -169,6 +151,7 @@ class StreamProtocol(Protocol):
         pieces = self.conn.pieces_to_send()
         if not pieces or self.transport is None or self.lost:
             return
+        self.outer.before_write(pieces)
         direct = self._tls_write
         if direct is not None:
             for piece in pieces:

@@ -68,8 +68,13 @@ class _StreamFactory(Factory):
     def buildProtocol(self, addr: Any) -> Protocol:
         server = self.server
         conn = StreamConnection(Role.SERVER, server.stream_settings)
+        section = server.config.server
         return StreamProtocol(
-            conn, ServerSession(server), server.reactor, server.config.server.congestion
+            conn,
+            ServerSession(server),
+            server.reactor,
+            section.congestion,
+            section.congestion_lan_rtt,
         )
 
 

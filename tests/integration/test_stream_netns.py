@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from cellvpn.conn.congestion import available
 from cellvpn.lab import Namespace, Twistd, ctl, ctl_json, link, wait_for
 
 SERVER_IP = "192.0.2.1"
@@ -147,15 +150,37 @@ def congestion_of(ns: Namespace, filter_: str) -> str:
 
 
 def test_each_end_sends_with_its_congestion_control(netns: Any, tmp_path: Path) -> None:
-    """The server's default (cubic) and a client's own choice (reno) are what their sockets
-    use, whatever the namespace's default is."""
+    """The default (auto) takes cubic on a path as short as this veth, and a client's own
+    choice (reno) is what its socket uses, whatever the namespace's default is."""
     srv, cli = two_hosts(netns)
+    srv.exec("sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno")
     server, _ = start_server(srv, tmp_path)
     ca = tmp_path / "state" / "tls" / "ca.pem"
     client, _ = start_client(cli, tmp_path, f"ca = {ca}", extra="congestion = reno\n")
     client.wait_log(r"session 0x[0-9a-f]{8} .* established")
     assert congestion_of(srv, "sport = :8089") == "cubic"
     assert congestion_of(cli, "dport = :8089") == "reno"
+    assert "congestion control" not in server.text() + client.text()
+    client.stop()
+    server.stop()
+
+
+def test_auto_sends_with_bbr_on_paths_it_does_not_take_for_a_lan(
+    netns: Any, tmp_path: Path
+) -> None:
+    """Both ends on the default ``auto``, told that no path is a LAN (``congestion_lan_rtt =
+    0``, as a WAN's RTT would): bbr on both sockets although the namespaces default to reno."""
+    if "bbr" not in available():
+        pytest.skip("this kernel has no bbr module loaded")
+    srv, cli = two_hosts(netns)
+    for ns in (srv, cli):
+        ns.exec("sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno")
+    server, _ = start_server(srv, tmp_path, server_extra="congestion_lan_rtt = 0\n")
+    ca = tmp_path / "state" / "tls" / "ca.pem"
+    client, _ = start_client(cli, tmp_path, f"ca = {ca}", extra="congestion_lan_rtt = 0\n")
+    client.wait_log(r"session 0x[0-9a-f]{8} .* established")
+    assert congestion_of(srv, "sport = :8089") == "bbr"
+    assert congestion_of(cli, "dport = :8089") == "bbr"
     assert "congestion control" not in server.text() + client.text()
     client.stop()
     server.stop()
