@@ -74,32 +74,37 @@ def test_isolated_clients_cannot_reach_each_other(netns: Any, tmp_path: Path) ->
 
 
 def test_small_pool_no_free_addr_already_assigned_and_reuse(netns: Any, tmp_path: Path) -> None:
-    """A /29: five leases, the sixth client gets NO_FREE_ADDR; a second ADDR_REQUEST gets
-    ALREADY_ASSIGNED_ADDR; after a client leaves, the next one gets its address."""
+    """A /29: a second ADDR_REQUEST on one session gets ALREADY_ASSIGNED_ADDR and the address
+    comes back when that session ends; five leases, the sixth client gets NO_FREE_ADDR; after a
+    client leaves, the waiting one gets its address.
+
+    The scripted session runs while the pool still has room: once the sixth client waits, it
+    retries on its own and would race a probe for the address a leaver frees."""
     lab = VpnLab(netns, tmp_path, pool="198.18.7.0/29")
     hosts = [lab.add_client_host() for _ in range(6)]
     lab.start_server()
     clients = []
-    for i, ns in enumerate(hosts[:5]):
+    for i, ns in enumerate(hosts[:4]):
         clients.append(lab.start_client(ns, f"c{i}", section_extra="default_route = false\n"))
+    # a scripted client on the fifth host: two ADDR_REQUESTs on one session
+    probe = hosts[4].exec(sys.executable, PROBE, "192.0.2.1", "8089", str(lab.ca), "addr-twice")
+    events = [json.loads(line) for line in probe.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["established", "success", "addr", "problem"]
+    assert events[3]["value"] == "ALREADY_ASSIGNED_ADDR"
+    lab.server.wait_log(r"session 0x[0-9a-f]+ with 192\.0\.2\.6:\d+ ended")  # type: ignore[union-attr]
+    clients.append(lab.start_client(hosts[4], "c4", section_extra="default_route = false\n"))
     addrs = [
         ctl_json(ns, lab.socket(f"c{i}"), "status")["address"] for i, ns in enumerate(hosts[:5])
     ]
     assert sorted(addrs) == [f"198.18.7.{n}" for n in range(2, 7)]
+    assert addrs[4] == events[2]["value"]  # the probe's address came back to the pool
     sixth = lab.start_client(hosts[5], "c5", section_extra="default_route = false\n", wait=False)
     sixth.wait_log(r"server has no free address \(NO_FREE_ADDR\)")
     lab.server.wait_log(r"no free address in 198\.18\.7\.0/29")  # type: ignore[union-attr]
     for i, ns in enumerate(hosts[:5]):
         assert ping(ns, "198.18.7.1", count=1), f"client {i} lost its tunnel"
-    # a scripted client: two ADDR_REQUESTs on one session (the pool is full: first NO_FREE_ADDR)
+    # the first client leaves; the waiting sixth client (retrying) gets that address
     clients[0].stop()
-    lab.server.wait_log(r"session 0x[0-9a-f]+ with 192\.0\.2\.2:\d+ ended")  # type: ignore[union-attr]
-    probe = hosts[0].exec(sys.executable, PROBE, "192.0.2.1", "8089", str(lab.ca), "addr-twice")
-    events = [json.loads(line) for line in probe.stdout.splitlines()]
-    assert [e["event"] for e in events] == ["established", "success", "addr", "problem"]
-    assert events[2]["value"] == addrs[0]  # the address the leaver had
-    assert events[3]["value"] == "ALREADY_ASSIGNED_ADDR"
-    # the probe left; the waiting sixth client (retrying) now gets that address
     wait_for(
         lambda: ctl_json(hosts[5], lab.socket("c5"), "status")["status"] == "STARTED",
         timeout=90,
