@@ -631,6 +631,9 @@ class SqliteLedger:
             raise LedgerError(
                 ErrorCode.RECEIPT_WRONG_PKEY_HASH, "signature 1 is not the deposit owner's"
             )
+        unsigned = receipt.unsigned_bytes()
+        if unsigned is not None:
+            raise LedgerError(ErrorCode.WRONG_HASH, unsigned)
         if not request.signed_ok:
             raise LedgerError(
                 ErrorCode.RECEIPT_NO_SIGN, "a signature does not verify (or there are more)"

@@ -4,7 +4,13 @@ Before it pays, the client checks the server's signed order (from WELCOME) again
 ``[wallet] max_unit_price``. Before it signs a receipt it checks service, unit, price (against
 its maximum and the order), units and the prev hash (:func:`check_receipt`); a receipt that
 fails is not signed, the reason goes into the status, and the client disconnects for good.
-Every receipt it signs is written to its own record first.
+
+A receipt that passes is signed only when the client's own meter (:mod:`cellvpn.client.meter`)
+shows that what it signed before is used down to where an honest server asks again
+(:mod:`cellvpn.client.signrule`). One asked for too early is answered with an ERROR and
+counted; ``[wallet] max_refusals`` of them in a row close the session (the client connects
+again, with back-off, if reconnecting is on). Every receipt it signs is written to its own
+record first.
 """
 
 from __future__ import annotations
@@ -16,16 +22,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from cellvpn.billing.keys import KeyPair, load_key
 from cellvpn.billing.proof import sign_request
 from cellvpn.billing.records import DepositRequest, Order, SignedDeposit, SignedOrder
+from cellvpn.client.meter import METER_FILE, MeterStore, UsageMeter
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook, check_receipt
+from cellvpn.client.signrule import Tolerance, refusal
 from cellvpn.config.schema import WalletSection
 from cellvpn.wire.errors import DecodeError
 from cellvpn.wire.receipt import Receipt
-from cellvpn.wire.service import Error, NotifyStopped, PacketType, Request
+from cellvpn.wire.service import Error, ErrorCode, NotifyStopped, PacketType, Request
 from cellvpn.wire.setup import CloseCode
 
 if TYPE_CHECKING:
@@ -33,17 +43,51 @@ if TYPE_CHECKING:
 
 #: How long a deposit the client creates stays locked.
 DEPOSIT_LIFETIME = 30 * 86400
+#: Seconds between saves of the meter while a paid session runs.
+METER_SAVE_INTERVAL = 10.0
+#: ERRORs from the server that mean "try again later", not "never".
+TRANSIENT_ERRORS = frozenset(
+    {
+        ErrorCode.NO_LEDGER,
+        ErrorCode.NETWORK_IS_OFFLINE,
+        ErrorCode.CANT_ADD_USAGE,
+        ErrorCode.REQUEST_INTERNAL_ERROR,
+    }
+)
 
 
 class ClientBilling:
     log = Logger()
 
-    def __init__(self, wallet: WalletSection, state_dir: Path) -> None:
+    def __init__(self, wallet: WalletSection, state_dir: Path, clock: IReactorTime) -> None:
         assert wallet.key is not None
         self.wallet = wallet
+        self.clock = clock
         self.key: KeyPair = load_key(wallet.key)
         self.state_dir = Path(state_dir)
         self.book = ReceiptBook(self.state_dir / RECORD_FILE)
+        if self.book.torn is not None:
+            self.log.warn(
+                "receipt record {path}: cut off a torn last line of {n} bytes (a crash while "
+                "it was written; that receipt was never sent)",
+                path=str(self.book.path),
+                n=len(self.book.torn),
+            )
+        self.meters = MeterStore(self.state_dir / METER_FILE)
+        self.tolerance = Tolerance(
+            wallet.sign_tolerance_percent,
+            wallet.sign_tolerance_bytes,
+            wallet.sign_tolerance_seconds,
+        )
+        #: the meter of the session's (provider, deposit), once the service is granted
+        self.meter: UsageMeter | None = None
+        self._metered: ClientStream | None = None
+        self._saver: LoopingCall | None = None
+        #: a receipt signed on this session still waits for its SUCCESS
+        self.unanswered = False
+        #: receipts refused because they came too early: all, and in a row
+        self.refusals = 0
+        self.refusals_in_a_row = 0
         self.deposit: bytes | None = None
         if wallet.deposit:
             self.deposit = bytes.fromhex(wallet.deposit)
@@ -154,6 +198,8 @@ class ClientBilling:
                 if self._last_signed is not None and self.deposit is not None:
                     self.book.confirmed(self.deposit, self._last_signed)
                     self._last_signed = None
+                self.unanswered = False
+                self._start_meter(stream)
             elif ptype == PacketType.DEPOSIT_CREATED:
                 if len(data) != 32:
                     raise DecodeError("DEPOSIT_CREATED must carry a 32-byte id")
@@ -168,8 +214,15 @@ class ClientBilling:
                 self.log.warn("{why}", why=self.stopped)
             elif ptype == PacketType.ERROR:
                 error = Error.decode(data)
-                self.stopped = f"the server refused the service: {error.name}"
-                self.log.warn("{why}", why=self.stopped)
+                if error.code in TRANSIENT_ERRORS:
+                    self.log.warn(
+                        "the server cannot serve now ({code}); the client tries again later",
+                        code=error.name,
+                    )
+                    stream.close(CloseCode.REFUSED, f"server answered {error.name}")
+                else:
+                    self.stopped = f"the server refused the service: {error.name}"
+                    self.log.warn("{why}", why=self.stopped)
             else:
                 return False
         except DecodeError as e:
@@ -190,11 +243,88 @@ class ClientBilling:
         if why is not None:
             self._give_up(stream, f"refused to sign a receipt: {why}")
             return
+        provider = self.order.provider
+        committed, last_units = self.book.chain(self.deposit, receipt.info.prev_hash, provider)
+        meter = self._meter_of(stream)
+        early = refusal(
+            committed=committed,
+            last_units=last_units,
+            used=meter.observe(self.clock.seconds(), stream.metered_bytes),
+            unit=self.order.unit,
+            unanswered=self.unanswered,
+            tolerance=self.tolerance,
+        )
+        if early is not None:
+            self._refuse(stream, early)
+            return
+        self.refusals_in_a_row = 0
+        self.meters.save()
         signed = receipt.with_signature(self.key.signature(receipt.info_bytes))
-        self.book.signed(self.deposit, signed, self.order.provider)  # on disk before it leaves
+        self.book.signed(self.deposit, signed, provider)  # on disk before it leaves
         self._last_signed = signed.hash
+        self.unanswered = True
         self.receipts_signed += 1
         stream.send_service(PacketType.SIGN_RESPONSE, signed.encode())
+
+    def _refuse(self, stream: ClientStream, why: str) -> None:
+        """A receipt asked for too early: ERROR, one line, counted; too many in a row end the
+        session (not the client: it may connect again)."""
+        self.refusals += 1
+        self.refusals_in_a_row += 1
+        self.log.warn(
+            "billing: not signing a receipt ({n} in a row): {why}",
+            n=self.refusals_in_a_row,
+            why=why,
+        )
+        stream.send_service(
+            PacketType.ERROR, Error(ErrorCode.RECEIPT_UNITS_ERROR, stream.usage_id).encode()
+        )
+        if self.refusals_in_a_row >= self.wallet.max_refusals:
+            self.refusals_in_a_row = 0
+            stream.close(
+                CloseCode.REFUSED,
+                f"{self.wallet.max_refusals} receipts in a row asked for before they were due",
+            )
+
+    # --- the meter ----------------------------------------------------------------------------
+
+    def _meter_of(self, stream: ClientStream) -> UsageMeter:
+        assert self.order is not None and self.deposit is not None
+        if self.meter is None or self._metered is not stream:
+            self.meter = self.meters.meter(self.order.provider, self.deposit, self.order.unit)
+            self._metered = stream
+        return self.meter
+
+    def _start_meter(self, stream: ClientStream) -> None:
+        """The service was granted: the meter counts from here, and is saved now and then."""
+        if self.order is None or self.deposit is None:
+            return
+        self._meter_of(stream).start(self.clock.seconds(), stream.metered_bytes)
+        if self._saver is None:
+            saver = LoopingCall(self._save_meter, stream)
+            saver.clock = self.clock
+            saver.start(METER_SAVE_INTERVAL, now=False)
+            self._saver = saver
+
+    def _save_meter(self, stream: ClientStream) -> None:
+        if self.meter is not None:
+            self.meter.observe(self.clock.seconds(), stream.metered_bytes)
+            self.meters.save()
+
+    def session_ended(self, stream: ClientStream) -> None:
+        """The stream is gone: what it used is counted and saved; a new session starts clean."""
+        if self._saver is not None:
+            if self._saver.running:
+                self._saver.stop()
+            self._saver = None
+        if self.meter is not None and self._metered is stream:
+            self.meter.stop(self.clock.seconds(), stream.metered_bytes)
+            self.meters.save()
+        self.meter = None
+        self._metered = None
+        self.unanswered = False
+        self._last_signed = None
+        self.refusals_in_a_row = 0
 
     def _give_up(self, stream: ClientStream, why: str) -> None:
         self.stopped = why
@@ -214,5 +344,7 @@ class ClientBilling:
             "price": str(self.order.price) if self.order else None,
             "units": self.order.units if self.order else None,
             "receipts_signed": self.receipts_signed,
+            "receipts_refused": self.refusals,
+            "used": None if self.meter is None else round(self.meter.used, 3),
             "stopped": self.stopped,
         }

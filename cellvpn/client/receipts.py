@@ -49,6 +49,9 @@ def check_receipt(
         )
     if info.value * order.units > order.price * info.units:
         return f"receipt asks {info.value} for {info.units} units, above the order's price"
+    unsigned = receipt.unsigned_bytes()
+    if unsigned is not None:
+        return unsigned
     if info.prev_hash not in known_states:
         return "receipt does not follow the deposit's state this client knows (prev hash)"
     if hashlib.sha3_256(receipt.info_bytes).digest() in signed_before:
@@ -69,17 +72,61 @@ class ReceiptBook:
     def __post_init__(self) -> None:
         self.entries: list[dict[str, Any]] = []
         self.signed_infos: set[bytes] = set()
+        #: a torn last line (a crash while it was written) that was cut off at load
+        self.torn: bytes | None = None
         try:
-            with open(self.path) as f:
-                for line in f:
-                    if line.strip():
-                        entry = json.loads(line)
-                        self.entries.append(entry)
-                        if "info" in entry:
-                            info = bytes.fromhex(entry["info"])
-                            self.signed_infos.add(hashlib.sha3_256(info).digest())
+            with open(self.path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
-            pass
+            return
+        if raw and not raw.endswith(b"\n"):
+            # A record is written before its receipt leaves, so a line cut short by a crash
+            # is a receipt that was never sent: drop it, or every later append would be lost
+            # in the same unreadable line.
+            keep = raw.rfind(b"\n") + 1
+            self.torn = raw[keep:]
+            raw = raw[:keep]
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
+        for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as e:
+                raise ValueError(
+                    f"{self.path} line {number} is unreadable ({e}); this client's record of "
+                    "what it signed is damaged"
+                ) from e
+            self.entries.append(entry)
+            if "info" in entry:
+                info = bytes.fromhex(entry["info"])
+                self.signed_infos.add(hashlib.sha3_256(info).digest())
+
+    def chain(self, deposit: bytes, prev: bytes, provider: bytes) -> tuple[int, int]:
+        """Units of ``provider``'s receipts this client signed on the chain that ends at
+        ``prev`` (what a receipt following ``prev`` adds to), and the units of the last.
+
+        Receipts beside that chain (another answer to the same prev, lost on the way) can no
+        longer be redeemed once one following ``prev`` is, so they do not count.
+        """
+        links: dict[str, dict[str, Any]] = {}
+        for entry in self.entries:
+            if entry["event"] == "signed" and entry.get("deposit") == deposit.hex():
+                links[entry["receipt"]] = entry
+        committed = last = 0
+        at = prev.hex()
+        seen: set[str] = set()
+        while at in links and at not in seen:
+            seen.add(at)
+            entry = links[at]
+            if entry.get("provider") == provider.hex():
+                committed += int(entry["units"])
+                if not last:
+                    last = int(entry["units"])
+            at = entry["prev"]
+        return committed, last
 
     def states(self, deposit: bytes) -> set[bytes]:
         """The prev hashes a next receipt may name: the deposit itself, or after the last

@@ -113,8 +113,8 @@ class VPNClientService(MultiService):
         self._billing_error: str | None = None
         if config.wallet.key is not None:
             try:
-                self.billing = ClientBilling(config.wallet, c.state_dir)
-            except KeyFileError as e:
+                self.billing = ClientBilling(config.wallet, c.state_dir, reactor)
+            except (KeyFileError, ValueError) as e:  # a bad key, a damaged record or meter
                 self._billing_error = str(e)
         self.socks: SocksService | None = None
         if c.socks is not None:
@@ -127,7 +127,7 @@ class VPNClientService(MultiService):
 
     def privilegedStartService(self) -> None:
         if self._billing_error is not None:
-            raise StartupError(f"[wallet] key: {self._billing_error}")
+            raise StartupError(f"[wallet]: {self._billing_error}")
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -436,6 +436,8 @@ class VPNClientService(MultiService):
         self._cancel(stream.setup_timer)
         stream.setup_timer = None
         self.stream = None
+        if self.billing is not None:
+            self.billing.session_ended(stream)
         if self.billing is not None and self.billing.permanent:
             why, permanent = str(self.billing.stopped), True
         self.last_error = why

@@ -108,6 +108,8 @@ class ClientStream:
         self.sent_bytes = 0
         self.received_packets = 0
         self.received_bytes = 0
+        #: L4 proxy payload both ways (SEND and RECV), billed like IP bytes
+        self.proxy_bytes = 0
         self._pinger: LoopingCall | None = None
         self._addr_retry: IDelayedCall | None = None
         self._lost_reported = False
@@ -180,8 +182,15 @@ class ClientStream:
             self._send(CHANNEL_R, ptype, body)
             self.flush()
 
+    @property
+    def metered_bytes(self) -> int:
+        """What the server bills in bytes: IP bytes both ways plus the proxy's payload."""
+        return self.sent_bytes + self.received_bytes + self.proxy_bytes
+
     def send_vpn(self, packet: vpn.VpnPacket, flush: bool = True) -> None:
         if self._send is not None:
+            if packet.op_code == vpn.OpCode.SEND:
+                self.proxy_bytes += len(packet.data)
             self._send(CHANNEL_S, _PKT_DATA, packet.encode())
             if flush:
                 self.flush()
@@ -307,6 +316,8 @@ class ClientStream:
         elif op == vpn.OpCode.PROBLEM and packet.sock_id == 0:
             self._on_problem(packet.code)
         elif op in _PROXY_OPS:
+            if op == vpn.OpCode.RECV:
+                self.proxy_bytes += len(packet.data)
             self.owner.proxy_packet(self, packet)
 
     def _on_problem(self, code: int) -> None:
@@ -345,4 +356,9 @@ class ClientStream:
 
 def _permanent(code: int) -> bool:
     """Refusals that another attempt cannot fix without a change of config or funds."""
-    return code not in (ErrorCode.CANT_ADD_USAGE, ErrorCode.REQUEST_INTERNAL_ERROR)
+    return code not in (
+        ErrorCode.CANT_ADD_USAGE,
+        ErrorCode.REQUEST_INTERNAL_ERROR,
+        ErrorCode.NO_LEDGER,
+        ErrorCode.NETWORK_IS_OFFLINE,
+    )

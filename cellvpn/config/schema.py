@@ -342,6 +342,28 @@ class WalletSection:
     max_unit_price: int = option(
         integer(0), 0, "Highest price per unit the client accepts; 0 = free service only."
     )
+    sign_tolerance_percent: int = option(
+        integer(0, 100),
+        10,
+        "How far (percent of a receipt's units) the server's count may run ahead of the "
+        "client's before the client refuses to sign the next receipt.",
+    )
+    sign_tolerance_bytes: int = option(
+        integer(0),
+        65536,
+        "Bytes the server's count may run ahead of the client's, on top of the percentage.",
+    )
+    sign_tolerance_seconds: float = option(
+        seconds(0, 3600),
+        2.0,
+        "Seconds the server's clock may run ahead of the client's, on top of the percentage.",
+    )
+    max_refusals: int = option(
+        integer(1, 100),
+        3,
+        "Receipts refused in a row (asked for too early) before the client drops the session "
+        "and connects again.",
+    )
 
 
 def _token(text: str, base: Path) -> str:

@@ -133,6 +133,8 @@ class ServerBilling:
         self._saver: LoopingCall | None = None
         self.redeemed = 0
         self.refused = 0
+        #: receipts the clients answered with an ERROR instead of a signature
+        self.client_refusals = 0
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -430,6 +432,16 @@ class ServerBilling:
             d.addErrback(self._failed, session, "redeeming a receipt")
             if bill is not None and bill.redeeming and not busy:
                 bill.redemption = d  # this one went to the ledger
+            return True
+        if ptype == PacketType.ERROR:
+            # the client refused to sign (asked too early by its meter): the receipt stays
+            # pending and is asked for again after receipt_timeout
+            self.client_refusals += 1
+            self.log.info(
+                "session {sid}: the client did not sign the receipt ({code})",
+                sid=_sid(session),
+                code=Error.decode(data).name,
+            )
             return True
         if ptype == PacketType.DEPOSIT_CREATE:
             d = defer.Deferred.fromCoroutine(self._create(session, SignedDeposit.decode(data)))

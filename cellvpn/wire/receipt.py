@@ -17,6 +17,11 @@ signatures``, ``size`` counting every byte, signatures included. Signatures foll
 dap-sdk's ``dap_sign_t`` (``u32 type, u8 hash_type, u8 pad, u32 sign_size, u32 pkey_size``, then
 the public key, then the signature); cellvpn signs with Ed25519 (type :data:`SIG_TYPE_ED25519`).
 Signature 0 is the provider's, signature 1 the client's; both cover ``receipt_info`` only.
+
+Since nothing signs ``exts`` or a signature's ``hash_type`` while the receipt's hash covers them,
+cellvpn accepts only receipts where those carry nothing (:meth:`Receipt.unsigned_bytes`): no
+extensions, ``hash_type`` 0. Then a receipt's hash is a function of what both parties signed,
+and the client's record and the ledger name every receipt by the same hash.
 """
 
 from __future__ import annotations
@@ -128,6 +133,18 @@ class Receipt:
         size = HEAD_SIZE + len(self.exts) + len(signs)
         head = _HEAD.pack(RECEIPT_TYPE, self.info.encode(), size, len(self.exts))
         return head + self.exts + signs
+
+    def unsigned_bytes(self) -> str | None:
+        """What this receipt carries that no signature covers (None: nothing). Such bytes
+        would change the receipt's hash without anyone's signature, so they are refused."""
+        if self.exts:
+            return f"receipt carries {len(self.exts)} bytes of extensions, which nobody signs"
+        for i, sig in enumerate(self.signatures):
+            if sig.hash_type != 0:
+                return (
+                    f"signature {i} has hash_type {sig.hash_type}, which nobody signs (must be 0)"
+                )
+        return None
 
     @property
     def hash(self) -> bytes:

@@ -468,3 +468,23 @@ def test_redeem_many_takes_each_request_on_its_own(funded: tuple[SqliteLedger, b
     assert row is not None and row.receipts == 3 and row.state_hash == third.hash
     assert ledger.balance(PROVIDER.account) == 300
     assert ledger.redeem_many([]) == []
+
+
+def test_bytes_no_signature_covers_are_refused(funded: tuple[SqliteLedger, bytes]) -> None:
+    """Extensions or a non-zero hash_type change a receipt's hash without anyone's signature:
+    the ledger refuses them, so a receipt's hash is always that of what both parties signed."""
+    ledger, dep_id = funded
+    good = receipt(PROVIDER, CLIENT, dep_id)
+    before = ledger.dump()
+    with refused(ErrorCode.WRONG_HASH) as info:
+        ledger.redeem(replace(good, exts=b"\x00" * 8), dep_id, PROVIDER.public, NOW)
+    assert "8 bytes of extensions" in info.value.message
+    provider_sig, client_sig = good.signatures
+    for sigs in ((replace(provider_sig, hash_type=2), client_sig),
+                 (provider_sig, replace(client_sig, hash_type=1))):  # fmt: skip
+        with refused(ErrorCode.WRONG_HASH) as info:
+            ledger.redeem(replace(good, signatures=sigs), dep_id, PROVIDER.public, NOW)
+        assert "hash_type" in info.value.message
+    assert ledger.dump() == before
+    result = ledger.redeem(good, dep_id, PROVIDER.public, NOW)
+    assert result.receipt_hash == good.hash

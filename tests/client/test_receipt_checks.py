@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
 from cellvpn.billing.keys import KeyPair, create_key
 from cellvpn.billing.proof import proven_key
@@ -219,6 +220,9 @@ class FakeStream:
         conn = type("Conn", (), {"welcome": welcome})()
         self.proto = type("Proto", (), {"conn": conn})()
         self.session_id = session_id
+        self.usage_id = 7
+        #: what the client's meter reads in bytes (IP both ways plus proxy payload)
+        self.metered_bytes = 0
         self.sent: list[tuple[int, bytes]] = []
         self.closed: tuple[int, str] | None = None
 
@@ -250,7 +254,7 @@ def billing(
         deposit_value=deposit_value,
         max_unit_price=max_unit_price,
     )
-    return ClientBilling(wallet, tmp_path / "state")
+    return ClientBilling(wallet, tmp_path / "state", Clock())
 
 
 def request_of(cb: ClientBilling, stream: FakeStream) -> Request | None:
@@ -350,6 +354,7 @@ def test_sign_confirm_and_chain(tmp_path: Path) -> None:
     assert cb.book.states(DEPOSIT) == {DEPOSIT, answer.hash}
     assert packet(cb, stream, PacketType.SUCCESS, Success(7).encode())
     assert cb.book.states(DEPOSIT) == {answer.hash}
+    cb.clock.advance(30)  # type: ignore[attr-defined]  # half of the 60 s receipt used
     r2 = offer(prev=answer.hash)
     assert packet(cb, stream, PacketType.SIGN_REQUEST, r2.encode())
     assert stream.sent[-1][0] == PacketType.SIGN_RESPONSE
@@ -429,3 +434,114 @@ def test_describe(tmp_path: Path) -> None:
     assert info["deposit"] == DEPOSIT.hex()
     assert info["order"] == SignedOrder.sign(ORDER, PROVIDER).hash.hex()
     assert (info["price"], info["units"], info["receipts_signed"]) == ("60", 60, 0)
+
+
+# --- what the client signs: only what it used ------------------------------------------------
+
+
+def granted(tmp_path: Path) -> tuple[ClientBilling, FakeStream, Receipt]:
+    """A client that signed its first receipt and got SUCCESS for it."""
+    cb = billing(tmp_path)
+    stream = FakeStream(signed_order())
+    request_of(cb, stream)
+    packet(cb, stream, PacketType.SIGN_REQUEST, offer().encode())
+    answer = Receipt.decode(stream.sent[-1][1])
+    packet(cb, stream, PacketType.SUCCESS, Success(7).encode())
+    return cb, stream, answer
+
+
+def test_a_receipt_asked_for_too_early_gets_an_error_and_is_counted(tmp_path: Path) -> None:
+    """Nothing used: ERROR (not a signature), counted in the status, the session kept; the
+    third in a row closes the session but is no permanent stop."""
+    cb, stream, first = granted(tmp_path)
+    for n in (1, 2):
+        packet(cb, stream, PacketType.SIGN_REQUEST, offer(prev=first.hash, addition=n).encode())
+        ptype, body = stream.sent[-1]
+        assert ptype == PacketType.ERROR
+        assert Error.decode(body).code == ErrorCode.RECEIPT_UNITS_ERROR
+        assert stream.closed is None
+    assert cb.describe()["receipts_refused"] == 2 and cb.receipts_signed == 1
+    packet(cb, stream, PacketType.SIGN_REQUEST, offer(prev=first.hash, addition=3).encode())
+    assert stream.closed is not None and stream.closed[0] == CloseCode.REFUSED
+    assert "3 receipts in a row" in stream.closed[1]
+    assert not cb.permanent and len(cb.book.receipts()) == 1
+    # the use comes; the next session signs
+    cb.session_ended(stream)  # type: ignore[arg-type]
+    again = FakeStream(signed_order())
+    request_of(cb, again)
+    packet(cb, again, PacketType.SUCCESS, Success(7).encode())
+    cb.clock.advance(31)  # type: ignore[attr-defined]
+    packet(cb, again, PacketType.SIGN_REQUEST, offer(prev=first.hash, addition=4).encode())
+    assert again.sent[-1][0] == PacketType.SIGN_RESPONSE
+
+
+def test_nothing_is_signed_while_a_receipt_waits_for_its_success(tmp_path: Path) -> None:
+    """Before the first SUCCESS only the first receipt: a second one, however cheap, waits."""
+    cb = billing(tmp_path)
+    stream = FakeStream(signed_order())
+    request_of(cb, stream)
+    packet(cb, stream, PacketType.SIGN_REQUEST, offer().encode())
+    first = Receipt.decode(stream.sent[-1][1])
+    packet(cb, stream, PacketType.SIGN_REQUEST, offer(prev=first.hash, addition=1).encode())
+    assert stream.sent[-1][0] == PacketType.ERROR and cb.receipts_signed == 1
+
+
+def test_the_meter_is_carried_to_the_next_client_process(tmp_path: Path) -> None:
+    """40 s used in one process, saved when the session ends; the next process signs at once."""
+    cb, stream, first = granted(tmp_path)
+    cb.clock.advance(40)  # type: ignore[attr-defined]
+    cb.session_ended(stream)  # type: ignore[arg-type]
+    restarted = billing(tmp_path)
+    stream = FakeStream(signed_order())
+    request_of(restarted, stream)
+    packet(restarted, stream, PacketType.SIGN_REQUEST, offer(prev=first.hash, addition=9).encode())
+    assert stream.sent[-1][0] == PacketType.SIGN_RESPONSE
+
+
+@pytest.mark.parametrize(
+    "code", [ErrorCode.NO_LEDGER, ErrorCode.CANT_ADD_USAGE, ErrorCode.NETWORK_IS_OFFLINE]
+)
+def test_transient_errors_are_not_a_permanent_stop(tmp_path: Path, code: int) -> None:
+    """ "Try again" ERRORs close the session for a retry; a refusal for good stays permanent."""
+    cb, stream, _ = granted(tmp_path)
+    packet(cb, stream, PacketType.ERROR, Error(code, 7).encode())
+    assert not cb.permanent and stream.closed is not None
+    cb, stream, _ = granted(tmp_path / "other")
+    packet(cb, stream, PacketType.ERROR, Error(ErrorCode.TX_COND_NOT_ENOUGH, 7).encode())
+    assert cb.permanent
+
+
+def test_bytes_nobody_signed_are_refused() -> None:
+    """Extensions or a hash_type would change the receipt's hash under both signatures."""
+    good = offer()
+    reason = why(replace(good, exts=b"\x01\x02"))
+    assert reason is not None and "2 bytes of extensions" in reason
+    sig = good.signatures[0]
+    odd = replace(good, signatures=(replace(sig, hash_type=1),))
+    reason = why(odd)
+    assert reason is not None and "hash_type 1" in reason
+
+
+def test_a_torn_last_line_is_cut_off(tmp_path: Path) -> None:
+    """A crash while a line was written: the torn tail (never sent) goes, the rest stays, and
+    the next record starts on a line of its own."""
+    client = KeyPair.generate()
+    path = tmp_path / "receipts.jsonl"
+    book = ReceiptBook(path)
+    r1 = client_signed(offer(), client)
+    book.signed(DEPOSIT, r1, PROVIDER.public)
+    with open(path, "a") as f:
+        f.write('{"event": "signed", "deposit": "ab')
+    again = ReceiptBook(path)
+    assert again.torn == b'{"event": "signed", "deposit": "ab'
+    assert again.entries == book.entries
+    again.confirmed(DEPOSIT, r1.hash)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["signed", "confirmed"]
+
+
+def test_a_damaged_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "receipts.jsonl"
+    path.write_text('{"event": "confirmed"}\nnot json\n{"event": "confirmed"}\n')
+    with pytest.raises(ValueError, match=r"receipts\.jsonl line 2 is unreadable"):
+        ReceiptBook(path)

@@ -56,7 +56,7 @@ class Payer:
         wallet = WalletSection(
             key=Path(entry["key"]), deposit=entry["deposit"], max_unit_price=max_price
         )
-        self.billing = ClientBilling(wallet, Path(entry["state"]))
+        self.billing = ClientBilling(wallet, Path(entry["state"]), reactor)
         self.stream = ClientStream(reactor, 3.0, self, want_address=False)
         self.granted_at: float | None = None
         self.refused: str | None = None
@@ -104,6 +104,7 @@ class Payer:
         stream.close()
 
     def stream_lost(self, stream: ClientStream, why: str, permanent: bool) -> None:
+        self.billing.session_ended(stream)
         self._end(why)
 
     def stream_packet(self, packet: memoryview) -> None:

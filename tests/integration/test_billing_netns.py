@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from cellvpn.billing.keys import load_key
 from cellvpn.billing.sqlite import SqliteLedger
-from cellvpn.lab import NET_HOST_IP, Twistd, VpnLab, ctl_json, wait_for
+from cellvpn.lab import NET_HOST_IP, VENV_BIN, Twistd, VpnLab, ctl_json, wait_for
 from tests.integration.helpers import (
     TCPTOOL,
     background,
@@ -83,6 +85,18 @@ def test_paid_by_bytes_ledger_moves_exactly_the_receipts(netns: Any, tmp_path: P
     ok, figures = led.check_invariant()
     assert ok, figures
     led.close()
+    # the honest server was never refused, and the client's record names every receipt the
+    # ledger redeemed by the same hash (``ledger receipts --local`` against ``ledger receipts``)
+    status = ctl_json(cli, lab.socket("client"), "status")
+    assert status["billing"]["receipts_refused"] == 0
+    local = subprocess.run(
+        [str(VENV_BIN / "cellvpn-ctl"), "--json", "ledger", "receipts", "--local",
+         "--state-dir", str(tmp_path / "client-state")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    mine = {r["hash"] for r in json.loads(local.stdout)["receipts"] if r["confirmed"]}
+    theirs = {r["hash"] for r in ledger_ctl(tmp_path, "receipts")["receipts"]}
+    assert mine == theirs == {r.hash.hex() for r in receipts}
 
 
 def test_deposit_runs_out_stopped_no_packet_after(netns: Any, tmp_path: Path) -> None:
