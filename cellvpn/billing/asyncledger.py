@@ -14,7 +14,7 @@ redeemed before it is durable, and the order of all calls is kept.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred, fail
@@ -231,6 +231,16 @@ class AsyncLedger:
         value: int,
     ) -> Deferred[None]:
         return self.run(self.ledger.add_usage, provider, client, kind, seconds, bytes, value)
+
+    def book_grace(
+        self, provider: bytes, subjects: Sequence[str], at: float, seconds: float, bytes: int
+    ) -> Deferred[None]:
+        return self.run(self.ledger.book_grace, provider, subjects, at, seconds, bytes)
+
+    def grace_used(
+        self, provider: bytes, subject: str, since: float
+    ) -> Deferred[tuple[float, int]]:
+        return self.run(self.ledger.grace_used, provider, subject, since)
 
     def report(self, provider: bytes | None = None) -> Deferred[list[UsageRow]]:
         return self.run(self.ledger.report, provider)

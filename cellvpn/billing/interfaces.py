@@ -205,6 +205,14 @@ class ILedger(Interface):
     ) -> None:
         """Add to the client's usage statistics of this kind."""
 
+    def book_grace(
+        provider: bytes, subjects: Sequence[str], at: float, seconds: float, bytes: int
+    ) -> None:
+        """Record grace a session used, against each subject (a key, a source prefix)."""
+
+    def grace_used(provider: bytes, subject: str, since: float) -> tuple[float, int]:
+        """Seconds and bytes of grace booked against ``subject`` since ``since``."""
+
     def report(provider: bytes | None = None) -> list[UsageRow]:
         """Usage statistics per (provider, client)."""
 

@@ -141,10 +141,21 @@ CREATE TABLE IF NOT EXISTS usage (
     value TEXT NOT NULL,
     PRIMARY KEY (provider, client, kind)
 );
+CREATE TABLE IF NOT EXISTS grace (
+    provider BLOB NOT NULL,
+    subject TEXT NOT NULL,
+    at REAL NOT NULL,
+    seconds REAL NOT NULL,
+    bytes TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS grace_by_subject ON grace (provider, subject, at);
 """
 
 #: The tables, in the order :meth:`SqliteLedger.dump` lists them.
-TABLES = ("meta", "accounts", "mints", "orders", "deposits", "receipts", "limits", "bans", "usage")
+TABLES = (
+    "meta", "accounts", "mints", "orders", "deposits", "receipts", "limits", "bans", "usage",
+    "grace",
+)  # fmt: skip
 
 _DEPOSIT_COLUMNS = (
     "id, owner, owner_public, srv_uid, unit, max_unit_price, locked, initial, expires, "
@@ -786,6 +797,27 @@ class SqliteLedger:
                     str(old[2] + int(value)),
                 ),
             )
+
+    def book_grace(
+        self, provider: bytes, subjects: Sequence[str], at: float, seconds: float, bytes: int
+    ) -> None:
+        with self._transaction(write=True) as db:
+            for subject in subjects:
+                db.execute(
+                    "INSERT INTO grace (provider, subject, at, seconds, bytes) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (provider, subject, at, float(seconds), str(int(bytes))),
+                )
+            # rows older than any window anyone uses (a week) are of no further use
+            db.execute("DELETE FROM grace WHERE at < ?", (at - 7 * 86400,))
+
+    def grace_used(self, provider: bytes, subject: str, since: float) -> tuple[float, int]:
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT seconds, bytes FROM grace WHERE provider = ? AND subject = ? AND at >= ?",
+                (provider, subject, since),
+            ).fetchall()
+        return sum(r[0] for r in rows), sum(int(r[1]) for r in rows)
 
     def report(self, provider: bytes | None = None) -> list[UsageRow]:
         sql = "SELECT provider, client, kind, seconds, bytes, value FROM usage"

@@ -90,6 +90,17 @@ class ServerSection:
         "Handshake RTT in seconds below which auto takes a path for a LAN (cubic); 0 = bbr on"
         " every path.",
     )
+    source_prefix_v4: int = option(
+        integer(8, 32),
+        24,
+        "Prefix length that makes IPv4 client addresses one source, for budgets that keys "
+        "alone cannot hold (grace); 32 = every address on its own.",
+    )
+    source_prefix_v6: int = option(
+        integer(16, 128),
+        64,
+        "Prefix length that makes IPv6 client addresses one source (as source_prefix_v4).",
+    )
 
     checks: ClassVar[tuple[Check, ...]] = (
         Check(("keepalive", "idle_timeout"), _idle_after_keepalive),
@@ -424,6 +435,35 @@ class BillingSection:
     receipt_attempts: int = option(integer(1, 100), 3, "Times a receipt is asked for.")
     save_interval: float = option(
         seconds(1, 3600), 60.0, "Seconds between saves of the remaining limits."
+    )
+    redeem_credit_bytes: int = option(
+        integer(0),
+        1048576,
+        "Bytes a session may carry beyond its paid units while its next receipt is being "
+        "redeemed; then traffic waits for the ledger (B).",
+    )
+    redeem_credit_seconds: float = option(
+        seconds(0, 60),
+        2.0,
+        "Seconds of service beyond the paid units while the next receipt is being redeemed (SEC).",
+    )
+    grace_budget_seconds: float = option(
+        seconds(0, 86400),
+        120.0,
+        "Seconds of grace one client key, and one source prefix, may use per grace_window.",
+    )
+    grace_budget_bytes: int = option(
+        integer(0),
+        64 * 1048576,
+        "Bytes of grace one client key, and one source prefix, may use per grace_window.",
+    )
+    grace_window: float = option(
+        seconds(60, 7 * 86400), 86400.0, "Seconds over which the grace budget is counted."
+    )
+    grace_bytes: int = option(
+        integer(0),
+        16 * 1048576,
+        "Bytes one grace session may carry before traffic waits for the first receipt.",
     )
 
 

@@ -24,23 +24,24 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.interfaces import DepositRow, LedgerError, LedgerUnavailableError
-from cellvpn.billing.keys import KeyPair, account_of
+from cellvpn.billing.keys import KeyPair, account_of, verify
 from cellvpn.billing.proof import proven_key
 from cellvpn.billing.records import Order, SignedDeposit, SignedOrder, receipt_units_value_ok
 from cellvpn.config.schema import BillingSection
+from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.server.usage import UsageInput, UsageState
 from cellvpn.wire.errors import DecodeError
-from cellvpn.wire.receipt import Receipt, ReceiptInfo, Unit
+from cellvpn.wire.receipt import SIG_TYPE_ED25519, Receipt, ReceiptInfo, Unit
 from cellvpn.wire.service import SRV_UID_VPN, Error, ErrorCode, PacketType, Request, Success
 from cellvpn.wire.setup import CloseCode
 
@@ -54,10 +55,16 @@ UNMETERED = 1 << 62
 GRACE_POLL = 1.0
 #: Seconds between the NOTIFY_STOPPED and the close, so the client reads why.
 STOP_LINGER = 2.0
-#: Bytes carried between looks while a signed receipt is being redeemed at zero.
-DEBT_STEP = 256 * 1024
 #: How long an order the server publishes stays valid (it is renewed at every start).
 ORDER_LIFETIME = 30 * 86400
+#: Ledger answers that show a client cheating (a forged or foreign signature, a fork or
+#: replay): the session stops and the key is banned. Others (the deposit ran dry or expired)
+#: are an honest client's end: stopped at zero, no ban.
+FRAUD = frozenset(
+    {ErrorCode.RECEIPT_NO_SIGN, ErrorCode.RECEIPT_WRONG_PKEY_HASH, ErrorCode.WRONG_HASH}
+)
+#: Seconds between tries of a redemption while the ledger is unavailable.
+REDEEM_RETRY = 1.0
 
 
 @dataclass
@@ -91,12 +98,25 @@ class Bill:
     ticker: LoopingCall | None = None
     last_tick: float = 0.0
     paid_value: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0
     saved_bytes: int = 0
     saved_seconds: float = 0.0
     receipts: int = 0
     #: when NOTIFY_STOPPED went out (wall clock), for reports
     stopped_at: float | None = None
+    #: traffic is held: the credit of a pending redemption, or the grace bytes, are used up
+    held: bool = False
+    #: the budgets this session's grace is booked against: its key and its source prefix
+    subjects: tuple[str, ...] = ()
+    #: grace: when it began (the reactor's clock), the bytes counter then, what it used
+    grace_since: float | None = None
+    grace_bytes_at: int = 0
+    grace_seconds: float = 0.0
+    grace_bytes: int = 0
+    #: the session has traffic in grace (False: out of budget, it must pay first)
+    grace_service: bool = False
+    #: the service was granted on paid terms (a receipt, or saved limits) at some point
+    metered: bool = False
 
 
 class ServerBilling:
@@ -117,6 +137,12 @@ class ServerBilling:
         self.ledger = ledger
         self.config = config
         self.grace_period = grace_period
+        #: the one clock of billing's timers and durations (tests drive it with task.Clock)
+        self.clock = server.reactor
+        #: grace refused for want of budget; keys banned for fraud
+        self.grace_refused = 0
+        self.banned = 0
+        self.save_failures = 0
         self.unit = Unit.SEC if config.price_unit.value == "SEC" else Unit.B
         self.order = SignedOrder.sign(
             Order(
@@ -209,7 +235,17 @@ class ServerBilling:
                 f"key {client.hex()[:16]} is banned for {banned - now:.0f} s more",
             )
             return
-        bill = Bill(client_public=public, client=client, deposit_id=request.tx_cond)
+        section = self.server.config.server
+        prefix = source_prefix(
+            _host(session.peer), section.source_prefix_v4, section.source_prefix_v6
+        )
+        bill = Bill(
+            client_public=public,
+            client=client,
+            deposit_id=request.tx_cond,
+            started=self.clock.seconds(),
+            subjects=(f"key:{client.hex()}", f"net:{prefix}"),
+        )
         session.bill = bill
         deposit = await self.ledger.get_deposit(request.tx_cond)
         if session.ended:
@@ -239,8 +275,23 @@ class ServerBilling:
             )
             return
         bill.mode = "grace"
-        session.allowance = UNMETERED
-        session.grant(UsageInput.GRANT_GRACE)
+        bill.grace_service = await self._grace_left(bill)
+        if session.ended:
+            return
+        if bill.grace_service:
+            bill.grace_since = self.clock.seconds()
+            bill.grace_bytes_at = _carried(session)
+            # grace traffic has a cap: at it, traffic waits for the first receipt
+            session.allowance = max(1, self.config.grace_bytes)
+            session.grant(UsageInput.GRANT_GRACE)
+        else:
+            self.grace_refused += 1
+            self.log.info(
+                "session {sid}: no grace left for {subjects}: nothing passes before the "
+                "first receipt",
+                sid=_sid(session),
+                subjects=", ".join(bill.subjects),
+            )
         clock = self.server.reactor
         bill.grace_timer = clock.callLater(self.grace_period, self._grace_over, session)
         poller = LoopingCall(self._poll, session)
@@ -252,6 +303,35 @@ class ServerBilling:
             sid=_sid(session),
             dep=bill.deposit_id.hex()[:16],
             grace=self.grace_period,
+        )
+
+    async def _grace_left(self, bill: Bill) -> bool:
+        """Whether every budget this grace counts against (key, source prefix) has room."""
+        since = time.time() - self.config.grace_window
+        for subject in bill.subjects:
+            seconds, nbytes = await self.ledger.grace_used(self.key.account, subject, since)
+            if (
+                seconds >= self.config.grace_budget_seconds
+                or nbytes >= self.config.grace_budget_bytes
+            ):
+                return False
+        return True
+
+    async def _end_grace(self, session: ServerSession, bill: Bill) -> None:
+        """Grace is over (paid, failed, or the session ended): book what it used."""
+        if bill.grace_since is None:
+            return
+        bill.grace_seconds = self.clock.seconds() - bill.grace_since
+        bill.grace_bytes = _carried(session) - bill.grace_bytes_at
+        bill.grace_since = None
+        # what grace carried is booked as grace, not as paid, in the usage report
+        bill.saved_seconds += bill.grace_seconds
+        bill.saved_bytes += bill.grace_bytes
+        await self.ledger.book_grace(
+            self.key.account, bill.subjects, time.time(), bill.grace_seconds, bill.grace_bytes
+        )
+        await self.ledger.add_usage(
+            self.key.account, bill.client, "grace", bill.grace_seconds, bill.grace_bytes, 0
         )
 
     async def _poll(self, session: ServerSession) -> None:
@@ -270,9 +350,7 @@ class ServerBilling:
         if bill is None or bill.mode != "grace":
             return
         _stop_loop(bill.poller)
-        until = time.time() + self.grace_period * 50
-        d = self.ledger.ban(self.key.account, bill.client, until)
-        d.addErrback(self._failed, session, "banning")
+        self._ban(session, bill, self.grace_period * 50)
         self._refuse(
             session,
             ErrorCode.TX_COND_NOT_FOUND,
@@ -280,6 +358,15 @@ class ServerBilling:
             f"{self.grace_period * 50:g} s",
             close=True,
         )
+
+    def _ban(self, session: ServerSession, bill: Bill, seconds: float) -> None:
+        """Ban the session's key for ``seconds`` (grace ended unpaid, or fraud)."""
+        self.banned += 1
+        d = defer.Deferred.fromCoroutine(self._end_grace(session, bill))
+        d.addCallback(
+            lambda _: self.ledger.ban(self.key.account, bill.client, time.time() + seconds)
+        )
+        d.addErrback(self._failed, session, "banning")
 
     # --- paying -------------------------------------------------------------------------------
 
@@ -300,6 +387,9 @@ class ServerBilling:
     async def _pay(self, session: ServerSession, bill: Bill, deposit: DepositRow) -> None:
         problem = self._check_deposit(bill, deposit)
         if problem is not None:
+            if bill.mode == "grace":
+                # grace ended unpaid (a deposit that cannot pay is no payment): as the original
+                self._ban(session, bill, self.grace_period * 50)
             self._refuse(session, *problem, close=bill.mode == "grace")
             return
         if not await self._mark(session, bill, deposit):
@@ -332,6 +422,8 @@ class ServerBilling:
             self._paid(session, bill)
             return
         if bill.locked_left < self.order.order.price:
+            if bill.mode == "grace":
+                self._ban(session, bill, self.grace_period * 50)
             self._refuse(
                 session,
                 ErrorCode.TX_COND_NOT_ENOUGH,
@@ -462,25 +554,36 @@ class ServerBilling:
         if len(receipt.signatures) < 2 or receipt.signatures[1].public_key != bill.client_public:
             self._error(session, ErrorCode.RECEIPT_NO_SIGN, "the receipt lacks the client's sign")
             return
+        forged = _forged(receipt, pending, bill.client_public)
+        if forged is not None:
+            # checked here, before the receipt buys any credit: a forged signature would
+            # otherwise carry traffic until the ledger refused it
+            self.refused += 1
+            bill.pending = None
+            _cancel(bill.timer)
+            self._fraud(session, bill, ErrorCode.RECEIPT_NO_SIGN, forged)
+            return
         bill.pending = None
         _cancel(bill.timer)
         kind = bill.pending_kind
         bill.redeeming = True
         try:
-            result = await self.ledger.redeem(
-                receipt, bill.deposit_id, self.key.public, time.time()
-            )
+            result = await self._redeem(session, bill, receipt)
         except LedgerError as e:
             bill.redeeming = False
+            self._release(session, bill)
             self.refused += 1
             self.log.info(
                 "session {sid}: receipt refused by the ledger: {why}",
                 sid=_sid(session),
                 why=e.summary,
             )
-            if kind == "first":
+            if e.code in FRAUD:
+                self._fraud(session, bill, e.code, e.summary)
+            elif kind == "first":
                 self._refuse(session, e.code, e.summary, close=True)
             else:
+                # the deposit ran dry or expired: an honest end, at zero, with no ban
                 bill.next_failed = e.code
                 self._rearm(session, bill)
             return
@@ -491,6 +594,10 @@ class ServerBilling:
         bill.state_hash = result.receipt_hash
         bill.paid_value += result.value
         bill.limit += receipt.info.units
+        if bill.mode == "grace":
+            # the first receipt pays for the grace actually used, as the original counts it
+            await self._end_grace(session, bill)
+            bill.limit -= bill.grace_seconds if bill.unit == Unit.SEC else bill.grace_bytes
         self.log.info(
             "session {sid}: receipt {hash} redeemed: {value} {token} for {units} {unit}, "
             "{left} left in the deposit",
@@ -504,6 +611,7 @@ class ServerBilling:
         )
         if session.ended:
             return
+        self._release(session, bill)
         if bill.mode in ("idle", "grace"):
             self._paid(session, bill)
         else:
@@ -511,16 +619,53 @@ class ServerBilling:
             session.flush()
             self._rearm(session, bill)
 
+    async def _redeem(self, session: ServerSession, bill: Bill, receipt: Receipt) -> Any:
+        """The ledger's answer; while it is unavailable, tried again each second for up to
+        ``receipt_timeout`` (traffic waits at the credit meanwhile), then NO_LEDGER."""
+        deadline = self.clock.seconds() + self.config.receipt_timeout
+        while True:
+            try:
+                return await self.ledger.redeem(
+                    receipt, bill.deposit_id, self.key.public, time.time()
+                )
+            except LedgerUnavailableError as e:
+                if session.ended or self.clock.seconds() >= deadline:
+                    raise LedgerError(ErrorCode.NO_LEDGER, f"ledger unavailable: {e}") from e
+                await task.deferLater(self.clock, REDEEM_RETRY, lambda: None)
+
+    def _fraud(self, session: ServerSession, bill: Bill, code: int, why: str) -> None:
+        """A forged or foreign signature, a fork or a replay: stop at once and ban the key."""
+        self._ban(session, bill, self.grace_period * 50)
+        self.log.warn(
+            "session {sid} with {peer}: {why}: stopped, key {key} banned for {ban:g} s",
+            sid=_sid(session),
+            peer=session.peer,
+            why=why,
+            key=bill.client.hex()[:16],
+            ban=self.grace_period * 50,
+        )
+        self._refuse(session, code, why, close=True)
+
+    def _release(self, session: ServerSession, bill: Bill) -> None:
+        """Traffic held at the credit (or the grace cap) goes on."""
+        if bill.held:
+            bill.held = False
+            session.hold(False)
+
     def _paid(self, session: ServerSession, bill: Bill) -> None:
         """The first payment (or saved limits): the service is granted, metering starts."""
+        if bill.grace_since is not None:  # resumed from saved limits during grace
+            d = defer.Deferred.fromCoroutine(self._end_grace(session, bill))
+            d.addErrback(self._failed, session, "booking grace")
         bill.mode = "paid"
+        bill.metered = True
         if session.usage.state is UsageState.IDLE:
             session.grant(UsageInput.PAID)
         else:
             session.usage.fire(UsageInput.PAID)
             session.send_service(PacketType.SUCCESS, Success(session.usage_id).encode())
             session.flush()
-        bill.last_tick = time.monotonic()
+        bill.last_tick = self.clock.seconds()
         bill.armed = session.allowance  # nothing of the metered kind has passed yet
         if bill.unit == Unit.SEC:
             session.allowance = UNMETERED
@@ -550,6 +695,13 @@ class ServerBilling:
     def allowance_used(self, session: ServerSession) -> None:
         """The forwarder used up the byte allowance: account for it and look again."""
         bill = session.bill
+        if bill is not None and bill.mode == "grace" and bill.grace_service:
+            # the grace bytes are spent: traffic waits for the first receipt
+            if not bill.held:
+                bill.held = True
+                session.hold(True)
+            session.allowance = UNMETERED
+            return
         if bill is None or bill.mode != "paid" or bill.unit != Unit.B:
             session.allowance = UNMETERED
             return
@@ -559,8 +711,9 @@ class ServerBilling:
         bill = session.bill
         if bill is None or bill.mode != "paid":
             return
-        now = time.monotonic()
-        bill.limit -= now - bill.last_tick
+        now = self.clock.seconds()
+        if not bill.held:  # held time is no service
+            bill.limit -= now - bill.last_tick
         bill.last_tick = now
         self._rearm(session, bill)
 
@@ -578,9 +731,21 @@ class ServerBilling:
         half = units / 2
         if bill.limit <= 0:
             if bill.redeeming:
-                # the next receipt is signed and being redeemed: what passes meanwhile is
-                # paid from it (the limit goes below zero and the receipt's units cover it)
-                session.allowance = bill.armed = DEBT_STEP
+                # the next receipt is signed (and its signature checked) and being redeemed:
+                # what passes meanwhile is paid from it, up to the credit; then traffic waits
+                credit = (
+                    self.config.redeem_credit_bytes
+                    if bill.unit == Unit.B
+                    else self.config.redeem_credit_seconds
+                )
+                # never more than half a receipt: the debt must be paid by the one redeemed
+                room = min(credit, self.order.order.units / 2) + bill.limit
+                if room > 0 and bill.unit == Unit.B:
+                    session.allowance = bill.armed = max(1, int(room))
+                elif room <= 0 and not bill.held:
+                    bill.held = True
+                    session.hold(True)
+                    session.allowance = bill.armed = UNMETERED
                 return
             self._stop(session, bill)
             return
@@ -676,9 +841,10 @@ class ServerBilling:
             _stop_loop(loop)
         for call in (bill.timer, bill.grace_timer):
             _cancel(call)
+        await self._end_grace(session, bill)  # a session that ends in grace uses up budget
         if bill.mode == "paid":
             if bill.unit == Unit.SEC:
-                now = time.monotonic()
+                now = self.clock.seconds()
                 bill.limit -= now - bill.last_tick
                 bill.last_tick = now
             self._used_bytes_now(session, bill)
@@ -686,18 +852,29 @@ class ServerBilling:
             # a receipt signed before the end is still being redeemed: what it pays for
             # belongs in the limits saved now (the client's, for its next session)
             await bill.redemption
-        if bill.mode in ("paid", "stopped") or bill.receipts:
+        if bill.metered or bill.receipts:
+            # only a bill that was paid has limits to save: a refused REQUEST (mode
+            # "stopped" with nothing paid) must not overwrite what the client has saved
             await self._save(session, bill)
         if bill.marker:
             await self.ledger.set_active_usage(bill.deposit_id, None, only_if=bill.marker)
 
     def save_all(self) -> defer.Deferred[None]:
         async def run() -> None:
-            for session in self.server.sessions:
+            for session in list(self.server.sessions):
                 bill = session.bill
                 if bill is not None and bill.mode == "paid":
                     self._used_bytes_now(session, bill)
-                    await self._save(session, bill)
+                    try:
+                        await self._save(session, bill)
+                    except Exception as e:  # a failed save must not stop the next ones
+                        self.save_failures += 1
+                        self.log.warn(
+                            "saving the limits of session {sid} failed ({n} so far): {why}",
+                            sid=_sid(session),
+                            n=self.save_failures,
+                            why=str(e) or type(e).__name__,
+                        )
 
         return defer.Deferred.fromCoroutine(run())
 
@@ -713,7 +890,7 @@ class ServerBilling:
         counters = session.counters
         carried = counters.from_client_bytes + counters.to_client_bytes
         carried += counters.proxy_from_client_bytes + counters.proxy_to_client_bytes
-        seconds = time.monotonic() - bill.started
+        seconds = self.clock.seconds() - bill.started
         await self.ledger.add_usage(
             self.key.account,
             bill.client,
@@ -747,6 +924,32 @@ class ServerBilling:
 
 def _unit_name(unit: int) -> str:
     return "seconds" if unit == Unit.SEC else "bytes"
+
+
+def _forged(receipt: Receipt, pending: Receipt, client_public: bytes) -> str | None:
+    """Why the client's answer is not a genuine signature of the receipt asked for."""
+    unsigned = receipt.unsigned_bytes()
+    if unsigned is not None:
+        return unsigned
+    if len(receipt.signatures) != 2 or receipt.signatures[0] != pending.signatures[0]:
+        return "the answer does not carry exactly the provider's and the client's signature"
+    sig = receipt.signatures[1]
+    if sig.sig_type != SIG_TYPE_ED25519 or not verify(
+        client_public, sig.signature, receipt.info_bytes
+    ):
+        return "the client's signature on the receipt is not valid"
+    return None
+
+
+def _carried(session: ServerSession) -> int:
+    """Bytes the session carried both ways, IP and L4 proxy, as billing counts them."""
+    c = session.counters
+    return (
+        c.from_client_bytes
+        + c.to_client_bytes
+        + c.proxy_from_client_bytes
+        + c.proxy_to_client_bytes
+    )
 
 
 def _sid(session: ServerSession) -> str:

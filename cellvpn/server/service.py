@@ -118,6 +118,9 @@ class VPNServerService(MultiService):
         self.tun_ready = False
         self.netlink = Netlink()
         self.finished = EndedSessions(FINISHED_KEPT)
+        #: REQUESTs refused because the session had one already
+        self.duplicate_requests = 0
+        self._duplicate_said_at = float("-inf")
         self.billing: ServerBilling | None = None
         self.ledger: AsyncLedger | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
@@ -319,6 +322,19 @@ class VPNServerService(MultiService):
     def forwarder_detach(self, session: ServerSession) -> None:
         if session.addr_key:
             self.forwarder.detach(session)
+
+    def duplicate_request(self, session: ServerSession) -> None:
+        """A second REQUEST on one session: counted, and said at most once in 10 seconds."""
+        self.duplicate_requests += 1
+        now = self.reactor.seconds()
+        if now - self._duplicate_said_at >= 10.0:
+            self._duplicate_said_at = now
+            self.log.warn(
+                "session {sid} with {peer}: a second REQUEST on one session; closed ({n} so far)",
+                sid=f"{session.session_id or 0:#010x}",
+                peer=session.peer,
+                n=self.duplicate_requests,
+            )
 
     def session_ended(self, session: ServerSession) -> None:
         """Release what the session held; keep its final counters for vpn_stat."""

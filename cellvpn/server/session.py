@@ -21,7 +21,7 @@ from cellvpn.conn.tls import describe_tls_failure, peer_fingerprint
 from cellvpn.device.counters import SessionCounters
 from cellvpn.server.billing import UNMETERED, Bill
 from cellvpn.server.check import answer_check
-from cellvpn.server.usage import ACTIVE, UsageInput, UsageState, new_usage
+from cellvpn.server.usage import ACTIVE, UsageInput, new_usage
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Closed, Established, HelloReceived
 from cellvpn.wire import vpn
@@ -64,6 +64,10 @@ class ServerSession:
         #: 'S' carries this session's packets: it has an address and an active usage (kept
         #: up to date here so the packet path reads one attribute)
         self.passing = False
+        #: a REQUEST came on this session (there is one per session)
+        self.requested = False
+        #: traffic waits (both ways) for the ledger: credit used up, or grace bytes spent
+        self.held = False
         #: VPN_SEND packets of the current read, forwarded together at its end
         self._inbox: list[memoryview] = []
         self.usage_id = 0
@@ -151,7 +155,12 @@ class ServerSession:
         )
 
     def update_passing(self) -> None:
-        self.passing = bool(self.addr_key) and self.usage.state in ACTIVE
+        self.passing = bool(self.addr_key) and self.usage.state in ACTIVE and not self.held
+
+    def hold(self, held: bool) -> None:
+        """Stop (or let go again) every packet both ways while billing waits."""
+        self.held = held
+        self.update_passing()
 
     @property
     def ended(self) -> bool:
@@ -193,7 +202,7 @@ class ServerSession:
 
     def _queue(self, op: int, packet: bytes | memoryview) -> bool:
         send = self._send
-        if send is None:
+        if send is None or self.held:
             return False
         proto = self.proto
         if proto is not None and proto.paused:
@@ -248,9 +257,14 @@ class ServerSession:
             self.proto.close(CloseCode.PROTOCOL_ERROR, f"malformed 'R' packet 0x{ptype:02x}: {e}")
 
     def _on_request(self, request: Request) -> None:
-        if self.usage.state is not UsageState.IDLE:
-            self.refuse(ErrorCode.CANT_ADD_USAGE, "a usage is already active on this session")
+        if self.requested:
+            # one bill per session: a second REQUEST would replace the paid bill with an
+            # unpaid one (and leave the first one's timers running)
+            self.server.duplicate_request(self)
+            self.refuse(ErrorCode.CANT_ADD_USAGE, "a second REQUEST on this session")
+            self.close(CloseCode.REFUSED, "a second REQUEST on one session")
             return
+        self.requested = True
         self.usage_id = secrets.randbits(32) or 1
         if not self.server.config.srv_vpn.enabled:
             self.refuse(ErrorCode.SERVICE_NOT_FOUND, "the VPN service is not enabled here")

@@ -46,7 +46,7 @@ def documented(text: str) -> dict[tuple[str, str], tuple[str, str]]:
     for line in text.splitlines():
         if m := re.fullmatch(r"\[(\w+)\]", line):
             section = m.group(1)
-        elif m := re.fullmatch(r"#([a-z_]+) =(?: (.*))?", line):
+        elif m := re.fullmatch(r"#([a-z0-9_]+) =(?: (.*))?", line):
             found[section, m.group(1)] = (m.group(2) or "", " ".join(comment))
         if line.startswith("# "):
             comment.append(line[2:])

@@ -4,6 +4,7 @@
     python probe.py HOST PORT CA wrong-key|wrong-session KEY DEPOSIT
     python probe.py HOST PORT CA pay-replay KEY DEPOSIT GO1 GO2
     python probe.py HOST PORT CA pay-and-leave KEY DEPOSIT GO1
+    python probe.py HOST PORT CA grace-hold KEY DEPOSIT SECONDS
 
 prints one JSON line per event, so a test can see exactly what the server answered.
 
@@ -13,7 +14,9 @@ names), ``wrong-session`` signs it for another session id. ``pay-replay`` pays p
 the first receipt with KEY), waits for the file GO1, sends the same SIGN_RESPONSE again, and
 keeps the session open until the file GO2 exists. ``pay-and-leave`` waits for the file GO1
 when the first receipt is asked for, then sends its SIGN_RESPONSE and CLOSE together and
-disconnects at once. These print their events as they happen.
+disconnects at once. ``grace-hold`` names a DEPOSIT the ledger does not know, stays SECONDS
+(answering keepalives), prints whether grace was granted, and leaves. These print their events
+as they happen.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def main(host: str, port: int, ca: str, script: str, *args: str) -> None:
 
 # --- billing scripts ------------------------------------------------------------------------
 
-BILLING_SCRIPTS = ("wrong-key", "wrong-session", "pay-replay", "pay-and-leave")
+BILLING_SCRIPTS = ("wrong-key", "wrong-session", "pay-replay", "pay-and-leave", "grace-hold")
 
 
 def emit(event: str, value: object) -> None:
@@ -221,6 +224,17 @@ def billing(sock: ssl.SSLSocket, script: str, key_file: str, deposit_hex: str, *
     conn.send_channel(CHANNEL_R, PacketType.REQUEST, request.encode())
     if script in ("wrong-key", "wrong-session"):
         wait("error")
+        return
+    if script == "grace-hold":
+        sock.sendall(conn.data_to_send())
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + float(go[0])
+        while time.monotonic() < deadline:
+            receive()
+        emit("grace", any(name == "success" for name, _ in seen))
+        conn.close(CloseCode.NORMAL, "grace tried")
+        sock.sendall(conn.data_to_send())
+        sock.close()
         return
     name, value = wait("sign_request")
     if name == "error":

@@ -328,3 +328,37 @@ def test_a_receipt_redeemed_after_the_client_left_is_not_lost(netns: Any, tmp_pa
     assert usage.paid.value == 60
     ok, figures = db.check_invariant()
     assert ok, figures["problems"]
+
+
+def test_grace_cannot_be_farmed_with_one_key_or_with_fresh_ones(netns: Any, tmp_path: Path) -> None:
+    """Sessions with unknown deposits that leave just inside grace_period (3 s): one key gets
+    grace until the budget (4 s) is spent, then none; fresh keys from the same /24 get none
+    either. The ledger holds the grace rows and ``ledger report`` shows them as grace."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    lab.start_server(extra=PRICE + "grace_budget_seconds = 4\n", vpn_extra="grace_period = 3\n")
+    assert lab.server is not None
+    key, _ = wallet(tmp_path, "farmer", mint=0)
+    granted = []
+    for n, name in enumerate(["farmer", "farmer", "farmer", "fresh1", "fresh2"]):
+        if name != "farmer":
+            key, _ = wallet(tmp_path, name, mint=0)
+        unknown = secrets.token_bytes(32).hex()
+        events = probe(cli, lab, "grace-hold", str(key), unknown, "2.5")
+        granted.append(events[-1]["value"])
+        wait_for(
+            lambda n=n: lab.server.text().count(" ended: ") >= n + 1,  # type: ignore[union-attr]
+            timeout=10,
+            what="the server to end the session",
+        )
+    assert granted == [True, True, False, False, False]
+    lab.server.wait_log(r"no grace left for key:[0-9a-f]+, net:192\.0\.2\.0/24")
+    db = sqlite3.connect(tmp_path / "state" / "ledger.db")
+    rows = db.execute("SELECT subject, seconds FROM grace ORDER BY at").fetchall()
+    db.close()
+    assert sorted({subject.split(":")[0] for subject, _ in rows}) == ["key", "net"]
+    assert len(rows) == 4 and all(2.0 <= seconds <= 4.0 for _, seconds in rows)
+    report = ledger_ctl(tmp_path, "report")["report"]
+    [farmer] = [r for r in report if float(r["grace"]["seconds"]) > 0]
+    assert 4.0 <= float(farmer["grace"]["seconds"]) <= 8.0
+    assert float(farmer["paid"]["seconds"]) == 0

@@ -1,0 +1,317 @@
+"""The server's billing against dishonest and honest clients, on memory transports.
+
+The server is cellvpn's own (``VPNServerService`` with ``ServerBilling``), its clock a
+``MemoryReactorClock``; its ledger is a real SQLite file behind an adapter that answers at once
+(the way ``AsyncLedger`` answers, as Deferreds) or, for a stalled ledger, holds a redemption
+until the test lets it go.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+
+from cellvpn.billing.interfaces import LedgerUnavailableError
+from cellvpn.billing.keys import KeyPair
+from cellvpn.billing.proof import sign_request
+from cellvpn.billing.records import DepositRequest, SignedDeposit, SignedOrder
+from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.server.billing import ServerBilling
+from cellvpn.stream.connection import Established
+from cellvpn.wire import vpn
+from cellvpn.wire.channel import CHANNEL_R
+from cellvpn.wire.receipt import Receipt, Signature, Unit
+from cellvpn.wire.service import Error, ErrorCode, NotifyStopped, PacketType, Request
+from tests.server.test_session import Client, ipv4, make_server
+
+PROVIDER = KeyPair.generate()
+UNITS = 1_000_000  # bytes per receipt
+PRICE = 10
+PAYLOAD = b"x" * 1372  # 1,400-byte IP packets
+
+
+class Ledger:
+    """A SqliteLedger whose calls answer as Deferreds; ``stall`` holds redemptions."""
+
+    def __init__(self, path: Path) -> None:
+        self.ledger = SqliteLedger(path)
+        self.stall = False
+        self.unavailable = 0
+        self.held: list[tuple[defer.Deferred[Any], Callable[[], Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.ledger, name)
+
+        def call(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            if name == "redeem" and self.unavailable:
+                self.unavailable -= 1
+                return defer.fail(LedgerUnavailableError("database is locked"))
+            if name == "redeem" and self.stall:
+                d: defer.Deferred[Any] = defer.Deferred()
+                self.held.append((d, lambda: method(*args, **kwargs)))
+                return d
+            try:
+                return defer.succeed(method(*args, **kwargs))
+            except Exception as e:  # handed on as a failed Deferred
+                return defer.fail(e)
+
+        return call
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, work in held:
+            try:
+                d.callback(work())
+            except Exception as e:
+                d.errback(e)
+
+
+class Payer(Client):
+    """A paying client: REQUEST with a key proof, then it signs what it is asked (or not)."""
+
+    def __init__(self, server: Any, clock: Any, key: KeyPair, deposit: bytes) -> None:
+        super().__init__(server, clock)
+        self.key = key
+        self.deposit = deposit
+        self.signed: list[Receipt] = []
+
+    @property
+    def session_id(self) -> int:
+        [est] = [e for e in self.events if isinstance(e, Established)]
+        return est.welcome.session_id
+
+    def paid_request(self) -> None:
+        order = SignedOrder.decode(self.conn.welcome.order)  # type: ignore[union-attr]
+        request = Request(tx_cond=self.deposit, order_hash=order.hash, token=b"CELL")
+        body = sign_request(request, self.key, self.session_id).encode()
+        self.conn.send_channel(CHANNEL_R, PacketType.REQUEST, body)
+        self.pump()
+
+    def asked(self) -> list[Receipt]:
+        return [Receipt.decode(b) for t, b in self.r if t == PacketType.SIGN_REQUEST]
+
+    def sign_last(self, forge: bool = False, then_request: bool = False) -> None:
+        receipt = self.asked()[-1]
+        sig = self.key.signature(receipt.info_bytes)
+        if forge:
+            sig = Signature(sig.public_key, bytes([sig.signature[0] ^ 1]) + sig.signature[1:])
+        signed = receipt.with_signature(sig)
+        self.signed.append(signed)
+        self.conn.send_channel(CHANNEL_R, PacketType.SIGN_RESPONSE, signed.encode())
+        if then_request:
+            self.paid_request()  # in the same read
+        self.pump()
+
+    def types(self) -> list[int]:
+        return [t for t, _ in self.r]
+
+    def send_bytes(self, nbytes: int) -> None:
+        """IP packets from the leased address, ``nbytes`` in all (1,400-byte packets)."""
+        for _ in range(nbytes // 1400):
+            self.send_ip(ipv4(self.address, "198.19.0.10", PAYLOAD))
+
+    @property
+    def address(self) -> str:
+        reply = vpn.AddrReply.decode(self.s[0].data)
+        return str(reply.client)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+def paid_server(tmp_path: Path, **overrides: str) -> tuple[Any, Any, list[bytes], Ledger, KeyPair]:
+    server, clock, written = make_server(
+        tmp_path,
+        **{
+            "billing.price": str(PRICE),
+            "billing.price_unit": "B",
+            "billing.units": str(UNITS),
+            **overrides,
+        },
+    )
+    ledger = Ledger(tmp_path / "ledger.db")
+    billing = ServerBilling(
+        server,
+        PROVIDER,
+        ledger,
+        server.config.billing,
+        server.config.srv_vpn.grace_period,  # type: ignore[arg-type]
+    )
+    server.billing = billing
+    ledger.put_order(billing.order)
+    client = KeyPair.generate()
+    return server, clock, written, ledger, client
+
+
+def fund(ledger: Ledger, client: KeyPair, value: int) -> bytes:
+    ledger.ledger.mint(client.account, value, client.public)
+    request = DepositRequest(
+        client.public, Unit.B, 1, value, int(time.time()) + 86400, secrets.token_bytes(16)
+    )
+    return ledger.ledger.create_deposit(SignedDeposit.sign(request, client), time.time()).id
+
+
+def granted(tmp_path: Path, value: int = 100 * PRICE, **overrides: str) -> tuple[Any, ...]:
+    server, clock, written, ledger, key = paid_server(tmp_path, **overrides)
+    deposit = fund(ledger, key, value)
+    c = Payer(server, clock, key, deposit)
+    c.paid_request()
+    assert c.types() == [PacketType.SIGN_REQUEST]
+    c.sign_last()
+    assert c.types()[-1] == PacketType.SUCCESS
+    c.addr_request()
+    return server, clock, written, ledger, key, deposit, c
+
+
+def moved(ledger: Ledger, deposit: bytes, value: int = 100 * PRICE) -> int:
+    row = ledger.ledger.get_deposit(deposit)
+    assert row is not None
+    return value - row.locked
+
+
+def test_a_second_request_is_refused_and_closes_the_session(tmp_path: Path) -> None:
+    """REQUEST right after SIGN_RESPONSE (the attack that turned metering off): ERROR, the
+    session closed, counted; nothing passes; no timer of the bill is left behind."""
+    server, clock, written, ledger, key = paid_server(tmp_path)
+    deposit = fund(ledger, key, 100 * PRICE)
+    c = Payer(server, clock, key, deposit)
+    c.paid_request()
+    c.sign_last(then_request=True)
+    errors = [Error.decode(b).code for t, b in c.r if t == PacketType.ERROR]
+    assert errors == [ErrorCode.CANT_ADD_USAGE]
+    assert c.closed and server.duplicate_requests == 1
+    c.lose()
+    assert c.session.bill is None
+    assert [call for call in clock.getDelayedCalls() if call.active()] == []
+    assert written == [] and moved(ledger, deposit) <= PRICE
+
+
+def test_five_requests_in_one_read_are_refused_without_a_traceback(tmp_path: Path) -> None:
+    server, clock, _, ledger, key = paid_server(tmp_path)
+    deposit = fund(ledger, key, 100 * PRICE)
+    c = Payer(server, clock, key, deposit)
+    order = SignedOrder.decode(c.conn.welcome.order)  # type: ignore[union-attr]
+    body = sign_request(
+        Request(tx_cond=deposit, order_hash=order.hash, token=b"CELL"), key, c.session_id
+    ).encode()
+    for _ in range(5):
+        c.conn.send_channel(CHANNEL_R, PacketType.REQUEST, body)
+    c.pump()
+    # the first extra one closes the session; the stream reads nothing after its CLOSE
+    assert server.duplicate_requests == 1 and c.closed
+    assert c.types().count(PacketType.SIGN_REQUEST) <= 1
+
+
+def test_a_stalled_redemption_carries_at_most_the_credit(tmp_path: Path) -> None:
+    """The next receipt is signed while the ledger stalls: traffic goes on to the credit
+    (1 MiB past the paid units, but never more than half a receipt: 500,000 bytes here),
+    then waits; when the ledger answers it goes on again."""
+    _server, _clock, written, ledger, _key, deposit, c = granted(tmp_path)
+    c.send_bytes(UNITS // 2 + 14_000)  # past half: the next receipt is asked for
+    assert len(c.asked()) == 2
+    ledger.stall = True
+    c.sign_last()
+    c.send_bytes(3 * UNITS)
+    carried = sum(len(p) for p in written)
+    assert UNITS + UNITS // 2 - 1400 <= carried <= UNITS + UNITS // 2 + 1400
+    assert c.session.held
+    before = len(written)
+    c.send_bytes(14_000)
+    assert len(written) == before  # held: nothing passes
+    ledger.release()
+    assert not c.session.held
+    c.send_bytes(14_000)
+    assert len(written) == before + 10
+    assert moved(ledger, deposit) == 2 * PRICE
+
+
+def test_an_unavailable_ledger_is_tried_again(tmp_path: Path) -> None:
+    """Two 'database is locked' answers, then the redemption goes through: no refusal."""
+    _server, clock, _written, ledger, _key, deposit, c = granted(tmp_path)
+    c.send_bytes(UNITS // 2 + 14_000)
+    ledger.unavailable = 2
+    c.sign_last()
+    clock.advance(1.0)
+    clock.advance(1.0)
+    c.pump()
+    assert c.types().count(PacketType.SUCCESS) == 2 and not c.closed
+    assert moved(ledger, deposit) == 2 * PRICE
+
+
+def test_a_forged_client_signature_stops_at_once_and_bans_the_key(tmp_path: Path) -> None:
+    """The next receipt answered with a signature that does not verify: no credit, the
+    session stopped and closed, the key banned; nothing more passes."""
+    _server, clock, written, ledger, key, deposit, c = granted(tmp_path)
+    c.send_bytes(UNITS // 2 + 14_000)
+    c.sign_last(forge=True)
+    errors = [Error.decode(b).code for t, b in c.r if t == PacketType.ERROR]
+    assert errors == [ErrorCode.RECEIPT_NO_SIGN]
+    before = len(written)
+    c.send_bytes(14_000)
+    assert len(written) == before
+    assert ledger.ledger.banned_until(PROVIDER.account, key.account, time.time()) is not None
+    clock.advance(3)
+    assert c.closed
+    assert moved(ledger, deposit) == PRICE
+
+
+def test_an_honest_client_running_dry_is_stopped_not_banned(tmp_path: Path) -> None:
+    """A deposit for two receipts: the third cannot be paid; at zero NOTIFY_STOPPED (0x402)
+    and the stream closes, but the key is not banned."""
+    _server, _clock, written, ledger, key, deposit, c = granted(tmp_path, value=2 * PRICE)
+    c.send_bytes(UNITS // 2 + 14_000)
+    c.sign_last()
+    c.send_bytes(2 * UNITS)
+    stops = [NotifyStopped.decode(b) for t, b in c.r if t == PacketType.NOTIFY_STOPPED]
+    assert [s.error.code for s in stops if s.error] == [ErrorCode.TX_COND_NOT_ENOUGH]
+    carried = sum(len(p) for p in written)
+    assert carried <= 2 * UNITS + 1400
+    assert ledger.ledger.banned_until(PROVIDER.account, key.account, time.time()) is None
+    assert moved(ledger, deposit, 2 * PRICE) == 2 * PRICE
+
+
+def test_a_refused_request_leaves_the_saved_limits_alone(tmp_path: Path) -> None:
+    """A REQUEST refused after its bill began (a deposit of another key) must not overwrite
+    what the client saved from an earlier, paid session."""
+    server, clock, _, ledger, key = paid_server(tmp_path)
+    other = KeyPair.generate()
+    foreign = fund(ledger, other, 100 * PRICE)
+    ledger.ledger.save_limits(PROVIDER.account, key.account, 500_000, 0.0, time.time())
+    c = Payer(server, clock, key, foreign)
+    c.paid_request()
+    errors = [Error.decode(b).code for t, b in c.r if t == PacketType.ERROR]
+    assert errors == [ErrorCode.RECEIPT_WRONG_PKEY_HASH]
+    c.lose()
+    limits = ledger.ledger.load_limits(PROVIDER.account, key.account)
+    assert limits is not None and limits.bytes_left == 500_000
+
+
+def test_a_failed_periodic_save_does_not_stop_the_next(tmp_path: Path) -> None:
+    """The ledger fails one save: counted and said; the next save_interval saves again."""
+    server, clock, _written, ledger, key, _deposit, c = granted(tmp_path)
+    billing = server.billing
+    defer.ensureDeferred(billing.start())
+    real = ledger.ledger.save_limits
+    calls = {"n": 0}
+
+    def flaky(*args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise LedgerUnavailableError("disk I/O error")
+        real(*args)
+
+    ledger.ledger.save_limits = flaky  # type: ignore[method-assign]
+    interval = server.config.billing.save_interval
+    clock.advance(interval)
+    assert billing.save_failures == 1 and billing._saver.running
+    c.send_bytes(14_000)
+    clock.advance(interval)
+    assert calls["n"] == 2
+    limits = ledger.ledger.load_limits(PROVIDER.account, key.account)
+    assert limits is not None and 0 < limits.bytes_left < UNITS
