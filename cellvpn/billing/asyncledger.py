@@ -142,9 +142,17 @@ class AsyncLedger:
         return self.run(self.ledger.close_deposit, signed_close, now)
 
     def set_active_usage(
-        self, deposit_id: bytes, marker: str | None, only_if: str | None = None
+        self,
+        deposit_id: bytes,
+        marker: str | None,
+        only_if: str | None = None,
+        until: float | None = None,
+        now: float | None = None,
     ) -> Deferred[bool]:
-        return self.run(self.ledger.set_active_usage, deposit_id, marker, only_if)
+        return self.run(self.ledger.set_active_usage, deposit_id, marker, only_if, until, now)
+
+    def renew_marks(self, marker_prefix: str, until: float) -> Deferred[int]:
+        return self.run(self.ledger.renew_marks, marker_prefix, until)
 
     def clear_active_usages(self, marker_prefix: str) -> Deferred[int]:
         return self.run(self.ledger.clear_active_usages, marker_prefix)
@@ -211,6 +219,11 @@ class AsyncLedger:
         self, provider: bytes, client: bytes, bytes_left: int, seconds_left: float, now: float
     ) -> Deferred[None]:
         return self.run(self.ledger.save_limits, provider, client, bytes_left, seconds_left, now)
+
+    def add_limits(
+        self, provider: bytes, client: bytes, bytes_delta: int, seconds_delta: float, now: float
+    ) -> Deferred[None]:
+        return self.run(self.ledger.add_limits, provider, client, bytes_delta, seconds_delta, now)
 
     def load_limits(self, provider: bytes, client: bytes) -> Deferred[Limits | None]:
         return self.run(self.ledger.load_limits, provider, client)

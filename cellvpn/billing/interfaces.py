@@ -65,9 +65,17 @@ class DepositRow:
     created: float = 0.0
     returned: int = 0
     receipts: int = 0
+    #: when the in-use mark's lease ends (its server renews it while the session lives)
+    active_until: float | None = None
 
     def expired(self, now: float) -> bool:
         return now >= self.expires
+
+    def stale(self, now: float) -> bool:
+        """A mark whose server stopped renewing it (killed, gone): it holds nothing."""
+        return self.active_usage is not None and (
+            self.active_until is None or self.active_until < now
+        )
 
 
 class RedeemRequest(NamedTuple):
@@ -163,12 +171,23 @@ class ILedger(Interface):
     def close_deposit(signed_close: SignedClose, now: float) -> int:
         """End a deposit with no active usage; return its unspent value to the owner."""
 
-    def set_active_usage(deposit_id: bytes, marker: str | None, only_if: str | None = None) -> bool:
+    def set_active_usage(
+        deposit_id: bytes,
+        marker: str | None,
+        only_if: str | None = None,
+        until: float | None = None,
+        now: float | None = None,
+    ) -> bool:
         """Mark (or, with ``None``, unmark) the deposit as in use; whether it now is ``marker``.
 
-        Setting fails while another marker is set; clearing with ``only_if`` clears only
-        that marker. An unknown or closed deposit cannot be marked.
+        A mark is a lease until ``until``. Setting fails while another marker holds a live
+        lease; a stale one (its lease ended before ``now``) is taken over when ``only_if``
+        names it. Clearing with ``only_if`` clears only that marker. An unknown or closed
+        deposit cannot be marked.
         """
+
+    def renew_marks(marker_prefix: str, until: float) -> int:
+        """Extend the leases of the marks one server holds (those starting with the prefix)."""
 
     def clear_active_usages(marker_prefix: str) -> int:
         """Unmark every deposit whose marker starts with ``marker_prefix``; how many."""
@@ -190,6 +209,12 @@ class ILedger(Interface):
         provider: bytes, client: bytes, bytes_left: int, seconds_left: float, now: float
     ) -> None:
         """Remember what the client has left with this provider."""
+
+    def add_limits(
+        provider: bytes, client: bytes, bytes_delta: int, seconds_delta: float, now: float
+    ) -> None:
+        """Add (or, negative, take) units to what the client has left; never below zero.
+        Every redemption adds its receipt's units in its own transaction."""
 
     def load_limits(provider: bytes, client: bytes) -> Limits | None:
         """What was saved by :meth:`save_limits`, if anything."""

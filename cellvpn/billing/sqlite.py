@@ -53,10 +53,12 @@ from cellvpn.billing.records import (
     SignedOrder,
     receipt_units_value_ok,
 )
-from cellvpn.wire.receipt import RECEIPT_VERSION, SIG_TYPE_ED25519, Receipt
+from cellvpn.wire.receipt import RECEIPT_VERSION, SIG_TYPE_ED25519, Receipt, Unit
 from cellvpn.wire.service import SRV_UID_VPN, ErrorCode
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this cellvpn upgrades in place: 1 lacked the grace and leases tables.
+UPGRADES_FROM = ("1",)
 BUSY_TIMEOUT_S = 10.0
 SYNCHRONOUS = ("FULL", "NORMAL")
 
@@ -149,17 +151,22 @@ CREATE TABLE IF NOT EXISTS grace (
     bytes TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grace_by_subject ON grace (provider, subject, at);
+CREATE TABLE IF NOT EXISTS leases (
+    deposit BLOB PRIMARY KEY REFERENCES deposits (id),
+    until REAL NOT NULL
+);
 """
 
 #: The tables, in the order :meth:`SqliteLedger.dump` lists them.
 TABLES = (
     "meta", "accounts", "mints", "orders", "deposits", "receipts", "limits", "bans", "usage",
-    "grace",
+    "grace", "leases",
 )  # fmt: skip
 
 _DEPOSIT_COLUMNS = (
     "id, owner, owner_public, srv_uid, unit, max_unit_price, locked, initial, expires, "
-    "state_hash, closed, active_usage, created, returned, receipts"
+    "state_hash, closed, active_usage, created, returned, receipts, "
+    "(SELECT until FROM leases WHERE leases.deposit = deposits.id)"
 )
 
 
@@ -190,6 +197,7 @@ def _deposit_row(row: tuple[Any, ...]) -> DepositRow:
         created=row[12],
         returned=int(row[13]),
         receipts=row[14],
+        active_until=row[15] if row[11] is not None else None,
     )
 
 
@@ -330,6 +338,12 @@ class SqliteLedger:
             if row is None:
                 db.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif row[0] in UPGRADES_FROM:
+                # the new tables were created above; nothing else changed
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'",
                     (str(SCHEMA_VERSION),),
                 )
             elif row[0] != str(SCHEMA_VERSION):
@@ -538,12 +552,16 @@ class SqliteLedger:
                 raise LedgerError(ErrorCode.RECEIPT_NO_SIGN, "the close is not signed by the owner")
             if dep.closed:
                 raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"deposit {dep.id.hex()} is closed")
-            if dep.active_usage is not None:
+            if dep.active_usage is not None and not dep.expired(now) and not dep.stale(now):
                 raise LedgerError(
                     ErrorCode.CANT_ADD_USAGE,
-                    f"deposit {dep.id.hex()} is in use ({dep.active_usage}); close it when "
-                    "the session has ended",
+                    f"deposit {dep.id.hex()} is in use ({dep.active_usage}) until "
+                    f"{dep.active_until:.0f}; close it when the session has ended, when its "
+                    "server has not renewed the mark by then, or after the deposit expires",
                 )
+            # an expired deposit, or a mark its server stopped renewing, never keeps money
+            db.execute("UPDATE deposits SET active_usage = NULL WHERE id = ?", (dep.id,))
+            db.execute("DELETE FROM leases WHERE deposit = ?", (dep.id,))
             db.execute(
                 "UPDATE deposits SET locked = '0', returned = ?, closed = ? WHERE id = ?",
                 (str(dep.locked), now, dep.id),
@@ -552,25 +570,63 @@ class SqliteLedger:
         return dep.locked
 
     def set_active_usage(
-        self, deposit_id: bytes, marker: str | None, only_if: str | None = None
+        self,
+        deposit_id: bytes,
+        marker: str | None,
+        only_if: str | None = None,
+        until: float | None = None,
+        now: float | None = None,
     ) -> bool:
+        """Mark the deposit in use by ``marker`` until ``until`` (a lease), or clear the mark.
+
+        A mark held by another marker is taken over only when ``only_if`` names it and its
+        lease ran out before ``now`` (its server stopped renewing it).
+        """
         with self._transaction(write=True) as db:
             row = db.execute(
-                "SELECT active_usage, closed FROM deposits WHERE id = ?", (deposit_id,)
+                "SELECT active_usage, closed, (SELECT until FROM leases WHERE deposit = id) "
+                "FROM deposits WHERE id = ?",
+                (deposit_id,),
             ).fetchone()
             if row is None:
                 return False
-            current, closed = row
+            current, closed, lease = row
             if marker is None:
                 if only_if is not None and current != only_if:
                     return current is None
-            elif closed is not None or current not in (None, marker):
+                db.execute("DELETE FROM leases WHERE deposit = ?", (deposit_id,))
+            elif closed is not None:
                 return False
+            elif current not in (None, marker):
+                stale = lease is not None and now is not None and lease < now
+                if not (stale and only_if == current):
+                    return False
             db.execute("UPDATE deposits SET active_usage = ? WHERE id = ?", (marker, deposit_id))
+            if marker is not None and until is not None:
+                db.execute(
+                    "INSERT INTO leases (deposit, until) VALUES (?, ?) "
+                    "ON CONFLICT (deposit) DO UPDATE SET until = excluded.until",
+                    (deposit_id, until),
+                )
             return True
+
+    def renew_marks(self, marker_prefix: str, until: float) -> int:
+        """Extend the lease of every mark that starts with ``marker_prefix`` (one server's)."""
+        with self._transaction(write=True) as db:
+            cursor = db.execute(
+                "UPDATE leases SET until = ? WHERE deposit IN (SELECT id FROM deposits WHERE "
+                "active_usage IS NOT NULL AND substr(active_usage, 1, ?) = ?)",
+                (until, len(marker_prefix), marker_prefix),
+            )
+            return cursor.rowcount
 
     def clear_active_usages(self, marker_prefix: str) -> int:
         with self._transaction(write=True) as db:
+            db.execute(
+                "DELETE FROM leases WHERE deposit IN (SELECT id FROM deposits WHERE "
+                "active_usage IS NOT NULL AND substr(active_usage, 1, ?) = ?)",
+                (len(marker_prefix), marker_prefix),
+            )
             cursor = db.execute(
                 "UPDATE deposits SET active_usage = NULL WHERE active_usage IS NOT NULL "
                 "AND substr(active_usage, 1, ?) = ?",
@@ -703,6 +759,16 @@ class SqliteLedger:
                 request.encoded,
             ),
         )
+        # the units bought are the client's saved limits from this commit on: a server killed
+        # right after the redemption resumes with them (its saves add use as deltas)
+        self._add_limits(
+            db,
+            provider,
+            dep.owner,
+            info.units if info.units_type == Unit.B else 0,
+            float(info.units) if info.units_type == Unit.SEC else 0.0,
+            now,
+        )
         return RedeemResult(request.hash, info.value, left, balance)
 
     def receipts(
@@ -739,6 +805,42 @@ class SqliteLedger:
                 "saved_at = excluded.saved_at",
                 (provider, client, str(int(bytes_left)), float(seconds_left), now),
             )
+
+    def add_limits(
+        self, provider: bytes, client: bytes, bytes_delta: int, seconds_delta: float, now: float
+    ) -> None:
+        with self._transaction(write=True) as db:
+            self._add_limits(db, provider, client, bytes_delta, seconds_delta, now)
+
+    @staticmethod
+    def _add_limits(
+        db: sqlite3.Connection,
+        provider: bytes,
+        client: bytes,
+        bytes_delta: int,
+        seconds_delta: float,
+        now: float,
+    ) -> None:
+        """Add to what the client has left (never below zero): deltas commute, so a save and
+        a redemption that overlap both count."""
+        row = db.execute(
+            "SELECT bytes_left, seconds_left FROM limits WHERE provider = ? AND client = ?",
+            (provider, client),
+        ).fetchone()
+        old_bytes, old_seconds = (0, 0.0) if row is None else (int(row[0]), float(row[1]))
+        db.execute(
+            "INSERT INTO limits (provider, client, bytes_left, seconds_left, saved_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, client) DO UPDATE SET "
+            "bytes_left = excluded.bytes_left, seconds_left = excluded.seconds_left, "
+            "saved_at = excluded.saved_at",
+            (
+                provider,
+                client,
+                str(max(0, old_bytes + int(bytes_delta))),
+                max(0.0, old_seconds + float(seconds_delta)),
+                now,
+            ),
+        )
 
     def load_limits(self, provider: bytes, client: bytes) -> Limits | None:
         with self._transaction(write=False) as db:

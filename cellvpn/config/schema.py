@@ -436,6 +436,12 @@ class BillingSection:
     save_interval: float = option(
         seconds(1, 3600), 60.0, "Seconds between saves of the remaining limits."
     )
+    mark_ttl: float = option(
+        seconds(10, 86400),
+        300.0,
+        "Seconds a deposit's in-use mark holds without renewal (renewed every save_interval): "
+        "after it, another server may take the deposit over and its owner may close it.",
+    )
     redeem_credit_bytes: int = option(
         integer(0),
         1048576,

@@ -117,6 +117,8 @@ class Bill:
     grace_service: bool = False
     #: the service was granted on paid terms (a receipt, or saved limits) at some point
     metered: bool = False
+    #: ``limit`` as the ledger's saved limits have it (what the last save or redemption left)
+    synced: float = 0.0
 
 
 class ServerBilling:
@@ -131,6 +133,7 @@ class ServerBilling:
         ledger: AsyncLedger,
         config: BillingSection,
         grace_period: float,
+        instance: str = "",
     ) -> None:
         self.server = server
         self.key = key
@@ -155,7 +158,9 @@ class ServerBilling:
             ),
             key,
         )
-        self.prefix = key.account_hex + ":"
+        #: marks name the provider and this server instance (``instance``, kept in
+        #: state_dir), so a restarted server knows its own and two servers never share them
+        self.prefix = f"{key.account_hex}:{instance}:"
         self._saver: LoopingCall | None = None
         self.redeemed = 0
         self.refused = 0
@@ -412,7 +417,7 @@ class ServerBilling:
         if limits is not None:
             left = limits.bytes_left if bill.unit == Unit.B else limits.seconds_left
         if left > 0:
-            bill.limit = left
+            bill.limit = bill.synced = left
             self.log.info(
                 "session {sid}: resuming with {left} {unit} saved from an earlier session",
                 sid=_sid(session),
@@ -434,26 +439,38 @@ class ServerBilling:
         self._ask(session, bill, "first", bill.state_hash)
 
     async def _mark(self, session: ServerSession, bill: Bill, deposit: DepositRow) -> bool:
-        """One usage per deposit: take it, or take it over from our own older session."""
+        """One usage per deposit: take it, take it over from our own older session, or from
+        a server that stopped renewing its mark (killed and gone)."""
         marker = f"{self.prefix}{session.session_id or 0:08x}"
         current = deposit.active_usage
+        now = time.time()
         if current is not None and current != marker:
-            if not current.startswith(self.prefix):
+            if current.startswith(self.prefix):
+                old = self.server.sessions.get(int(current[len(self.prefix) :], 16))
+                if old is not None and old is not session:
+                    self.log.info(
+                        "session {sid} takes over deposit {dep} from session {old}",
+                        sid=_sid(session),
+                        dep=bill.deposit_id.hex()[:16],
+                        old=_sid(old),
+                    )
+                    await self._finish(old)
+                    old.close(CloseCode.TAKEN_OVER, "a newer session took over the deposit")
+            elif deposit.stale(now):
+                self.log.info(
+                    "session {sid} takes over deposit {dep} from a stale mark ({mark})",
+                    sid=_sid(session),
+                    dep=bill.deposit_id.hex()[:16],
+                    mark=current,
+                )
+            else:
                 self._refuse(
                     session, ErrorCode.CANT_ADD_USAGE, "the deposit is in use on another server"
                 )
                 return False
-            old = self.server.sessions.get(int(current[len(self.prefix) :], 16))
-            if old is not None and old is not session:
-                self.log.info(
-                    "session {sid} takes over deposit {dep} from session {old}",
-                    sid=_sid(session),
-                    dep=bill.deposit_id.hex()[:16],
-                    old=_sid(old),
-                )
-                await self._finish(old)
-                old.close(CloseCode.TAKEN_OVER, "a newer session took over the deposit")
-        ok = await self.ledger.set_active_usage(bill.deposit_id, marker, only_if=current)
+        ok = await self.ledger.set_active_usage(
+            bill.deposit_id, marker, only_if=current, until=now + self.config.mark_ttl, now=now
+        )
         if not ok:
             self._refuse(session, ErrorCode.CANT_ADD_USAGE, "the deposit is in use")
             return False
@@ -594,6 +611,7 @@ class ServerBilling:
         bill.state_hash = result.receipt_hash
         bill.paid_value += result.value
         bill.limit += receipt.info.units
+        bill.synced += receipt.info.units  # the ledger added them in the redemption
         if bill.mode == "grace":
             # the first receipt pays for the grace actually used, as the original counts it
             await self._end_grace(session, bill)
@@ -841,26 +859,35 @@ class ServerBilling:
             _stop_loop(loop)
         for call in (bill.timer, bill.grace_timer):
             _cancel(call)
-        await self._end_grace(session, bill)  # a session that ends in grace uses up budget
-        if bill.mode == "paid":
-            if bill.unit == Unit.SEC:
-                now = self.clock.seconds()
-                bill.limit -= now - bill.last_tick
-                bill.last_tick = now
-            self._used_bytes_now(session, bill)
-        if bill.redemption is not None:
-            # a receipt signed before the end is still being redeemed: what it pays for
-            # belongs in the limits saved now (the client's, for its next session)
-            await bill.redemption
-        if bill.metered or bill.receipts:
-            # only a bill that was paid has limits to save: a refused REQUEST (mode
-            # "stopped" with nothing paid) must not overwrite what the client has saved
-            await self._save(session, bill)
-        if bill.marker:
-            await self.ledger.set_active_usage(bill.deposit_id, None, only_if=bill.marker)
+        try:
+            await self._end_grace(session, bill)  # a session that ends in grace uses up budget
+            if bill.mode == "paid":
+                if bill.unit == Unit.SEC:
+                    now = self.clock.seconds()
+                    bill.limit -= now - bill.last_tick
+                    bill.last_tick = now
+                self._used_bytes_now(session, bill)
+            if bill.redemption is not None:
+                # a receipt signed before the end is still being redeemed: what it pays for
+                # belongs in the limits saved now (the client's, for its next session)
+                await bill.redemption
+            if bill.metered or bill.receipts:
+                # only a bill that was paid has limits to save: a refused REQUEST (mode
+                # "stopped" with nothing paid) must not overwrite what the client has saved
+                await self._save(session, bill)
+        finally:
+            if bill.marker:
+                # released whatever happened above: a mark left set would hold the deposit
+                # until its lease runs out
+                await self.ledger.set_active_usage(bill.deposit_id, None, only_if=bill.marker)
 
     def save_all(self) -> defer.Deferred[None]:
         async def run() -> None:
+            try:
+                await self.ledger.renew_marks(self.prefix, time.time() + self.config.mark_ttl)
+            except Exception as e:  # the next save_interval tries again
+                self.save_failures += 1
+                self.log.warn("renewing the deposit marks failed: {why}", why=str(e))
             for session in list(self.server.sessions):
                 bill = session.bill
                 if bill is not None and bill.mode == "paid":
@@ -879,12 +906,15 @@ class ServerBilling:
         return defer.Deferred.fromCoroutine(run())
 
     async def _save(self, session: ServerSession, bill: Bill) -> None:
-        left = max(bill.limit, 0)
-        await self.ledger.save_limits(
+        # the use since the last save, as a delta: the ledger added each receipt's units when
+        # it redeemed it, so a save that overlaps a redemption takes nothing from it
+        delta = bill.limit - bill.synced
+        bill.synced = bill.limit
+        await self.ledger.add_limits(
             self.key.account,
             bill.client,
-            int(left) if bill.unit == Unit.B else 0,
-            float(left) if bill.unit == Unit.SEC else 0.0,
+            int(delta) if bill.unit == Unit.B else 0,
+            float(delta) if bill.unit == Unit.SEC else 0.0,
             time.time(),
         )
         counters = session.counters

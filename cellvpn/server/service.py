@@ -14,9 +14,12 @@ Work that needs privileges (TLS files in ``state_dir``, binding the port) happen
 from __future__ import annotations
 
 import ipaddress
+import os
 import resource
+import secrets
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -251,7 +254,9 @@ class VPNServerService(MultiService):
         except LedgerOpenError as e:
             raise StartupError(str(e)) from None
         self.ledger = AsyncLedger(ledger, self.reactor)
-        self.billing = ServerBilling(self, key, self.ledger, b, self.config.srv_vpn.grace_period)
+        self.billing = ServerBilling(
+            self, key, self.ledger, b, self.config.srv_vpn.grace_period, _instance_id(state)
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -401,3 +406,20 @@ def _tun_stats(tun: TunPort | None) -> dict[str, int] | None:
     if tun is None:
         return None
     return {k: getattr(tun.stats, k) for k in tun.stats.__slots__}
+
+
+def _instance_id(state: Path) -> str:
+    """This server's own name in deposit marks, kept in ``state_dir/instance-id`` so that it
+    recognises its marks after a restart (even after SIGKILL) and no other server shares it."""
+    path = state / "instance-id"
+    try:
+        text = path.read_text().strip()
+        if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
+            return text
+    except FileNotFoundError:
+        pass
+    text = secrets.token_hex(8)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+    return text

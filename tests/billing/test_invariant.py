@@ -22,6 +22,9 @@ from cellvpn.wire.service import ErrorCode
 
 from .helpers import NOW, close, deposit, key, receipt
 
+#: The marks' lease in the model (the server's mark_ttl).
+TTL = 300.0
+
 CLIENTS = [key(f"client-{n}") for n in range(3)]
 PROVIDERS = [key(f"provider-{n}") for n in range(2)]
 #: Mostly small amounts (so deposits and receipts succeed), sometimes far beyond 64 bits.
@@ -38,6 +41,8 @@ class ModelDeposit:
     state: bytes
     closed: bool = False
     usage: str | None = None
+    #: the mark's lease: it holds the deposit until then
+    until: float = 0.0
     redeemed: list[Receipt] = field(default_factory=list)
 
 
@@ -177,31 +182,43 @@ class LedgerMachine(RuleBasedStateMachine):
         dep_id, dep = self._pick(data)
         owner = CLIENTS[dep.owner] if by_owner else CLIENTS[(dep.owner + 1) % 3]
         self.nonce += 1
+        # a mark holds the deposit only under a live lease, and never past its expiry
+        held = dep.usage is not None and self.now < dep.expires and dep.until >= self.now
         try:
             returned = self.ledger.close_deposit(close(owner, dep_id, self.nonce), self.now)
         except LedgerError:
-            assert dep.closed or dep.usage is not None or not by_owner
+            assert dep.closed or held or not by_owner
             return
-        assert by_owner and not dep.closed and dep.usage is None
+        assert by_owner and not dep.closed and not held
         assert returned == dep.locked
         account = CLIENTS[dep.owner].account
         self.balances[account] = self.balances.get(account, 0) + returned
         dep.locked = 0
         dep.closed = True
+        dep.usage = None
 
     @precondition(lambda self: self.order)
     @rule(data=st.data(), marker=st.sampled_from(["a:1", "a:2", "b:1", None]))
     def usage(self, data: st.DataObject, marker: str | None) -> None:
         dep_id, dep = self._pick(data)
-        ok = self.ledger.set_active_usage(dep_id, marker)
+        ok = self.ledger.set_active_usage(dep_id, marker, until=self.now + TTL, now=self.now)
         if marker is None:
             assert ok
             dep.usage = None
         elif dep.closed or dep.usage not in (None, marker):
-            assert not ok
+            assert not ok  # another mark, live or stale, is taken over only by naming it
         else:
             assert ok
             dep.usage = marker
+            dep.until = self.now + TTL
+
+    @rule()
+    def renew(self) -> None:
+        """Server "a" renews its marks' leases."""
+        self.ledger.renew_marks("a:", self.now + TTL)
+        for dep in self.deposits.values():
+            if dep.usage is not None and dep.usage.startswith("a:"):
+                dep.until = self.now + TTL
 
     @rule()
     def restart(self) -> None:

@@ -168,7 +168,7 @@ def test_close_refusals(funded: tuple[SqliteLedger, bytes]) -> None:
         ledger.close_deposit(close(STRANGER, dep_id), NOW)
     with refused(ErrorCode.RECEIPT_NO_SIGN):
         ledger.close_deposit(replace(close(CLIENT, dep_id), signature=bytes(64)), NOW)
-    assert ledger.set_active_usage(dep_id, "srv:1")
+    assert ledger.set_active_usage(dep_id, "srv:1", until=NOW + 300, now=NOW)
     before = ledger.dump()
     with refused(ErrorCode.CANT_ADD_USAGE):
         ledger.close_deposit(close(CLIENT, dep_id), NOW)
@@ -488,3 +488,78 @@ def test_bytes_no_signature_covers_are_refused(funded: tuple[SqliteLedger, bytes
     assert ledger.dump() == before
     result = ledger.redeem(good, dep_id, PROVIDER.public, NOW)
     assert result.receipt_hash == good.hash
+
+
+def test_marks_are_leases(funded: tuple[SqliteLedger, bytes]) -> None:
+    """A live lease holds the deposit; once its server stops renewing it, another server may
+    take it over and the owner may close it; an expired deposit closes whatever its mark."""
+    ledger, dep_id = funded
+    assert ledger.set_active_usage(dep_id, "p:a:1", until=NOW + 300, now=NOW)
+    row = ledger.get_deposit(dep_id)
+    assert row is not None and row.active_until == NOW + 300 and not row.stale(NOW + 299)
+    # another server: refused while the lease lives, even naming the mark
+    assert not ledger.set_active_usage(dep_id, "p:b:7", only_if="p:a:1", until=NOW + 600, now=NOW)
+    # renewed by its own server (prefix p:a:), not by another's
+    assert ledger.renew_marks("p:b:", NOW + 900) == 0
+    assert ledger.renew_marks("p:a:", NOW + 600) == 1
+    with refused(ErrorCode.CANT_ADD_USAGE) as info:
+        ledger.close_deposit(close(CLIENT, dep_id), NOW + 500)
+    assert "until" in info.value.message
+    # not renewed past NOW + 600: stale; a takeover must name the mark it replaces
+    assert not ledger.set_active_usage(dep_id, "p:b:7", until=NOW + 1000, now=NOW + 601)
+    assert ledger.set_active_usage(
+        dep_id, "p:b:7", only_if="p:a:1", until=NOW + 1000, now=NOW + 601
+    )
+    row = ledger.get_deposit(dep_id)
+    assert row is not None and row.active_usage == "p:b:7" and row.active_until == NOW + 1000
+    # each server clears only its own marks
+    assert ledger.clear_active_usages("p:a:") == 0
+    # the owner closes once p:b stops renewing too
+    assert ledger.close_deposit(close(CLIENT, dep_id, n=1), NOW + 1001) == 1000
+    row = ledger.get_deposit(dep_id)
+    assert row is not None and row.active_usage is None and row.closed
+
+
+def test_an_expired_deposit_closes_whatever_its_mark(ledger: SqliteLedger) -> None:
+    ledger.mint(CLIENT.account, 5000, CLIENT.public)
+    row = ledger.create_deposit(deposit(CLIENT, value=700, expires=int(NOW) + 100), NOW)
+    assert ledger.set_active_usage(row.id, "p:a:1", until=NOW + 10_000, now=NOW)
+    with refused(ErrorCode.CANT_ADD_USAGE):
+        ledger.close_deposit(close(CLIENT, row.id), NOW + 50)
+    assert ledger.close_deposit(close(CLIENT, row.id), NOW + 100) == 700
+    assert ledger.balance(CLIENT.account) == 5000
+
+
+def test_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
+    """A ledger written before grace budgets and leases opens as version 2 with their tables."""
+    led = SqliteLedger(tmp_path / "l.db")
+    with led._transaction(write=True) as db:
+        db.execute("DROP TABLE leases")
+        db.execute("DROP TABLE grace")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    led.close()
+    again = SqliteLedger(tmp_path / "l.db")
+    with again._transaction(write=False) as db:
+        version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert version == ("2",) and {"leases", "grace"} <= tables
+    again.close()
+
+
+def test_a_redemption_adds_its_units_to_the_saved_limits(
+    funded: tuple[SqliteLedger, bytes],
+) -> None:
+    """In the redemption's own transaction: a server killed right after it resumes with the
+    receipt's units. Saves are deltas, never below zero."""
+    ledger, dep_id = funded
+    first, second = chain(PROVIDER, CLIENT, dep_id, 2)
+    ledger.redeem(first, dep_id, PROVIDER.public, NOW)
+    limits = ledger.load_limits(PROVIDER.account, CLIENT.account)
+    assert limits is not None and limits.seconds_left == 60.0
+    ledger.add_limits(PROVIDER.account, CLIENT.account, 0, -45.5, NOW + 1)
+    ledger.redeem(second, dep_id, PROVIDER.public, NOW + 2)
+    limits = ledger.load_limits(PROVIDER.account, CLIENT.account)
+    assert limits is not None and limits.seconds_left == 74.5
+    ledger.add_limits(PROVIDER.account, CLIENT.account, -5, -1000.0, NOW + 3)
+    limits = ledger.load_limits(PROVIDER.account, CLIENT.account)
+    assert limits is not None and (limits.bytes_left, limits.seconds_left) == (0, 0.0)

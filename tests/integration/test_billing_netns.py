@@ -223,6 +223,9 @@ def test_server_killed_mid_session_ledger_holds_and_limits_resume(
     led.close()
     lab.server = Twistd(lab.srv, "cellvpn", tmp_path / "server.cfg", tmp_path / "server2.log")
     lab.server.wait_log(r"TUN cvpn-srv up")
+    # the same instance (state_dir/instance-id) clears its own marks at start: the client's
+    # deposit is free at once, not after mark_ttl (300 s)
+    lab.server.wait_log(r"released 1 deposit\(s\) marked in use by an earlier run")
     line = lab.server.wait_log(r"resuming with (\d+) bytes saved", timeout=90)
     assert int(line.group(1)) == int(saved["bytes"])
     wait_for(
@@ -233,4 +236,39 @@ def test_server_killed_mid_session_ledger_holds_and_limits_resume(
     led = ledger(tmp_path)
     ok, figures = led.check_invariant()
     assert ok and led.total_supply() == supply
+    led.close()
+
+
+def test_a_deposit_comes_back_when_its_server_died_for_good(netns: Any, tmp_path: Path) -> None:
+    """kill -9 of the server, never restarted: the owner's close is refused while the mark's
+    lease lives (mark_ttl 10 s), then returns the unspent value; balances add up."""
+    lab, cli = paid_lab(netns, tmp_path, price=1000, unit="B", units=UNITS)
+    (tmp_path / "server.cfg").write_text(
+        (tmp_path / "server.cfg").read_text() + "save_interval = 1\nmark_ttl = 10\n"
+    )
+    assert lab.server is not None
+    lab.server.stop()
+    lab.server = Twistd(lab.srv, "cellvpn", tmp_path / "server.cfg", tmp_path / "server1.log")
+    lab.server.wait_log(r"TUN cvpn-srv up")
+    key, account = wallet(tmp_path, "client", 100_000)
+    lab.start_client(
+        cli, "client", section_extra="default_route = false\n", extra=wallet_section(key, 50_000)
+    )
+    deposit = ctl_json(cli, lab.socket("client"), "status")["billing"]["deposit"]
+    supply = ledger(tmp_path).total_supply()
+    lab.server.proc.send_signal(signal.SIGKILL)
+    lab.server.proc.wait(timeout=10)
+    killed = time.monotonic()
+    refused = ledger_ctl(tmp_path, "deposit", "close", deposit, "--key", str(key), check=False)
+    assert "CANT_ADD_USAGE" in refused["error"] and "until" in refused["error"]
+    time.sleep(max(0.0, killed + 11.5 - time.monotonic()))
+    row = ledger(tmp_path).get_deposit(bytes.fromhex(deposit))
+    assert row is not None and row.active_usage is not None  # the mark is still there, stale
+    before = int(ledger_ctl(tmp_path, "balance", account)["balance"])
+    closed = ledger_ctl(tmp_path, "deposit", "close", deposit, "--key", str(key))
+    after = int(ledger_ctl(tmp_path, "balance", account)["balance"])
+    assert after - before == row.locked == int(closed["returned"]) > 0
+    led = ledger(tmp_path)
+    ok, figures = led.check_invariant()
+    assert ok and led.total_supply() == supply, figures
     led.close()

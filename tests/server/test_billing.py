@@ -297,7 +297,7 @@ def test_a_failed_periodic_save_does_not_stop_the_next(tmp_path: Path) -> None:
     server, clock, _written, ledger, key, _deposit, c = granted(tmp_path)
     billing = server.billing
     defer.ensureDeferred(billing.start())
-    real = ledger.ledger.save_limits
+    real = ledger.ledger.add_limits
     calls = {"n": 0}
 
     def flaky(*args: Any) -> None:
@@ -306,7 +306,7 @@ def test_a_failed_periodic_save_does_not_stop_the_next(tmp_path: Path) -> None:
             raise LedgerUnavailableError("disk I/O error")
         real(*args)
 
-    ledger.ledger.save_limits = flaky  # type: ignore[method-assign]
+    ledger.ledger.add_limits = flaky  # type: ignore[method-assign]
     interval = server.config.billing.save_interval
     clock.advance(interval)
     assert billing.save_failures == 1 and billing._saver.running
@@ -315,3 +315,38 @@ def test_a_failed_periodic_save_does_not_stop_the_next(tmp_path: Path) -> None:
     assert calls["n"] == 2
     limits = ledger.ledger.load_limits(PROVIDER.account, key.account)
     assert limits is not None and 0 < limits.bytes_left < UNITS
+
+
+def test_a_failed_save_at_the_end_still_releases_the_mark(tmp_path: Path) -> None:
+    """The ledger fails the last save of a session: the deposit's mark is released anyway."""
+    _server, _clock, _written, ledger, _key, deposit, c = granted(tmp_path)
+    row = ledger.ledger.get_deposit(deposit)
+    assert row is not None and row.active_usage is not None and row.active_until is not None
+
+    def broken(*args: Any) -> None:
+        raise LedgerUnavailableError("disk I/O error")
+
+    ledger.ledger.add_limits = broken  # type: ignore[method-assign]
+    c.lose()
+    row = ledger.ledger.get_deposit(deposit)
+    assert row is not None and row.active_usage is None
+
+
+def test_two_servers_on_one_ledger_keep_their_own_marks(tmp_path: Path) -> None:
+    """Two servers, one provider key, one ledger: the second one's start clears only its own
+    marks (each names its instance), never the first one's live session."""
+    server, _clock, _written, ledger, _key, deposit, _c = granted(tmp_path)
+    assert server.billing.prefix.endswith("::")  # this test server's instance is ""
+    other, _, _ = make_server(tmp_path / "b")
+    second = ServerBilling(
+        other,
+        PROVIDER,
+        ledger,
+        other.config.billing,
+        60.0,
+        instance="b2",  # type: ignore[arg-type]
+    )
+    defer.ensureDeferred(second.start())
+    row = ledger.ledger.get_deposit(deposit)
+    assert row is not None and row.active_usage is not None
+    assert row.active_usage.startswith(server.billing.prefix)
