@@ -48,6 +48,15 @@ def verify(public: bytes, signature: bytes, data: bytes) -> bool:
     return True
 
 
+def signed_by(sig: Signature, public: bytes, data: bytes) -> bool:
+    """Whether a receipt signature is ``public``'s valid Ed25519 signature of ``data``."""
+    return (
+        sig.public_key == public
+        and sig.sig_type == SIG_TYPE_ED25519
+        and verify(public, sig.signature, data)
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class KeyPair:
     """An account's Ed25519 private key and what follows from it (equal by public key)."""

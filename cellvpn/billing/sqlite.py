@@ -45,7 +45,7 @@ from cellvpn.billing.interfaces import (
     UsageRow,
     UsageTotals,
 )
-from cellvpn.billing.keys import account_of, verify
+from cellvpn.billing.keys import account_of, signed_by
 from cellvpn.billing.records import (
     VPN_UNITS,
     SignedClose,
@@ -53,7 +53,7 @@ from cellvpn.billing.records import (
     SignedOrder,
     receipt_units_value_ok,
 )
-from cellvpn.wire.receipt import RECEIPT_VERSION, SIG_TYPE_ED25519, Receipt, Unit
+from cellvpn.wire.receipt import RECEIPT_VERSION, Receipt, Unit
 from cellvpn.wire.service import SRV_UID_VPN, ErrorCode
 
 SCHEMA_VERSION = 2
@@ -232,8 +232,7 @@ class _Prepared:
         info_bytes = receipt.info.encode()
         signs = receipt.signatures
         self.signed_ok = len(signs) == 2 and all(
-            s.sig_type == SIG_TYPE_ED25519 and verify(s.public_key, s.signature, info_bytes)
-            for s in signs
+            signed_by(s, s.public_key, info_bytes) for s in signs
         )
         self.encoded = receipt.encode()
         self.hash = hashlib.sha3_256(self.encoded).digest()

@@ -35,7 +35,14 @@ from cellvpn.client.signrule import Tolerance, refusal
 from cellvpn.config.schema import WalletSection
 from cellvpn.wire.errors import DecodeError
 from cellvpn.wire.receipt import Receipt
-from cellvpn.wire.service import Error, ErrorCode, NotifyStopped, PacketType, Request
+from cellvpn.wire.service import (
+    TRANSIENT_ERRORS,
+    Error,
+    ErrorCode,
+    NotifyStopped,
+    PacketType,
+    Request,
+)
 from cellvpn.wire.setup import CloseCode
 
 if TYPE_CHECKING:
@@ -45,15 +52,6 @@ if TYPE_CHECKING:
 DEPOSIT_LIFETIME = 30 * 86400
 #: Seconds between saves of the meter while a paid session runs.
 METER_SAVE_INTERVAL = 10.0
-#: ERRORs from the server that mean "try again later", not "never".
-TRANSIENT_ERRORS = frozenset(
-    {
-        ErrorCode.NO_LEDGER,
-        ErrorCode.NETWORK_IS_OFFLINE,
-        ErrorCode.CANT_ADD_USAGE,
-        ErrorCode.REQUEST_INTERNAL_ERROR,
-    }
-)
 
 
 class ClientBilling:

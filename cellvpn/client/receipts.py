@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellvpn.billing.keys import verify
+from cellvpn.billing.keys import signed_by
 from cellvpn.billing.records import Order
 from cellvpn.wire.receipt import RECEIPT_VERSION, Receipt
 from cellvpn.wire.service import SRV_UID_VPN
@@ -58,7 +58,7 @@ def check_receipt(
         return "this client signed that receipt already"
     if not receipt.signatures or receipt.signatures[0].public_key != order.provider:
         return "receipt is not signed by the order's provider"
-    if not verify(order.provider, receipt.signatures[0].signature, receipt.info_bytes):
+    if not signed_by(receipt.signatures[0], order.provider, receipt.info_bytes):
         return "the provider's signature on the receipt is not valid"
     return None
 

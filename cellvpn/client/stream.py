@@ -22,7 +22,7 @@ from cellvpn.stream.connection import Closed, Established, HelloReceived
 from cellvpn.wire import vpn
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.errors import DecodeError
-from cellvpn.wire.service import Error, ErrorCode, PacketType, Request, Success
+from cellvpn.wire.service import TRANSIENT_ERRORS, Error, PacketType, Request, Success
 from cellvpn.wire.setup import CloseCode
 
 _PING = vpn.VpnPacket(vpn.OpCode.PING).encode()
@@ -356,9 +356,4 @@ class ClientStream:
 
 def _permanent(code: int) -> bool:
     """Refusals that another attempt cannot fix without a change of config or funds."""
-    return code not in (
-        ErrorCode.CANT_ADD_USAGE,
-        ErrorCode.REQUEST_INTERNAL_ERROR,
-        ErrorCode.NO_LEDGER,
-        ErrorCode.NETWORK_IS_OFFLINE,
-    )
+    return code not in TRANSIENT_ERRORS

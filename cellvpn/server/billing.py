@@ -34,14 +34,14 @@ from twisted.logger import Logger
 
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.interfaces import DepositRow, LedgerError, LedgerUnavailableError
-from cellvpn.billing.keys import KeyPair, account_of, verify
+from cellvpn.billing.keys import KeyPair, account_of, signed_by
 from cellvpn.billing.proof import proven_key
 from cellvpn.billing.records import Order, SignedDeposit, SignedOrder, receipt_units_value_ok
 from cellvpn.config.schema import BillingSection
 from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.server.usage import UsageInput, UsageState
 from cellvpn.wire.errors import DecodeError
-from cellvpn.wire.receipt import SIG_TYPE_ED25519, Receipt, ReceiptInfo, Unit
+from cellvpn.wire.receipt import Receipt, ReceiptInfo, Unit
 from cellvpn.wire.service import SRV_UID_VPN, Error, ErrorCode, PacketType, Request, Success
 from cellvpn.wire.setup import CloseCode
 
@@ -917,9 +917,7 @@ class ServerBilling:
             float(delta) if bill.unit == Unit.SEC else 0.0,
             time.time(),
         )
-        counters = session.counters
-        carried = counters.from_client_bytes + counters.to_client_bytes
-        carried += counters.proxy_from_client_bytes + counters.proxy_to_client_bytes
+        carried = _carried(session)
         seconds = self.clock.seconds() - bill.started
         await self.ledger.add_usage(
             self.key.account,
@@ -964,9 +962,7 @@ def _forged(receipt: Receipt, pending: Receipt, client_public: bytes) -> str | N
     if len(receipt.signatures) != 2 or receipt.signatures[0] != pending.signatures[0]:
         return "the answer does not carry exactly the provider's and the client's signature"
     sig = receipt.signatures[1]
-    if sig.sig_type != SIG_TYPE_ED25519 or not verify(
-        client_public, sig.signature, receipt.info_bytes
-    ):
+    if not signed_by(sig, client_public, receipt.info_bytes):
         return "the client's signature on the receipt is not valid"
     return None
 

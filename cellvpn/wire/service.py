@@ -90,6 +90,18 @@ class ErrorCode(IntEnum):
     UNKNOWN = 0xFFFFFFFF
 
 
+#: ERRORs that mean "try again later" (the ledger or network away, a deposit still marked by a
+#: session that is ending, an internal error), not "never".
+TRANSIENT_ERRORS = frozenset(
+    {
+        ErrorCode.NO_LEDGER,
+        ErrorCode.NETWORK_IS_OFFLINE,
+        ErrorCode.CANT_ADD_USAGE,
+        ErrorCode.REQUEST_INTERNAL_ERROR,
+    }
+)
+
+
 def _exact(name: str, data: bytes | memoryview, size: int) -> None:
     if len(data) != size:
         raise DecodeError(f"{name} must be exactly {size} bytes, got {len(data)}")
