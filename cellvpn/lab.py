@@ -184,6 +184,10 @@ NET_HOST_IP = "198.19.0.10"
 NET_GW_IP = "198.19.0.1"
 
 
+#: The lab's [edge] keys: the load tests open dozens of sessions from one client host at once.
+LAB_EDGE = "connect_rate = 100\nconnect_burst = 200\n"
+
+
 class VpnLab:
     """A server host, an "internet" host behind it and any number of client hosts.
 
@@ -243,14 +247,20 @@ class VpnLab:
         ns.ip("link", "set", "eth0", "up")
         ns.ip("route", "replace", "default", "via", SERVER_IP)
 
-    def start_server(self, extra: str = "", vpn_extra: str = "") -> Twistd:
-        """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``extra`` at the end."""
+    def start_server(self, extra: str = "", vpn_extra: str = "", edge: str = LAB_EDGE) -> Twistd:
+        """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``edge`` into [edge],
+        ``extra`` at the end.
+
+        Every lab client is one address of 192.0.2.0/24, so each is its own source (/32), and
+        the lab's edge lets one client host open many sessions at once (the load tests do).
+        """
         cfg = self.work / "server.cfg"
         cfg.write_text(
             "[server]\n"
             f"listen = tcp:8089:interface={SERVER_IP}\n"
             "state_dir = state\n"
-            "[tls]\n"
+            "source_prefix_v4 = 32\n"
+            "[edge]\n" + edge + "[tls]\n"
             f"names = {SERVER_IP}\n"
             "[srv_vpn]\n"
             f"network_address = {self.pool.split('/')[0]}\n"

@@ -8,23 +8,30 @@ write lock, and the SQLite connection stays on one thread.
 Redemptions made one after another while the thread is busy are handed over together, as one
 :meth:`ILedger.redeem_many` call: one commit (one fsync) for the group, each receipt still
 checked and applied on its own. Every Deferred fires after the commit, so nothing is reported
-redeemed before it is durable, and the order of all calls is kept.
+redeemed before it is durable.
+
+The queue is bounded: past ``max_queue`` waiting calls a new one fails at once with
+:class:`LedgerBusyError` (a try-again error), so clients that only make the server ask the
+ledger cannot pile up work. Redemptions are never refused and go before every other call
+waiting: they are what pays, and a session's traffic waits on them. Other calls keep their
+order among themselves.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from cellvpn.billing.interfaces import (
     DepositRow,
     ILedger,
+    LedgerBusyError,
     LedgerError,
     LedgerUnavailableError,
     Limits,
@@ -42,6 +49,10 @@ T = TypeVar("T")
 
 #: The most redemptions committed together.
 MAX_BATCH = 256
+#: Calls that may wait for the ledger at once, by default.
+MAX_QUEUE = 1024
+
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "Deferred[Any]"]
 
 
 class _Batch:
@@ -61,7 +72,7 @@ class AsyncLedger:
     calls already queued, when the reactor shuts down or :meth:`stop` is called.
     """
 
-    def __init__(self, ledger: ILedger, reactor: Any = None) -> None:
+    def __init__(self, ledger: ILedger, reactor: Any = None, max_queue: int = MAX_QUEUE) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -72,6 +83,12 @@ class AsyncLedger:
         self._stopped = False
         self._lock = threading.Lock()
         self._batch: _Batch | None = None
+        self.max_queue = max_queue
+        self._urgent: deque[_Call] = deque()
+        self._normal: deque[_Call] = deque()
+        #: calls queued or running, and calls refused as busy
+        self.queued = 0
+        self.refused_busy = 0
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
         reactor.callWhenRunning(self._start_pool)
 
@@ -92,15 +109,45 @@ class AsyncLedger:
         self._stop_pool()
 
     def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        """Run ``f`` on the ledger's thread (for a sequence of calls that belong together)."""
-        with self._lock:
-            self._batch = None  # a later redemption must not overtake this call
+        """Run ``f`` on the ledger's thread (for a sequence of calls that belong together),
+        after the calls queued before it; redemptions queued later may still go first."""
         return self._submit(f, *args, **kwargs)
 
     def _submit(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         if self._stopped:
             return fail(LedgerUnavailableError("the ledger's thread has stopped"))
-        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+        if self.queued >= self.max_queue:
+            self.refused_busy += 1
+            return fail(LedgerBusyError(f"{self.queued} ledger calls are waiting already"))
+        return self._enqueue(self._normal, f, args, kwargs)
+
+    def _enqueue(
+        self, queue: deque[_Call], f: Callable[..., T], args: Any, kwargs: Any
+    ) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+        with self._lock:
+            queue.append((f, args, kwargs, d))
+        self.queued += 1
+        self._pool.callInThread(self._work_one)
+        return d
+
+    def _work_one(self) -> None:
+        """On the worker: the next call, redemptions first (one job per queued call)."""
+        with self._lock:
+            f, args, kwargs, d = self._urgent.popleft() if self._urgent else self._normal.popleft()
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            self._reactor.callFromThread(self._answer, d, Failure())
+        else:
+            self._reactor.callFromThread(self._answer, d, result)
+
+    def _answer(self, d: Deferred[Any], result: Any) -> None:
+        self.queued -= 1
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
 
     def close(self) -> Deferred[None]:
         """Close the ledger's connections, then stop the thread."""
@@ -172,7 +219,7 @@ class AsyncLedger:
             assert batch is not None
             batch.items.append((RedeemRequest(receipt, deposit_id, provider_public, now), d))
         if fresh:
-            self._submit(self._redeem_batch, batch).addCallbacks(
+            self._enqueue(self._urgent, self._redeem_batch, (batch,), {}).addCallbacks(
                 self._deliver, self._fail_batch, errbackArgs=(batch,)
             )
         return d

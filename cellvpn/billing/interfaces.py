@@ -46,6 +46,10 @@ class LedgerUnavailableError(Exception):
     """The ledger could not be read or written (locked too long, I/O); nothing was changed."""
 
 
+class LedgerBusyError(LedgerUnavailableError):
+    """Too many calls are waiting for the ledger already; this one was not queued."""
+
+
 @dataclass(frozen=True, slots=True)
 class DepositRow:
     """A deposit as the ledger holds it; ``state_hash`` is the ``prev`` its next receipt needs."""

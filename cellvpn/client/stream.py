@@ -332,7 +332,9 @@ class ClientStream:
 
     def _ping(self) -> None:
         proto = self.proto
-        if proto is None or not proto.conn.established:
+        if proto is None or not proto.conn.established or not self.granted:
+            # the server answers PING only with a granted usage (before it, the stream's own
+            # keepalives watch the link)
             return
         if self.outstanding_pings >= MISSED_PONGS:
             self.log.warn(

@@ -85,6 +85,13 @@ def seconds(lo: float, hi: float) -> Parser[float]:
     return Parser(parse, expected, format_number)
 
 
+def number(lo: float, hi: float) -> Parser[float]:
+    """A plain number (a rate) from ``lo`` to ``hi``; fractions allowed, no exponents."""
+    as_seconds = seconds(lo, hi)
+    expected = f"a number from {format_number(lo)} to {format_number(hi)}"
+    return Parser(as_seconds.parse, expected, format_number)
+
+
 def optional(parser: Parser[T]) -> Parser[T | None]:
     """The same parser, with empty text meaning "not set" (None)."""
 

@@ -36,6 +36,7 @@ from cellvpn.config.parsers import (
     integer,
     list_of,
     netmask,
+    number,
     optional,
     seconds,
 )
@@ -474,6 +475,88 @@ class BillingSection:
 
 
 @dataclass(frozen=True)
+class EdgeSection:
+    """Limits on what anyone who can reach the port may make the server do before paying."""
+
+    handshake_timeout: float = option(
+        seconds(1, 600), 10.0, "Seconds a new connection has to finish its TLS handshake."
+    )
+    request_timeout: float = option(
+        seconds(1, 3600),
+        30.0,
+        "Seconds after WELCOME within which a session must send REQUEST (a CHECK in progress "
+        "counts as activity); sessions that never ask for service are closed.",
+    )
+    max_streams: int = option(integer(1), 10000, "Streams (TCP connections) at once, in total.")
+    max_streams_per_source: int = option(
+        integer(1),
+        256,
+        "Streams at once from one source prefix ([server] source_prefix_v4 / _v6).",
+    )
+    max_handshakes_per_source: int = option(
+        integer(1), 32, "TLS handshakes in flight at once from one source prefix."
+    )
+    connect_rate: float = option(
+        number(0.01, 1000000),
+        20.0,
+        "New connections per second from one source prefix (a token bucket of connect_burst).",
+    )
+    connect_burst: int = option(
+        integer(1), 40, "New connections one source prefix may open at once before the rate holds."
+    )
+    output_high: int = option(
+        integer(2 * 1048576),
+        4 * 1048576,
+        "Bytes a stream may hold unsent before the server stops reading from that client.",
+    )
+    output_limit: int = option(
+        integer(2 * 1048576),
+        16 * 1048576,
+        "Bytes a stream may hold unsent before the server closes it.",
+    )
+    check_budget: int = option(
+        integer(0),
+        1048576,
+        "Bytes of CHECK traffic (asked and answered) one session may use; past it, it is closed.",
+    )
+    check_rate: float = option(
+        number(0.01, 1000000), 20.0, "CHECK_REQUESTs per second one session may send."
+    )
+    alives_per_second: float = option(
+        number(0.01, 1000), 4.0, "KEEPALIVEs answered per second per stream; the rest are not."
+    )
+    ledger_queue: int = option(
+        integer(16),
+        1024,
+        "Ledger calls waiting at once; past it new ones are refused as busy (redemptions "
+        "always go in, and before the others).",
+    )
+    proxy_early_data: int = option(
+        integer(0),
+        1048576,
+        "Bytes one session may send to all its still-connecting proxy sockets together.",
+    )
+    resolver_threads: int = option(integer(1, 64), 4, "Threads for the L4 proxy's name lookups.")
+    resolve_timeout: float = option(
+        seconds(0.1, 60), 5.0, "Seconds the L4 proxy waits for a name lookup."
+    )
+    log_interval: float = option(
+        seconds(0, 3600),
+        10.0,
+        "Seconds between log lines about one kind of refusal (the rest are counted).",
+    )
+
+    checks: ClassVar[tuple[Check, ...]] = (
+        Check(
+            ("output_high", "output_limit"),
+            lambda high, limit: (
+                "expected output_limit at least output_high" if limit < high else None
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class LedgerSection:
     """Where accounts, deposits and receipts are kept."""
 
@@ -488,6 +571,7 @@ class ServerConfig:
 
     source: Path | None = None
     server: ServerSection = field(default_factory=ServerSection)
+    edge: EdgeSection = field(default_factory=EdgeSection)
     tls: TLSServerSection = field(default_factory=TLSServerSection)
     srv_vpn: SrvVpnSection = field(default_factory=SrvVpnSection)
     control: ControlSection = field(default_factory=ControlSection)

@@ -21,15 +21,20 @@ from cellvpn.conn.protocol import StreamProtocol
 
 #: Largest SEND/RECV payload: a 64 KiB TCP read makes two packets, each well inside a frame.
 CHUNK = 60 * 1024
+#: Smallest: a peer announcing tiny frames must not make one read into thousands of packets.
+MIN_CHUNK = 16 * 1024
 #: Frame payload taken by the channel header (16) and the VPN header (20).
 _OVERHEAD = 36
 
 
 def chunk_size(peer_max_frame: int) -> int:
-    """The SEND/RECV payload size that fits the peer's announced frame limit (0 = none told)."""
+    """The SEND/RECV payload size that fits the peer's announced frame limit (0 = none told),
+    or 0 when that limit is below :data:`MIN_CHUNK`: such a peer gets no relay, since cutting
+    each read into many small packets would make the output a multiple of the input."""
     if peer_max_frame <= 0:
         return CHUNK
-    return max(1, min(CHUNK, peer_max_frame - _OVERHEAD))
+    size = min(CHUNK, peer_max_frame - _OVERHEAD)
+    return size if size >= MIN_CHUNK else 0
 
 
 @implementer(IPushProducer)
@@ -95,9 +100,7 @@ class StreamFlow:
         self._full.add(transport)
         if not self.stream_paused_by_us:
             self.stream_paused_by_us = True
-            stream = self._stream()
-            if stream is not None:
-                stream.pauseProducing()
+            self.proto.hold_reading("relay")
 
     def socket_drained(self, transport: Any) -> None:
         self._full.discard(transport)
@@ -107,16 +110,7 @@ class StreamFlow:
     def _resume_stream(self) -> None:
         if self.stream_paused_by_us:
             self.stream_paused_by_us = False
-            stream = self._stream()
-            if stream is not None:
-                stream.resumeProducing()
-
-    def _stream(self) -> Any:
-        """The stream's transport while it can still read; None once it is closing."""
-        stream = self.proto.transport
-        if stream is None or self.proto.lost or getattr(stream, "disconnecting", False):
-            return None
-        return stream
+            self.proto.release_reading("relay")
 
     def _stream_full(self) -> None:
         for transport in list(self._sockets):

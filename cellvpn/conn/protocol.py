@@ -12,7 +12,13 @@ from functools import partial
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -33,6 +39,23 @@ from cellvpn.wire.setup import CloseCode
 #: Bytes the TCP transport may hold before it pauses us. Twisted's 64 KiB is one super-packet:
 #: every large write would pause the TUN reader and resume it only once all was sent.
 WRITE_BUFFER = 1 << 20
+
+
+def transport_backlog(tcp: Any) -> int:
+    """Bytes a Twisted TCP transport holds that the kernel has not taken yet."""
+    buffer = getattr(tcp, "dataBuffer", b"")
+    return len(buffer) - getattr(tcp, "offset", 0) + getattr(tcp, "_tempDataLen", 0)
+
+
+class OutputBounds(TypingProtocol):
+    """How much one stream may hold unsent: past ``output_high`` its peer is no longer read,
+    past ``output_limit`` the stream is cut (what a peer that never reads would pile up)."""
+
+    @property
+    def output_high(self) -> int: ...
+
+    @property
+    def output_limit(self) -> int: ...
 
 
 class StreamApplication(TypingProtocol):
@@ -66,13 +89,17 @@ def peer_name(transport: object) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class StreamProtocol(Protocol):
     """One TLS connection carrying one cellvpn stream.
 
     It is the streaming producer of its own transport, so whatever else feeds the stream (the
     L4 proxy's sockets) can pause while the transport's write buffer is full: ``on_pause`` and
     ``on_resume`` callbacks run as it fills and drains, and ``paused`` says where it is now.
+
+    Whoever needs the peer not read for a while (a full relayed socket, our own output past
+    its high mark) says so with :meth:`hold_reading` under a name of its own; reading goes on
+    once every name let go.
     """
 
     log = Logger()
@@ -84,8 +111,20 @@ class StreamProtocol(Protocol):
         clock: IReactorTime,
         congestion: str | None = None,
         lan_rtt: float = 0.001,
+        bounds: OutputBounds | None = None,
+        log_closes: bool = True,
     ) -> None:
         self.conn = conn
+        #: log why the stream closed (a server counts refusals instead, see its edge)
+        self.log_closes = log_closes
+        self.bounds = bounds
+        #: the TCP transport under TLS (or the transport itself), whose buffer is measured
+        self._tcp: Any = None
+        self._read_holds: set[str] = set()
+        #: TLS is up (always true without TLS)
+        self.handshake_done = False
+        #: the stream was cut for holding more than ``bounds.limit``
+        self.overflowed = False
         #: TCP congestion control for what this end sends: a name, ``auto``, or None for the
         #: kernel's default; ``lan_rtt`` is where ``auto`` changes its choice
         self.congestion = congestion
@@ -116,7 +155,7 @@ class StreamProtocol(Protocol):
             # frames per flush, and large payloads as views, so go straight to the encrypting
             # write, which takes any buffer and slices views into records without copying.
             self._tls_write = partial(TLSMemoryBIOProtocol.write, self.transport)
-            tcp = self.transport.transport
+            tcp = self._tcp = self.transport.transport
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = WRITE_BUFFER
             if self.congestion is not None and hasattr(tcp, "getHandle"):
@@ -127,6 +166,10 @@ class StreamProtocol(Protocol):
                 # frames are written as whole batches already; Nagle would only hold back the
                 # small ones (the tunnel's TCP ACKs) for a round trip
                 tcp.setTcpNoDelay(True)
+        else:
+            self._tcp = self.transport
+        # a TLS transport says when its handshake is done (handshakeCompleted); others have none
+        self.handshake_done = not ISSLTransport.providedBy(self.transport)
         ticker = LoopingCall(self._tick)
         ticker.clock = self.clock
         ticker.start(self.conn.settings.keepalive_interval, now=False)
@@ -136,6 +179,12 @@ class StreamProtocol(Protocol):
             self._producing = True
         self.app.stream_connected(self)
         self.flush()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        done = getattr(self.app, "handshake_completed", None)
+        if done is not None:
+            done(self)
 
     def dataReceived(self, data: bytes) -> None:
         events = self.conn.receive_data(data)
@@ -158,6 +207,59 @@ class StreamProtocol(Protocol):
                 direct(piece)
         else:
             self.transport.write(b"".join(pieces))
+        bounds = self.bounds
+        if bounds is not None:
+            backlog = transport_backlog(self._tcp)
+            if backlog > bounds.output_high:
+                self._over_high(backlog, bounds)
+
+    def _over_high(self, backlog: int, bounds: OutputBounds) -> None:
+        if backlog > bounds.output_limit and not self.overflowed:
+            self.overflowed = True
+            over = getattr(self.app, "output_overflow", None)
+            if over is not None:
+                over(self, backlog)
+            self.lost_cause()
+        elif "output" not in self._read_holds:
+            # the transport paused us already (its buffer is past WRITE_BUFFER); it resumes
+            # us once drained, and reading goes on then
+            self.hold_reading("output")
+
+    def hold_reading(self, why: str) -> None:
+        """Stop reading the peer until ``release_reading(why)``."""
+        if why in self._read_holds:
+            return
+        self._read_holds.add(why)
+        if len(self._read_holds) == 1:
+            transport = self._readable()
+            if transport is not None:
+                transport.pauseProducing()
+
+    def release_reading(self, why: str) -> None:
+        if why not in self._read_holds:
+            return
+        self._read_holds.discard(why)
+        if not self._read_holds:
+            transport = self._readable()
+            if transport is not None:
+                transport.resumeProducing()
+
+    @property
+    def reading_held(self) -> bool:
+        return bool(self._read_holds)
+
+    def _readable(self) -> Any:
+        """The transport while it can still read; None once it is closing."""
+        transport = self.transport
+        if transport is None or self.lost or getattr(transport, "disconnecting", False):
+            return None
+        return transport
+
+    def lost_cause(self) -> None:
+        """Drop the connection now, with whatever it still holds (a peer that does not read)."""
+        if self.lost or self.transport is None:
+            return
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def pauseProducing(self) -> None:
         if not self.paused:
@@ -171,6 +273,7 @@ class StreamProtocol(Protocol):
             self.paused = False
             for listener in list(self.on_resume):
                 listener()
+        self.release_reading("output")
 
     def stopProducing(self) -> None:
         """The transport is going away; ``connectionLost`` follows and does the work."""
@@ -191,7 +294,9 @@ class StreamProtocol(Protocol):
                 self._closed(event)
 
     def _closed(self, event: Closed) -> None:
-        if event.by_peer:
+        if not self.log_closes:
+            pass
+        elif event.by_peer:
             self.log.info(
                 "{peer} closed the stream ({code}): {reason}",
                 peer=self.peer,

@@ -113,8 +113,18 @@ def _idle(transport: Any) -> bool:
     )
 
 
+class _BulkTLSFactory(TLSMemoryBIOFactory):
+    protocol = BulkTLSProtocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """None when the wrapped factory refuses the connection (the port then closes it)."""
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return self.protocol(self, wrapped)
+
+
 def bulk_tls_factory(creator: Any, is_client: bool, wrapped: Any) -> TLSMemoryBIOFactory:
-    """A TLS factory whose connections are :class:`BulkTLSProtocol`."""
-    factory = TLSMemoryBIOFactory(creator, is_client, wrapped)
-    factory.protocol = BulkTLSProtocol
-    return factory
+    """A TLS factory whose connections are :class:`BulkTLSProtocol`; a wrapped factory may
+    refuse a connection by building no protocol for it."""
+    return _BulkTLSFactory(creator, is_client, wrapped)

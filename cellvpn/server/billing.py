@@ -38,6 +38,7 @@ from cellvpn.billing.keys import KeyPair, account_of, signed_by
 from cellvpn.billing.proof import proven_key
 from cellvpn.billing.records import Order, SignedDeposit, SignedOrder, receipt_units_value_ok
 from cellvpn.config.schema import BillingSection
+from cellvpn.server.edge import Refusal
 from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.server.usage import UsageInput, UsageState
 from cellvpn.wire.errors import DecodeError
@@ -546,14 +547,26 @@ class ServerBilling:
             # the client refused to sign (asked too early by its meter): the receipt stays
             # pending and is asked for again after receipt_timeout
             self.client_refusals += 1
-            self.log.info(
-                "session {sid}: the client did not sign the receipt ({code})",
-                sid=_sid(session),
-                code=Error.decode(data).name,
+            self.server.refusal(
+                Refusal.SIGN_RESPONSE,
+                session,
+                f"the client did not sign the receipt ({Error.decode(data).name})",
             )
             return True
         if ptype == PacketType.DEPOSIT_CREATE:
-            d = defer.Deferred.fromCoroutine(self._create(session, SignedDeposit.decode(data)))
+            signed = SignedDeposit.decode(data)
+            if session.deposit_created or session.requested:
+                # one is all a client needs, before its REQUEST; more would only queue
+                # ledger work (and log lines) that nobody pays for
+                self.server.refusal(
+                    Refusal.DEPOSIT_CREATE,
+                    session,
+                    "more than one DEPOSIT_CREATE, or after REQUEST",
+                )
+                session.close(CloseCode.REFUSED, "one DEPOSIT_CREATE per session, before REQUEST")
+                return True
+            session.deposit_created = True
+            d = defer.Deferred.fromCoroutine(self._create(session, signed))
             d.addErrback(self._failed, session, "creating a deposit")
             return True
         return False
@@ -697,7 +710,7 @@ class ServerBilling:
         try:
             row = await self.ledger.create_deposit(signed, time.time())
         except LedgerError as e:
-            self._error(session, e.code, f"deposit refused: {e.summary}")
+            self._error(session, e.code, f"deposit refused: {e.summary}", Refusal.DEPOSIT_CREATE)
             return
         self.log.info(
             "session {sid}: deposit {dep} created: {value} locked",
@@ -817,17 +830,13 @@ class ServerBilling:
 
     # --- refusals and the end -----------------------------------------------------------------
 
-    def _error(self, session: ServerSession, code: int, why: str) -> None:
-        """An ERROR for one packet that leaves the usage as it is."""
+    def _error(
+        self, session: ServerSession, code: int, why: str, kind: Refusal = Refusal.SIGN_RESPONSE
+    ) -> None:
+        """An ERROR for one packet that leaves the usage as it is (counted, not logged each)."""
         session.send_service(PacketType.ERROR, Error(code, session.usage_id).encode())
         session.flush()
-        self.log.info(
-            "session {sid} with {peer}: refused ({code}): {why}",
-            sid=_sid(session),
-            peer=session.peer,
-            code=Error(code).name,
-            why=why,
-        )
+        self.server.refusal(kind, session, f"{Error(code).name}: {why}")
 
     def _refuse(self, session: ServerSession, code: int, why: str, close: bool = False) -> None:
         if session.ended:

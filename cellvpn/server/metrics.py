@@ -33,6 +33,7 @@ from cellvpn import __version__
 from cellvpn.billing.interfaces import LedgerUnavailableError, Limits
 from cellvpn.conn.listen import listen_now
 from cellvpn.device.counters import SessionCounters
+from cellvpn.server.edge import Refusal
 from cellvpn.wire.service import SRV_UID_VPN
 
 if TYPE_CHECKING:
@@ -190,6 +191,18 @@ def exposition(server: VPNServerService) -> bytes:
         "counter",
         "TCP payload bytes carried by the L4 proxy.",
         [({"direction": d}, t[f"proxy_{d}_bytes"]) for d in _DIRECTIONS],
+    )
+    out.family(
+        "cellvpn_refused_total",
+        "counter",
+        "Connections, sessions and packets refused or cut off at the edge, by kind.",
+        [({"kind": kind.value}, server.refusals.counts.get(kind.value, 0)) for kind in Refusal],
+    )
+    edge = server.edge_stats()
+    out.one("cellvpn_streams", "gauge", "Streams (TCP connections) open.", edge["streams"])
+    out.one("cellvpn_handshakes", "gauge", "TLS handshakes in flight.", edge["handshakes"])
+    out.one(
+        "cellvpn_ledger_queued", "gauge", "Ledger calls queued or running.", edge["ledger_queued"]
     )
     pool = server.pool.stats()
     out.one("cellvpn_pool_leased", "gauge", "Addresses leased to sessions.", pool["leased"])

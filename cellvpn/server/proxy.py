@@ -3,9 +3,11 @@
 Per socket id (the packet's ``sock_id``): CONNECT names a host (ASCII: an address or a DNS
 name) and a port; the server resolves a name off the reactor thread, checks the address
 against :class:`~cellvpn.server.proxypolicy.ProxyPolicy`, connects, and answers CONNECTED (the
-same host and port) or PROBLEM(PROXY_DENIED / PROXY_FAILED) with that ``sock_id``, logging one
-line for each refusal or failure. SEND carries bytes to the destination, RECV bytes back;
-DISCONNECT from either side closes the other. A session has at most :data:`MAX_SOCKETS`.
+same host and port) or PROBLEM(PROXY_DENIED / PROXY_FAILED) with that ``sock_id``; refusals
+and failures are counted, with a log line now and then (``[edge] log_interval``). A client
+may send ahead to sockets still connecting, within ``[edge] proxy_early_data`` in all. SEND
+carries bytes to the destination, RECV bytes back; DISCONNECT from either side closes the other.
+A session has at most :data:`MAX_SOCKETS`.
 
 No side buffers without bound: see :mod:`cellvpn.conn.flow`.
 """
@@ -13,7 +15,6 @@ No side buffers without bound: see :mod:`cellvpn.conn.flow`.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,13 +23,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cellvpn.conn.flow import StreamFlow, chunk_size
 from cellvpn.conn.pki import host_addresses
+from cellvpn.server.edge import Refusal
 from cellvpn.server.proxypolicy import IPAddress, ProxyPolicy
+from cellvpn.server.resolver import ProxyResolver
 from cellvpn.wire.vpn import OpCode, ProblemCode, VpnPacket
 
 if TYPE_CHECKING:
@@ -44,16 +46,6 @@ EARLY_DATA_LIMIT = 256 * 1024
 
 #: Resolves ``(host, port)`` to addresses, in preference order.
 Resolver = Callable[[str, int], "Deferred[list[str]]"]
-
-
-def resolve_in_thread(host: str, port: int) -> Deferred[list[str]]:
-    """getaddrinfo in the reactor's thread pool: it blocks, and the reactor must not."""
-
-    def lookup() -> list[str]:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        return [str(info[4][0]) for info in infos]
-
-    return deferToThread(lookup)
 
 
 @dataclass
@@ -128,6 +120,8 @@ class _Link:
         self.flow = StreamFlow(session.proto)
         hello = session.proto.conn.peer_hello
         self.chunk = chunk_size(hello.max_frame if hello is not None else 0)
+        #: early data held for all still-connecting sockets together
+        self.early_size = 0
 
     def send(self, op: int, sock_id: int, data: bytes = b"", port: int = 0) -> None:
         session = self.session
@@ -167,7 +161,9 @@ class _Link:
         if target is None:
             sock.early.append(data)
             sock.early_size += len(data)
-            if sock.early_size > EARLY_DATA_LIMIT:
+            self.early_size += len(data)
+            budget = self.session.server.proxy.early_data_budget  # type: ignore[union-attr]
+            if sock.early_size > EARLY_DATA_LIMIT or self.early_size > budget:
                 self.close(sock)
                 self.send(OpCode.DISCONNECT, sock.sock_id)
                 self.session.flush()
@@ -184,6 +180,8 @@ class _Link:
         pending, sock.pending = sock.pending, None
         if pending is not None:
             pending.cancel()
+        self.early_size -= sock.early_size
+        sock.early, sock.early_size = [], 0
         target, sock.target = sock.target, None
         if target is not None and target.transport is not None:
             self.flow.detach(target.transport)
@@ -209,11 +207,19 @@ class ProxyRelay:
         server: VPNServerService,
         policy: ProxyPolicy,
         reactor: Any = None,
-        resolve: Resolver = resolve_in_thread,
+        resolve: Resolver | None = None,
     ) -> None:
         self.server = server
         self.policy = policy
         self.reactor = reactor if reactor is not None else server.reactor
+        self.resolver: ProxyResolver | None = None
+        edge = server.config.edge
+        self.early_data_budget = edge.proxy_early_data
+        if resolve is None:
+            self.resolver = ProxyResolver(
+                self.reactor, edge.resolver_threads, timeout=edge.resolve_timeout
+            )
+            resolve = self.resolver.resolve
         self.resolve = resolve
         self.stats = ProxyStats()
 
@@ -239,7 +245,12 @@ class ProxyRelay:
         )
 
     def describe(self) -> dict[str, int]:
-        return asdict(self.stats)
+        stats = asdict(self.stats)
+        if self.resolver is not None:
+            stats["lookups_pending"] = self.resolver.pending
+            stats["lookups_refused_busy"] = self.resolver.busy
+            stats["lookups_timed_out"] = self.resolver.timeouts
+        return stats
 
     # --- packets from the session ----------------------------------------------------------
 
@@ -305,6 +316,9 @@ class ProxyRelay:
             self._refuse(link, sock, ProblemCode.PROXY_FAILED, "sock_id 0 is no socket")
         elif sock_id in link.sockets:
             self._refuse(link, sock, ProblemCode.PROXY_FAILED, f"sock_id {sock_id} is in use")
+        elif link.chunk == 0:
+            why = "the client's frames are too small to carry relayed data"
+            self._refuse(link, sock, ProblemCode.PROXY_FAILED, why)
         elif len(link.sockets) >= MAX_SOCKETS:
             why = f"the session has {MAX_SOCKETS} proxy sockets already"
             self._refuse(link, sock, ProblemCode.PROXY_FAILED, why)
@@ -375,7 +389,9 @@ class ProxyRelay:
         self.stats.opened += 1
         link.flow.attach(transport)
         link.send(OpCode.CONNECTED, sock.sock_id, sock.host.encode("ascii"), sock.port)
-        early, sock.early, sock.early_size = sock.early, [], 0
+        early, sock.early = sock.early, []
+        link.early_size -= sock.early_size
+        sock.early_size = 0
         for data in early:
             link.to_target(sock, data)
         link.session.flush()
@@ -395,14 +411,8 @@ class ProxyRelay:
             self.stats.failed += 1
         session.send_problem(code, sock.sock_id)
         session.flush()
-        self.log.info(
-            "session {sid} with {peer}: proxy to {dest} {what}: {why}",
-            sid=f"{session.session_id or 0:#010x}",
-            peer=session.peer,
-            dest=sock.destination,
-            what="refused" if code is ProblemCode.PROXY_DENIED else "failed",
-            why=why,
-        )
+        what = "refused" if code is ProblemCode.PROXY_DENIED else "failed"
+        self.server.refusal(Refusal.PROXY, session, f"proxy to {sock.destination} {what}: {why}")
 
 
 def _why(error: Exception) -> str:

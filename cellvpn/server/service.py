@@ -46,11 +46,13 @@ from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import NetConfigError, Netlink
 from cellvpn.server.billing import ServerBilling
+from cellvpn.server.edge import Admission, EdgeLimits, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
 from cellvpn.server.metrics import listen_metrics
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.session import ServerSession
+from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.tun.device import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunError, open_tun, set_offload
@@ -68,16 +70,27 @@ class _StreamFactory(Factory):
     def __init__(self, server: VPNServerService) -> None:
         self.server = server
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        """A protocol for a connection the edge admits; None closes it at once, before TLS."""
         server = self.server
+        host = str(getattr(addr, "host", addr))
+        source = server.source_of(host)
+        refused = server.admission.admit(source, server.reactor.seconds())
+        if refused is not None:
+            server.refusal(refused, None, f"connection from {host} refused")
+            return None
         conn = StreamConnection(Role.SERVER, server.stream_settings)
         section = server.config.server
+        session = ServerSession(server)
+        session.source = source
         return StreamProtocol(
             conn,
-            ServerSession(server),
+            session,
             server.reactor,
             section.congestion,
             section.congestion_lan_rtt,
+            server.config.edge,
+            log_closes=False,
         )
 
 
@@ -101,13 +114,25 @@ class VPNServerService(MultiService):
         self.port: Any = None
         self.metrics_port: Any = None
         s = config.server
+        edge = config.edge
         self.stream_settings = StreamSettings(
             max_payload=s.max_frame,
             keepalive_interval=s.keepalive,
             idle_timeout=s.idle_timeout,
             channels="RS",
             caps=caps.KNOWN - {caps.OFFLOAD},  # offered once the TUN can do it
+            alives_per_second=edge.alives_per_second,
         )
+        self.admission = Admission(
+            EdgeLimits(
+                edge.max_streams,
+                edge.max_streams_per_source,
+                edge.max_handshakes_per_source,
+                edge.connect_rate,
+                edge.connect_burst,
+            )
+        )
+        self.refusals = Refusals(self._say_refusal, reactor.seconds, edge.log_interval)
         self.control = ControlService(config.control.socket, self, reactor)
         self.control.setServiceParent(self)
         v = config.srv_vpn
@@ -121,9 +146,6 @@ class VPNServerService(MultiService):
         self.tun_ready = False
         self.netlink = Netlink()
         self.finished = EndedSessions(FINISHED_KEPT)
-        #: REQUESTs refused because the session had one already
-        self.duplicate_requests = 0
-        self._duplicate_said_at = float("-inf")
         self.billing: ServerBilling | None = None
         self.ledger: AsyncLedger | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
@@ -253,7 +275,7 @@ class VPNServerService(MultiService):
             ledger = open_ledger(url)
         except LedgerOpenError as e:
             raise StartupError(str(e)) from None
-        self.ledger = AsyncLedger(ledger, self.reactor)
+        self.ledger = AsyncLedger(ledger, self.reactor, self.config.edge.ledger_queue)
         self.billing = ServerBilling(
             self, key, self.ledger, b, self.config.srv_vpn.grace_period, _instance_id(state)
         )
@@ -328,18 +350,25 @@ class VPNServerService(MultiService):
         if session.addr_key:
             self.forwarder.detach(session)
 
-    def duplicate_request(self, session: ServerSession) -> None:
-        """A second REQUEST on one session: counted, and said at most once in 10 seconds."""
-        self.duplicate_requests += 1
-        now = self.reactor.seconds()
-        if now - self._duplicate_said_at >= 10.0:
-            self._duplicate_said_at = now
-            self.log.warn(
-                "session {sid} with {peer}: a second REQUEST on one session; closed ({n} so far)",
-                sid=f"{session.session_id or 0:#010x}",
-                peer=session.peer,
-                n=self.duplicate_requests,
-            )
+    def source_of(self, host: str) -> str:
+        """The source prefix ``host`` counts under, for the edge's and grace's limits."""
+        s = self.config.server
+        return source_prefix(host, s.source_prefix_v4, s.source_prefix_v6)
+
+    def refusal(self, kind: Refusal, session: ServerSession | None, why: str) -> None:
+        """Count one refused or cut-off thing; a line is logged only now and then per kind."""
+        if session is not None:
+            why = f"session {session.session_id or 0:#010x} with {session.peer}: {why}"
+        self.refusals.count(kind, why)
+
+    def _say_refusal(self, kind: Refusal, since: int, example: str) -> None:
+        self.log.warn(
+            "refused ({kind}): {example}{more} ({total} in all)",
+            kind=kind.value,
+            example=example,
+            more=f"; {since - 1} more like it since the last line" if since > 1 else "",
+            total=self.refusals.counts.get(kind.value, 0),
+        )
 
     def session_ended(self, session: ServerSession) -> None:
         """Release what the session held; keep its final counters for vpn_stat."""
@@ -376,6 +405,18 @@ class VPNServerService(MultiService):
             "proxy": self.proxy.describe() if self.proxy is not None else None,
             "tun": self.tun_name,
             "tun_stats": _tun_stats(self.tun),
+            "refused": dict(self.refusals.counts),
+            "edge": self.edge_stats(),
+        }
+
+    def edge_stats(self) -> dict[str, int]:
+        admission = self.admission
+        ledger = self.ledger
+        return {
+            "streams": admission.streams,
+            "handshakes": admission.handshakes,
+            "sources": admission.sources(),
+            "ledger_queued": ledger.queued if ledger is not None else 0,
         }
 
     def control_ledger(self, argv: list[str]) -> Deferred[dict[str, Any]]:

@@ -19,8 +19,10 @@ from twisted.python.failure import Failure
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import describe_tls_failure, peer_fingerprint
 from cellvpn.device.counters import SessionCounters
+from cellvpn.ratelimit import TokenBucket
 from cellvpn.server.billing import UNMETERED, Bill
 from cellvpn.server.check import answer_check
+from cellvpn.server.edge import Refusal
 from cellvpn.server.usage import ACTIVE, UsageInput, new_usage
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Closed, Established, HelloReceived
@@ -84,6 +86,19 @@ class ServerSession:
         self.allowance = UNMETERED
         self.pings = 0
         self.proxy: Any = None
+        #: the source prefix the edge counts this connection under (None: not admitted there)
+        self.source: str | None = None
+        self._handshaking = True
+        #: the TLS handshake deadline, then the REQUEST deadline
+        self._deadline: Any = None
+        #: CHECK bytes (asked and answered) this session may still use, and their rate
+        edge = server.config.edge
+        self.check_left = edge.check_budget
+        self._checks = TokenBucket(
+            edge.check_rate, max(1.0, edge.check_rate), server.reactor.seconds()
+        )
+        #: a DEPOSIT_CREATE came before REQUEST (one is all a client needs)
+        self.deposit_created = False
         #: StreamConnection.send_channel, bound once the stream is set up
         self._send: Callable[..., None] | None = None
 
@@ -93,6 +108,54 @@ class ServerSession:
         self.proto = proto
         self.peer = proto.peer
         proto.on_resume.append(self._drained)
+        if proto.handshake_done:
+            self.handshake_completed(proto)
+        else:
+            timeout = self.server.config.edge.handshake_timeout
+            self._deadline = self.server.reactor.callLater(timeout, self._no_handshake, timeout)
+
+    def handshake_completed(self, proto: StreamProtocol) -> None:
+        self._cancel_deadline()
+        self._handshake_over()
+
+    def _handshake_over(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            if self.source is not None:
+                self.server.admission.handshake_done(self.source)
+
+    def _no_handshake(self, timeout: float) -> None:
+        self._deadline = None
+        self.server.refusal(
+            Refusal.HANDSHAKE_TIMEOUT, None, f"{self.peer}: no TLS handshake within {timeout:g} s"
+        )
+        self.close_reason = "TLS handshake timed out"
+        if self.proto is not None:
+            self.proto.lost_cause()
+
+    def _no_request(self, timeout: float) -> None:
+        self._deadline = None
+        if self.requested:
+            return
+        self.server.refusal(Refusal.REQUEST_TIMEOUT, self, f"no REQUEST within {timeout:g} s")
+        self.close(CloseCode.REFUSED, f"no REQUEST within {timeout:g} s of WELCOME")
+
+    def _request_deadline(self) -> None:
+        """(Re)start the wait for REQUEST: at WELCOME, and after each CHECK answered."""
+        self._cancel_deadline()
+        timeout = self.server.config.edge.request_timeout
+        self._deadline = self.server.reactor.callLater(timeout, self._no_request, timeout)
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def output_overflow(self, proto: StreamProtocol, backlog: int) -> None:
+        self.server.refusal(
+            Refusal.OUTPUT_LIMIT, self, f"{backlog} bytes unsent: the client does not read"
+        )
+        self.close_reason = f"cut off with {backlog} bytes unsent (the client does not read)"
 
     def hello_received(self, proto: StreamProtocol, event: HelloReceived) -> None:
         server = self.server
@@ -111,6 +174,7 @@ class ServerSession:
         self._send = conn.send_channel
         server.sessions.add(sid, self)
         self.established_at = time.time()
+        self._request_deadline()
         self.log.info(
             "session {sid} with {peer} established (channels {channels}, capabilities {caps})",
             sid=f"{sid:#010x}",
@@ -132,18 +196,34 @@ class ServerSession:
         raise AssertionError("a server stream is never established by a WELCOME")
 
     def stream_closed(self, proto: StreamProtocol, event: Closed) -> None:
+        if not event.by_peer and event.code == CloseCode.PROTOCOL_ERROR:
+            kind = Refusal.SETUP_TIMEOUT if "setup" in event.reason else Refusal.PROTOCOL_ERROR
+            if self.session_id is None:
+                self.server.refusal(kind, None, f"{self.peer}: {event.reason}")
+            else:
+                self.server.refusal(kind, self, event.reason)
         who = "client" if event.by_peer else "server"
         reason = f": {event.reason}" if event.reason else ""
         self.close_reason = f"{who} closed the stream ({event.code_name}){reason}"
 
     def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None:
         self.ended_at = time.time()
+        self._cancel_deadline()
+        if self.source is not None:
+            self.server.admission.closed(self.source, self._handshaking)
+            self.source = None
+        unanswered = proto.conn.stats.keepalives_unanswered
+        if unanswered:
+            self.server.refusal(Refusal.KEEPALIVE, self, f"{unanswered} KEEPALIVEs left unanswered")
         if self.session_id is None:
             if self.close_reason is None:
-                self.log.info(
-                    "connection from {peer} ended before session setup: {why}",
-                    peer=self.peer,
-                    why=describe_tls_failure(reason),
+                # counted, not logged each: anyone can open connections that go nowhere
+                kind = Refusal.TLS_FAILED if not proto.handshake_done else Refusal.PROTOCOL_ERROR
+                self.server.refusal(
+                    kind,
+                    None,
+                    f"connection from {self.peer} ended before session setup: "
+                    f"{describe_tls_failure(reason)}",
                 )
             return
         self.server.session_ended(self)
@@ -243,10 +323,7 @@ class ServerSession:
             if ptype == PacketType.REQUEST:
                 self._on_request(Request.decode(data))
             elif ptype == PacketType.CHECK_REQUEST:
-                request = CheckPacket.decode(data)
-                host = getattr(self.proto.transport.getPeer(), "host", "")  # type: ignore[union-attr]
-                answer = answer_check(request, host, time.time_ns())
-                self.send_service(PacketType.CHECK_RESPONSE, answer.encode())
+                self._on_check(CheckPacket.decode(data))
             else:
                 billing = self.server.billing
                 if billing is None or not billing.service_packet(self, ptype, data):
@@ -256,15 +333,32 @@ class ServerSession:
         except DecodeError as e:
             self.proto.close(CloseCode.PROTOCOL_ERROR, f"malformed 'R' packet 0x{ptype:02x}: {e}")
 
+    def _on_check(self, request: CheckPacket) -> None:
+        """Answer a CHECK within the session's budget and rate; past either, close."""
+        assert self.proto is not None
+        cost = len(request.data) + request.data_size_recv
+        if cost > self.check_left or not self._checks.take(self.server.reactor.seconds()):
+            why = "CHECK budget spent" if cost > self.check_left else "CHECKs too fast"
+            self.server.refusal(Refusal.CHECK_BUDGET, self, why)
+            self.close(CloseCode.REFUSED, why)
+            return
+        self.check_left -= cost
+        host = getattr(self.proto.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        answer = answer_check(request, host, time.time_ns())
+        self.send_service(PacketType.CHECK_RESPONSE, answer.encode())
+        if not self.requested:
+            self._request_deadline()  # a check in progress is activity
+
     def _on_request(self, request: Request) -> None:
         if self.requested:
             # one bill per session: a second REQUEST would replace the paid bill with an
             # unpaid one (and leave the first one's timers running)
-            self.server.duplicate_request(self)
+            self.server.refusal(Refusal.DUPLICATE_REQUEST, self, "a second REQUEST on one session")
             self.refuse(ErrorCode.CANT_ADD_USAGE, "a second REQUEST on this session")
             self.close(CloseCode.REFUSED, "a second REQUEST on one session")
             return
         self.requested = True
+        self._cancel_deadline()
         self.usage_id = secrets.randbits(32) or 1
         if not self.server.config.srv_vpn.enabled:
             self.refuse(ErrorCode.SERVICE_NOT_FOUND, "the VPN service is not enabled here")
@@ -344,6 +438,11 @@ class ServerSession:
             self.counters.dropped_malformed += 1
             return
         if op == vpn.OpCode.PING:
+            if not self.active:
+                # a PONG for anyone who asks would be an echo service before payment
+                self.counters.dropped_not_active += 1
+                self.server.refusal(Refusal.PING, self, "PING without a granted usage")
+                return
             self.pings += 1
             if self._send is not None:
                 self._send(CHANNEL_S, vpn.PKT_TYPE_PONG, _PONG)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from cellvpn.fsm import Machine
+from cellvpn.ratelimit import TokenBucket
 from cellvpn.wire import channel as chan
 from cellvpn.wire import frame as fr
 from cellvpn.wire.errors import DecodeError
@@ -37,6 +38,9 @@ _ALIVE_FRAME = fr.encode_frame(FrameType.ALIVE)
 
 #: Payloads at least this long are queued as they are instead of copied next to their header.
 LARGE_PAYLOAD = 8192
+#: The smallest frame limit a peer may announce: a full-size IP packet must fit, and a lower
+#: one would make every relayed read into many tiny frames (output many times the input).
+MIN_PEER_FRAME = 1500
 
 
 class Role(Enum):
@@ -84,6 +88,9 @@ class StreamSettings:
     caps: frozenset[str] = frozenset()
     required_caps: frozenset[str] = frozenset()
     node_addr: int = 0
+    #: KEEPALIVEs answered per second at most (a burst of twice that); the rest go unanswered,
+    #: so a peer that sends them and never reads cannot make us queue one ALIVE for each
+    alives_per_second: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ class StreamStats:
     keepalives_sent: int = 0
     keepalives_received: int = 0
     alives_received: int = 0
+    #: KEEPALIVEs beyond ``alives_per_second``, left unanswered
+    keepalives_unanswered: int = 0
     last_rtt: float | None = None
 
 
@@ -161,6 +170,8 @@ class StreamConnection:
         self._rx_since_tick = False
         self._tx_since_tick = False
         self._keepalive_sent_at: float | None = None
+        rate = self.settings.alives_per_second
+        self._alives = TokenBucket(rate, max(1.0, 2 * rate), self._started)
         self.stats = StreamStats()
         self.session_id: int | None = None
         self.caps: frozenset[str] = frozenset()
@@ -334,6 +345,11 @@ class StreamConnection:
         hello = Hello.decode(payload)
         self.peer_hello = hello
         s = self.settings
+        if hello.max_frame and hello.max_frame < MIN_PEER_FRAME:
+            return self._violation(
+                f"HELLO announces frames of {hello.max_frame} bytes, "
+                f"below the least of {MIN_PEER_FRAME}"
+            )
         if hello.version != PROTOCOL_VERSION:
             return self._end(
                 CloseCode.VERSION_MISMATCH,
@@ -362,6 +378,11 @@ class StreamConnection:
             return self._violation("unexpected WELCOME")
         welcome = Welcome.decode(payload)
         s = self.settings
+        if welcome.max_frame and welcome.max_frame < MIN_PEER_FRAME:
+            return self._violation(
+                f"WELCOME announces frames of {welcome.max_frame} bytes, "
+                f"below the least of {MIN_PEER_FRAME}"
+            )
         if welcome.version != PROTOCOL_VERSION:
             return self._end(
                 CloseCode.VERSION_MISMATCH,
@@ -441,10 +462,19 @@ class StreamConnection:
         return events
 
     def _control_frame(self, ftype: int, payload: memoryview) -> Event | None:
+        if (
+            ftype == FrameType.KEEPALIVE or ftype == FrameType.ALIVE
+        ) and self.machine.state is not StreamState.ESTABLISHED:
+            # nothing is kept alive before the setup: answering would let a peer that never
+            # says HELLO make us write as much as it sends
+            return self._violation(f"{FrameType(ftype).name} before the session setup")
         if ftype == FrameType.KEEPALIVE:
             self.stats.keepalives_received += 1
-            self._out += _ALIVE_FRAME
-            self.stats.frames_out += 1
+            if self._alives.take(self._clock()):
+                self._out += _ALIVE_FRAME
+                self.stats.frames_out += 1
+            else:
+                self.stats.keepalives_unanswered += 1
             return None
         if ftype == FrameType.ALIVE:
             self.stats.alives_received += 1

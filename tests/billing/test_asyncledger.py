@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import task
 
 from cellvpn.billing.asyncledger import AsyncLedger
-from cellvpn.billing.interfaces import LedgerError, LedgerUnavailableError
+from cellvpn.billing.interfaces import LedgerBusyError, LedgerError, LedgerUnavailableError
 from cellvpn.billing.sqlite import SqliteLedger
 from cellvpn.wire.service import ErrorCode
 
@@ -104,13 +105,14 @@ async def test_redemptions_waiting_together_share_a_commit_and_keep_their_order(
     receipts = chain(PROVIDER, CLIENT, row.id, 40, value=10)
     # Called in one go: the first goes alone, the rest wait together behind it.
     ds = [aledger.redeem(r, row.id, PROVIDER.public, NOW) for r in receipts[:20]]
-    # A read in between sees exactly the redemptions asked for before it...
+    # A read in between goes after every redemption waiting: they pay, and traffic waits
+    # on them...
     middle = aledger.balance(PROVIDER.account)
     replay = aledger.redeem(receipts[0], row.id, PROVIDER.public, NOW)
     ds += [aledger.redeem(r, row.id, PROVIDER.public, NOW) for r in receipts[20:]]
     results = [await d for d in ds]
     assert [r.locked_left for r in results] == [10**6 - 10 * n for n in range(1, 41)]
-    assert await middle == 200
+    assert await middle == 400
     # ...and a refusal in a group fails its own Deferred only.
     with pytest.raises(LedgerError) as info:
         await replay
@@ -119,4 +121,52 @@ async def test_redemptions_waiting_together_share_a_commit_and_keep_their_order(
     assert len(ledger.batches) < 41
     ok, figures = await aledger.check_invariant()
     assert ok, figures
+    await aledger.close()
+
+
+class GatedLedger(SqliteLedger):
+    """Holds the worker in its first ``balance`` call until ``gate`` is set; notes call order."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.order: list[str] = []
+
+    def balance(self, account: bytes) -> int:
+        self.order.append("balance")
+        self.gate.wait(10)
+        return super().balance(account)
+
+    def redeem_many(self, requests: Any) -> Any:
+        self.order.append(f"redeem x{len(requests)}")
+        return super().redeem_many(requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_queue_refuses_at_once_but_redemptions_go_in_and_go_first(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """1 MB of DEPOSIT_CREATEs once queued 4,000 ledger calls that real REQUESTs waited behind.
+    Now calls past ``max_queue`` fail at once (a try-again error), and a redemption is never
+    refused and overtakes the calls waiting."""
+    ledger = GatedLedger(tmp_path / "ledger.db")
+    aledger = AsyncLedger(ledger, reactor, max_queue=16)
+    await aledger.mint(CLIENT.account, 10**6)
+    row = await aledger.create_deposit(deposit(CLIENT, value=10**6), NOW)
+    [receipt] = chain(PROVIDER, CLIENT, row.id, 1, value=10)
+    ledger.order.clear()
+    waiting = [aledger.balance(PROVIDER.account) for _ in range(16)]
+    with pytest.raises(LedgerBusyError):
+        await aledger.balance(PROVIDER.account)
+    assert aledger.refused_busy == 1
+    while not ledger.order:  # the worker is in the first balance, held at the gate
+        await task.deferLater(reactor, 0.01, lambda: None)
+    redeemed = aledger.redeem(receipt, row.id, PROVIDER.public, NOW)
+    ledger.gate.set()
+    assert (await redeemed).locked_left == 10**6 - 10
+    balances = [await d for d in waiting]
+    # the first balance was running already; the redemption went before the other 15
+    assert ledger.order[:3] == ["balance", "redeem x1", "balance"]
+    assert balances[0] == 0 and balances[1:] == [10] * 15
+    assert aledger.queued == 0
     await aledger.close()

@@ -13,10 +13,8 @@ from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.server.service import VPNServerService
 from cellvpn.server.session import ServerSession
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
-from cellvpn.wire.channel import CHANNEL_S
-from cellvpn.wire.frame import FrameType
+from cellvpn.wire.frame import FrameType, encode_frame
 from cellvpn.wire.setup import Close, CloseCode
-from cellvpn.wire.vpn import OpCode, VpnPacket
 
 
 def make_server(tmp_path: Path) -> tuple[VPNServerService, MemoryReactorClock]:
@@ -36,6 +34,7 @@ def connect(
         StreamConnection(Role.SERVER, server.stream_settings, clock=clock.seconds),
         ServerSession(server),
         clock,
+        log_closes=False,
     )
     transport = StringTransport(peerAddress=IPv4Address("TCP", "198.18.0.7", port))
     proto.makeConnection(transport)
@@ -61,19 +60,15 @@ def test_a_broken_peer_is_closed_with_one_line_and_others_carry_on(tmp_path: Pat
         bad.dataReceived(b"\x17" * 100)
     lines = [formatEvent(e) for e in events]
     assert lines == [
-        "closing the stream with 198.18.0.7:2000: protocol error: bad frame signature " + "17" * 8
+        "refused (protocol_error): 198.18.0.7:2000: bad frame signature " + "17" * 8 + " (1 in all)"
     ]
     assert bad_t.disconnecting
     out = bad_t.value()
     assert out[20] == FrameType.CLOSE and Close.decode(out[37:]).code == CloseCode.PROTOCOL_ERROR
-    # the good stream still answers PINGs
+    # the good stream still answers KEEPALIVE
     good_t.clear()
-    client.send_channel(CHANNEL_S, 2, VpnPacket(OpCode.PING).encode())
-    got: list[bytes] = []
-    client.register_channel(CHANNEL_S, lambda t, d: got.append(bytes(d)))
-    good.dataReceived(client.data_to_send())
-    client.receive_data(good_t.value())
-    assert VpnPacket.decode(got[0]).op_code == OpCode.PONG
+    good.dataReceived(encode_frame(FrameType.KEEPALIVE))
+    assert good_t.value()[20] == FrameType.ALIVE
     assert not good_t.disconnecting
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cellvpn.lab import NET_HOST_IP, SERVER_IP, Namespace, VpnLab, ctl_json
+from cellvpn.lab import LAB_EDGE, NET_HOST_IP, SERVER_IP, Namespace, VpnLab, ctl_json
 from tests.integration.helpers import HERE, background, last_json
 
 SOCKSTOOL = str(HERE / "sockstool.py")
@@ -34,7 +34,10 @@ def test_socks_only_client_fetches_and_the_server_refuses_what_it_must(
     lab.serve_http()
     # a name only the server can resolve (its namespace's /etc/hosts)
     (lab.srv.etc / "hosts").write_text(f"127.0.0.1 localhost\n{NET_HOST_IP} www.lab.test\n")
-    server = lab.start_server(vpn_extra="proxy = true\nproxy_deny = 198.18.0.0/16\n")
+    server = lab.start_server(
+        vpn_extra="proxy = true\nproxy_deny = 198.18.0.0/16\n",
+        edge=LAB_EDGE + "log_interval = 0\n",  # each refusal its own line, to be read here
+    )
     server.wait_log(r"L4 proxy on: destinations anywhere except 198\.18\.0\.0/16; this host's")
     client = lab.start_client(cli, "client", section_extra=SOCKS_ONLY)
     assert "no tunnel (vpn = false)" in client.wait_log(r"VPN up: .*").group(0)

@@ -43,11 +43,14 @@ class Ledger:
         self.stall = False
         self.unavailable = 0
         self.held: list[tuple[defer.Deferred[Any], Callable[[], Any]]] = []
+        #: calls made, by method name
+        self.calls: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.ledger, name)
 
         def call(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            self.calls[name] = self.calls.get(name, 0) + 1
             if name == "redeem" and self.unavailable:
                 self.unavailable -= 1
                 return defer.fail(LedgerUnavailableError("database is locked"))
@@ -185,7 +188,7 @@ def test_a_second_request_is_refused_and_closes_the_session(tmp_path: Path) -> N
     c.sign_last(then_request=True)
     errors = [Error.decode(b).code for t, b in c.r if t == PacketType.ERROR]
     assert errors == [ErrorCode.CANT_ADD_USAGE]
-    assert c.closed and server.duplicate_requests == 1
+    assert c.closed and server.refusals.counts["duplicate_request"] == 1
     c.lose()
     assert c.session.bill is None
     assert [call for call in clock.getDelayedCalls() if call.active()] == []
@@ -204,7 +207,7 @@ def test_five_requests_in_one_read_are_refused_without_a_traceback(tmp_path: Pat
         c.conn.send_channel(CHANNEL_R, PacketType.REQUEST, body)
     c.pump()
     # the first extra one closes the session; the stream reads nothing after its CLOSE
-    assert server.duplicate_requests == 1 and c.closed
+    assert server.refusals.counts["duplicate_request"] == 1 and c.closed
     assert c.types().count(PacketType.SIGN_REQUEST) <= 1
 
 

@@ -182,11 +182,9 @@ async def test_names_are_resolved_then_judged(tmp_path: Path, reactor: Any, far:
         (3, ProblemCode.PROXY_FAILED),
     ]
     lines = [formatEvent(e) for e in events]
-    assert lines[0].endswith(
-        "proxy to outside.test:80 refused: 198.19.0.10 is not in proxy_allow"
-    ), lines
+    assert "proxy to outside.test:80 refused: 198.19.0.10 is not in proxy_allow (1" in lines[0]
     assert "proxy to nx.test:80 failed: cannot resolve nx.test:" in lines[1]
-    assert lines[2].endswith("proxy to none.test:80 failed: none.test has no address")
+    assert "proxy to none.test:80 failed: none.test has no address (3 in all)" in lines[2]
     c.vpn(VpnPacket(OpCode.CONNECT, b"far.test", 4, port=far.port))
     [connected] = await until(reactor, lambda: packets(c, OpCode.CONNECTED, 4), "CONNECTED")
     assert connected.data == b"far.test"
@@ -225,14 +223,15 @@ def test_refusals_answer_at_once_with_one_log_line(tmp_path: Path) -> None:
     lines = [formatEvent(e) for e in events]
     sid = f"{c.session.session_id:#010x}"
     assert lines[:4] == [
-        f"session {sid} with 192.0.2.2:4000: proxy to 198.18.5.1:80 refused:"
-        " 198.18.5.1 is in proxy_deny 198.18.0.0/16",
-        f"session {sid} with 192.0.2.2:4000: proxy to 192.0.2.1:8089 refused:"
-        " 192.0.2.1 is an address of this server (list it in proxy_allow to permit it)",
-        f"session {sid} with 192.0.2.2:4000: proxy to 127.0.0.1:22 refused:"
-        " 127.0.0.1 is a loopback address (list it in proxy_allow to permit it)",
-        f"session {sid} with 192.0.2.2:4000: proxy to 198.18.9.1:80 refused:"
-        " 198.18.9.1 is in proxy_deny 198.18.0.0/16",
+        f"refused (proxy): session {sid} with 192.0.2.2:4000: proxy to 198.18.5.1:80 refused:"
+        " 198.18.5.1 is in proxy_deny 198.18.0.0/16 (1 in all)",
+        f"refused (proxy): session {sid} with 192.0.2.2:4000: proxy to 192.0.2.1:8089 refused:"
+        " 192.0.2.1 is an address of this server (list it in proxy_allow to permit it)"
+        " (2 in all)",
+        f"refused (proxy): session {sid} with 192.0.2.2:4000: proxy to 127.0.0.1:22 refused:"
+        " 127.0.0.1 is a loopback address (list it in proxy_allow to permit it) (3 in all)",
+        f"refused (proxy): session {sid} with 192.0.2.2:4000: proxy to 198.18.9.1:80 refused:"
+        " 198.18.9.1 is in proxy_deny 198.18.0.0/16 (4 in all)",
     ]
     assert len(lines) == len(asks)
     assert server.proxy.stats.refused == 4 and server.proxy.stats.failed == 3
@@ -260,7 +259,7 @@ def test_proxy_off_refuses_with_proxy_denied(tmp_path: Path) -> None:
         ProblemCode.PROXY_DENIED,
     )
     assert formatEvent(events[0]).endswith(
-        "proxy to 198.19.0.10:80 refused: proxy is off on this server"
+        "proxy to 198.19.0.10:80 refused: proxy is off on this server (1 in all)"
     )
     assert not clock.tcpClients
 
@@ -420,3 +419,22 @@ async def test_session_end_closes_the_destinations(
     await until(reactor, lambda: packets(c, OpCode.CONNECTED, 1), "CONNECTED")
     c.lose()
     await until(reactor, lambda: far.ends[0].gone, "the destination to be closed")
+
+
+def test_early_data_is_bounded_per_session_not_only_per_socket(tmp_path: Path) -> None:
+    """256 sockets x 256 KiB of early data while nothing connects held 63 MB for one session;
+    now the session's budget (1 MiB by default) closes the socket that would pass it."""
+    server, _, _ = make_server(tmp_path, **{"srv_vpn.proxy": "true"})
+    c = granted(server)
+    for sock_id in range(1, 9):
+        c.vpn(VpnPacket(OpCode.CONNECT, b"198.19.0.10", sock_id, port=80))
+    chunk = b"e" * (60 * 1024)
+    for sock_id in range(1, 9):
+        for _ in range(4):  # 240 KiB each, under the per-socket 256 KiB
+            c.conn.send_channel(CHANNEL_S, 2, VpnPacket(OpCode.SEND, chunk, sock_id).encode())
+        c.pump()
+    link = c.session.proxy
+    assert link.early_size <= 1024 * 1024
+    closed = [p.sock_id for p in c.s if p.op_code == OpCode.DISCONNECT]
+    assert sorted(set(closed)) == [5, 6, 7, 8]  # four sockets' worth fit in 1 MiB
+    assert sorted(link.sockets) == [1, 2, 3, 4]

@@ -36,7 +36,13 @@ def ipv4(src: str, dst: str, payload: bytes = b"x" * 12, proto: int = 17) -> byt
 class Client:
     """A client stream end wired to a server session through a StringTransport."""
 
-    def __init__(self, server: VPNServerService, clock: MemoryReactorClock, token: bytes = b""):
+    def __init__(
+        self,
+        server: VPNServerService,
+        clock: MemoryReactorClock,
+        token: bytes = b"",
+        transport: StringTransport | None = None,
+    ):
         self.conn = StreamConnection(Role.CLIENT, StreamSettings(caps=frozenset({"addr-options"})))
         self.r: list[tuple[int, bytes]] = []
         self.s: list[vpn.VpnPacket] = []
@@ -48,8 +54,11 @@ class Client:
             StreamConnection(Role.SERVER, server.stream_settings, clock=clock.seconds),
             self.session,
             clock,
+            bounds=server.config.edge,
         )
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 4000))
+        self.transport = transport or StringTransport(
+            peerAddress=IPv4Address("TCP", "192.0.2.2", 4000)
+        )
         self.proto.makeConnection(self.transport)
         self.conn.start(token)
         self.pump()
@@ -90,6 +99,7 @@ def make_server(
         {
             "control.socket": str(tmp_path / "s.sock"),
             "srv_vpn.network_address": "198.18.9.0",
+            "edge.log_interval": "0",  # every refusal said, so a test can read its line
             **overrides,
         },
     )

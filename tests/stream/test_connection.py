@@ -148,9 +148,9 @@ def test_bad_signature_closes_the_stream_without_resynchronising() -> None:
 
 def test_oversized_frame_is_refused() -> None:
     """A frame larger than max_payload closes the stream before its payload is read."""
-    client, server, _ = pair(server_settings=StreamSettings(max_payload=1000))
+    client, server, _ = pair(server_settings=StreamSettings(max_payload=1500))
     establish(client, server)
-    client.send_channel(CHANNEL_S, 2, b"x" * 2000)
+    client.send_channel(CHANNEL_S, 2, b"x" * 3000)
     events = server.receive_data(client.data_to_send()[:40])
     assert isinstance(events[0], Closed) and "exceeds" in events[0].reason
 

@@ -1,0 +1,29 @@
+"""A token bucket: the one rate limit every edge rule uses, with the time passed in."""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    """``rate`` tokens a second up to ``burst``; each event takes one or is refused."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+    def full(self, now: float) -> bool:
+        """Refilled to the brim: it remembers nothing and may be forgotten."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
