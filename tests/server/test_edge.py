@@ -292,3 +292,20 @@ def test_handshake_deadline_cuts_connections_that_never_finish_tls(tmp_path: Pat
     ]
     proto.connectionLost(Failure(ConnectionLost()))
     assert (server.admission.streams, server.admission.handshakes) == (0, 0)
+
+
+def test_a_connect_flood_with_the_proxy_off_gives_one_log_line(tmp_path: Path) -> None:
+    """740 KB of CONNECTs once gave 10,000 log lines."""
+    server, clock, _ = make_server(
+        tmp_path, **{"edge.log_interval": "10", "srv_vpn.allow_free_srv": "true"}
+    )
+    c = Client(server, clock)
+    c.request()
+    with capturedLogs() as events:
+        for sock_id in range(1, 2001):
+            packet = vpn.VpnPacket(vpn.OpCode.CONNECT, b"198.19.0.10", sock_id, port=80)
+            c.conn.send_channel(CHANNEL_S, 2, packet.encode())
+        c.pump()
+    assert server.refusals.counts == {"proxy": 2000}
+    assert len(events) == 1
+    assert formatEvent(events[0]).endswith("refused: proxy is off on this server (1 in all)")
