@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test demo venv debs lint typecheck bench clean
+.PHONY: test demo venv debs lint typecheck bench clean flood
 
 venv: $(STAMP)
 
@@ -49,3 +49,6 @@ typecheck: venv
 clean:
 	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find . -name dropin.cache -delete
+
+flood: venv debs
+	CELLVPN_REQUIRE_NETNS=1 CELLVPN_FLOOD_SECONDS=$${CELLVPN_FLOOD_SECONDS:-300} $(VENV)/bin/pytest -q tests/integration/test_flood_netns.py -s

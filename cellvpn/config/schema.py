@@ -40,9 +40,24 @@ from cellvpn.config.parsers import (
     optional,
     seconds,
 )
+from cellvpn.device.tohost import RuleError, ToHostRules
 
 _OPTIONAL_PATH = optional(PATH)
 _IPV4_LIST = list_of(IPV4, "IPv4 addresses")
+
+
+def _to_host_item(text: str, base: Path) -> str:
+    try:
+        ToHostRules.parse([text])
+    except RuleError:
+        raise ParseError from None
+    return text.strip().lower()
+
+
+_TO_HOST = list_of(
+    Parser(_to_host_item, "icmp, dns, tcp:PORT, udp:PORT, all or none"),
+    "rules (icmp, dns, tcp:PORT, udp:PORT, all, none)",
+)
 _NETWORK_LIST = list_of(NETWORK, "IPv4 or IPv6 networks such as 198.18.0.0/15 or 2001:db8::/32")
 
 
@@ -184,6 +199,13 @@ class SrvVpnSection:
         _IPV4_LIST, (), "DNS servers offered to clients; empty = none offered."
     )
     isolate_clients: bool = option(BOOL, False, "Drop packets from one client to another.")
+    to_host: tuple[str, ...] = option(
+        _TO_HOST,
+        ("icmp", "dns"),
+        "What clients may reach on this host itself through the TUN (the gateway and every other"
+        " address of the host): icmp (echo), dns (port 53 on the addresses in dns), tcp:PORT,"
+        " udp:PORT, all, none. The rest is dropped and counted.",
+    )
     lease_hold: float = option(
         seconds(0, 86400),
         300.0,
@@ -292,6 +314,14 @@ class ClientSection:
     )
     default_route: bool = option(
         BOOL, True, "Send all traffic through the tunnel (the server stays reachable directly)."
+    )
+    widest_overlay_prefix: int = option(
+        integer(8, 30),
+        16,
+        "Widest overlay network the client accepts from the server, as a prefix length: 16 ="
+        " netmasks 255.255.0.0 and narrower. A wider netmask is refused (so is an address that"
+        " overlaps this host's own networks or routes, or whose network holds the server), the"
+        " reason shown in the status, and the client tries again later.",
     )
     kill_switch: bool = option(
         BOOL, False, "Block traffic outside the tunnel while the tunnel is down."

@@ -332,6 +332,9 @@ class StreamProtocol(Protocol):
         """Let queued bytes (the CLOSE frame) go out, and abort if the peer does not read them."""
         if self.lost or self.transport is None:
             return
+        # nothing the peer sends now is read (a refused client would otherwise go on being
+        # parsed until the abort): what we queued still goes out
+        self.hold_reading("closing")
         if self._producing:
             # TLS waits for a registered producer to go before it shuts down
             self._producing = False

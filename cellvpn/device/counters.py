@@ -29,6 +29,10 @@ class SessionCounters:
     dropped_tun_write: int = 0
     dropped_bad_offload: int = 0
     dropped_queue_full: int = 0
+    #: to an address of the server host that ``[srv_vpn] to_host`` does not let through
+    dropped_to_host: int = 0
+    #: IPv4 packets with header options (source routing and the like)
+    dropped_ip_options: int = 0
     proxy_from_client_bytes: int = 0
     proxy_to_client_bytes: int = 0
 
@@ -41,6 +45,8 @@ class SessionCounters:
             + self.dropped_isolated
             + self.dropped_tun_write
             + self.dropped_bad_offload
+            + self.dropped_to_host
+            + self.dropped_ip_options
         )
 
     @property

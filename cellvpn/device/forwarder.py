@@ -1,7 +1,9 @@
 """Moving IPv4 packets between the server's TUN and its sessions, with no I/O of its own.
 
 The forwarder owns the table from leased address to session. It checks what clients send
-(well-formed IPv4, source = the session's leased address, a sane offload header), clamps the
+(well-formed IPv4 without header options, source = the session's leased address, a sane
+offload header, and for the server host's own addresses only what ``to_host`` lets through:
+:mod:`cellvpn.device.tohost`), clamps the
 MSS of TCP SYNs so they fit the tunnel, delivers client-to-client packets directly (or drops
 them when clients are isolated), and hands everything else to an injected TUN writer. Packets
 read from the TUN go to the session that owns their destination. Every drop is counted, none is
@@ -23,6 +25,7 @@ from cellvpn.device import vnet
 from cellvpn.device.counters import SessionCounters
 from cellvpn.device.gro import coalesce
 from cellvpn.device.packet import clamp_mss
+from cellvpn.device.tohost import ToHost
 
 Packet = bytes | memoryview
 _PLAIN = vnet.PLAIN
@@ -66,8 +69,11 @@ class Forwarder:
         max_mss: int,
         isolate: bool = False,
         tun_writev: Callable[[Packet, Packet], bool] | None = None,
+        to_host: ToHost | None = None,
     ) -> None:
         self.tun_write = tun_write
+        #: what clients may reach on the host itself (None: no host addresses are known)
+        self.to_host = to_host
         self.tun_writev = tun_writev
         self.max_mss = max_mss
         self.isolate = isolate
@@ -205,6 +211,15 @@ class Forwarder:
             counters.dropped_spoofed += 1
             counters.from_client_lost_bytes += size
             return None
+        if pkt[0] != 0x45:
+            counters.dropped_ip_options += 1
+            counters.from_client_lost_bytes += size
+            return None
+        to_host = self.to_host
+        if to_host is not None and dst in to_host.addresses and not to_host.allows(pkt):
+            counters.dropped_to_host += 1
+            counters.from_client_lost_bytes += size
+            return None
         if pkt[9] == 6:
             clamped = clamp_mss(pkt, self.max_mss)
             if clamped is not None:
@@ -273,6 +288,19 @@ class Forwarder:
         packets, size = vnet.ip_bytes(header, pkt)
         if pkt[12:16] != peer.addr_key:
             counters.dropped_spoofed += packets
+            counters.from_client_lost_bytes += size
+            return
+        if pkt[0] != 0x45:
+            counters.dropped_ip_options += packets
+            counters.from_client_lost_bytes += size
+            return
+        to_host = self.to_host
+        if (
+            to_host is not None
+            and bytes(pkt[16:20]) in to_host.addresses
+            and not to_host.allows(pkt)
+        ):
+            counters.dropped_to_host += packets
             counters.from_client_lost_bytes += size
             return
         if header[1] == vnet.GSO_NONE and vnet.is_tcp_syn(pkt):

@@ -114,9 +114,13 @@ def rebuild_header(header: bytes | memoryview, pkt: bytes | memoryview, max_mss:
     if ihl < 20 or size < ihl:
         raise OffloadError("bad IPv4 header length")
     kind = gso_type & ~GSO_ECN
+    if kind == GSO_NONE and not flags & F_NEEDS_CSUM:
+        return PLAIN
+    if is_fragment(pkt):
+        # one rule on every path: a fragment travels as a plain packet only (its L4 checksum
+        # spans the whole datagram, and cutting it into segments would repeat MF on each)
+        raise OffloadError("a fragment cannot carry an offload header")
     if kind == GSO_NONE:
-        if not flags & F_NEEDS_CSUM:
-            return PLAIN
         proto = pkt[9]
         if proto == 6:
             offset, need = 16, 20
@@ -132,8 +136,6 @@ def rebuild_header(header: bytes | memoryview, pkt: bytes | memoryview, max_mss:
     if not flags & F_NEEDS_CSUM:
         raise OffloadError("a TCP super-packet must leave its checksum to the device")
     ihl, doff = headers_of(pkt)
-    if pkt[6] & 0x1F or pkt[7]:
-        raise OffloadError("a fragment cannot be a super-packet")
     hdrs = ihl + doff
     if not 0 < gso_size <= max_mss:
         raise OffloadError(f"segment size {gso_size} outside 1..{max_mss}")
@@ -202,6 +204,11 @@ def segment(header: bytes | memoryview, pkt: bytes | memoryview) -> list[bytes]:
         _U16.pack_into(tcp, 16, checksum(body, pseudo))
         out.append(bytes(ip) + bytes(tcp) + bytes(chunk))
     return out
+
+
+def is_fragment(pkt: bytes | memoryview) -> bool:
+    """An IPv4 fragment: More Fragments set, or a fragment offset (the first fragment too)."""
+    return bool(pkt[6] & 0x3F or pkt[7])
 
 
 def is_tcp_syn(pkt: bytes | memoryview) -> bool:

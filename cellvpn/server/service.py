@@ -26,6 +26,8 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from cellvpn.billing.asyncledger import AsyncLedger
@@ -36,6 +38,7 @@ from cellvpn.config import ServerConfig
 from cellvpn.config.schema import Offload
 from cellvpn.conn import pki
 from cellvpn.conn.listen import listen_now
+from cellvpn.conn.pki import host_addresses
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, server_tls
 from cellvpn.conn.tlsbulk import bulk_tls_factory
@@ -43,6 +46,7 @@ from cellvpn.control.service import ControlService
 from cellvpn.device.forwarder import Forwarder, Packet
 from cellvpn.device.packet import mss_for_mtu
 from cellvpn.device.pool import Lease, LeasePool
+from cellvpn.device.tohost import ToHost, ToHostRules
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import NetConfigError, Netlink
 from cellvpn.server.billing import ServerBilling
@@ -62,6 +66,8 @@ from cellvpn.wire.vpn import AddrReply
 
 #: Ended sessions kept for ``vpn_stat``.
 FINISHED_KEPT = 1000
+#: Seconds between readings of the host's addresses (an address added later is guarded too).
+HOST_ADDRESSES_EVERY = 30.0
 
 
 class _StreamFactory(Factory):
@@ -138,7 +144,11 @@ class VPNServerService(MultiService):
         v = config.srv_vpn
         self.network = ipaddress.IPv4Network(f"{v.network_address}/{v.network_mask}")
         self.pool = LeasePool(self.network, v.lease_hold)
-        self.forwarder = Forwarder(self._tun_write, mss_for_mtu(v.mtu), v.isolate_clients)
+        self.to_host = ToHost(ToHostRules.parse(v.to_host), self._fixed_host_addresses(), v.dns)
+        self.forwarder = Forwarder(
+            self._tun_write, mss_for_mtu(v.mtu), v.isolate_clients, to_host=self.to_host
+        )
+        self._host_refresh: LoopingCall | None = None
         #: the TUN hands over super-packets with vnet headers (offload on)
         self.offload = False
         self.tun: TunPort | None = None
@@ -233,8 +243,31 @@ class VPNServerService(MultiService):
         )
         d.addCallbacks(self._tun_configured, self._tun_failed)
 
+    def _fixed_host_addresses(self) -> list[str]:
+        """Addresses that reach the host whatever its interfaces: the gateway, broadcasts."""
+        net = self.network
+        return [str(self.pool.gateway), str(net.broadcast_address), "255.255.255.255"]
+
+    def _refresh_host_addresses(self) -> Deferred[None]:
+        """Learn the host's addresses again (off the reactor: netlink), for ``to_host``."""
+
+        def learned(addresses: list[str]) -> None:
+            known = self._fixed_host_addresses() + addresses
+            self.to_host = self.to_host.with_addresses(known, self.config.srv_vpn.dns)
+            self.forwarder.to_host = self.to_host
+
+        def failed(failure: Any) -> None:
+            self.log.warn("cannot read the host's addresses: {why}", why=failure.getErrorMessage())
+
+        d: Deferred[None] = deferToThread(host_addresses).addCallbacks(learned, failed)
+        return d
+
     def _tun_configured(self, _: object) -> None:
         self.tun_ready = True
+        refresh = LoopingCall(self._refresh_host_addresses)
+        refresh.clock = self.reactor
+        refresh.start(HOST_ADDRESSES_EVERY, now=True)
+        self._host_refresh = refresh
         self.log.info(
             "TUN {name} up: {gw}/{prefix}, mtu {mtu}, offload {offload}; leasing {first} to {last}",
             name=self.tun_name,
@@ -305,6 +338,8 @@ class VPNServerService(MultiService):
             if session.proto is not None:
                 session.proto.close(CloseCode.SHUTDOWN, "server is shutting down")
         d = super().stopService()
+        if self._host_refresh is not None and self._host_refresh.running:
+            self._host_refresh.stop()
         if self.tun is not None:
             tun, self.tun = self.tun, None
             self.tun_ready = False

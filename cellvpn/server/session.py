@@ -158,6 +158,8 @@ class ServerSession:
         self.close_reason = f"cut off with {backlog} bytes unsent (the client does not read)"
 
     def hello_received(self, proto: StreamProtocol, event: HelloReceived) -> None:
+        if proto.conn.closed is not None:
+            return  # what came after HELLO in the same read ended the stream already
         server = self.server
         if not server.accepting:
             proto.close(CloseCode.SHUTDOWN, "server is shutting down")
@@ -197,7 +199,7 @@ class ServerSession:
 
     def stream_closed(self, proto: StreamProtocol, event: Closed) -> None:
         if not event.by_peer and event.code == CloseCode.PROTOCOL_ERROR:
-            kind = Refusal.SETUP_TIMEOUT if "setup" in event.reason else Refusal.PROTOCOL_ERROR
+            kind = Refusal(event.cause) if event.cause else Refusal.PROTOCOL_ERROR
             if self.session_id is None:
                 self.server.refusal(kind, None, f"{self.peer}: {event.reason}")
             else:
@@ -212,9 +214,6 @@ class ServerSession:
         if self.source is not None:
             self.server.admission.closed(self.source, self._handshaking)
             self.source = None
-        unanswered = proto.conn.stats.keepalives_unanswered
-        if unanswered:
-            self.server.refusal(Refusal.KEEPALIVE, self, f"{unanswered} KEEPALIVEs left unanswered")
         if self.session_id is None:
             if self.close_reason is None:
                 # counted, not logged each: anyone can open connections that go nowhere

@@ -36,6 +36,13 @@ _KEEPALIVE_FRAME = fr.encode_frame(FrameType.KEEPALIVE)
 _ALIVE_FRAME = fr.encode_frame(FrameType.ALIVE)
 
 
+#: Closed.cause: the setup did not finish in time; the peer sent KEEPALIVEs far past the rate.
+SETUP_TIMEOUT = "setup_timeout"
+KEEPALIVE_FLOOD = "keepalive"
+#: KEEPALIVEs left unanswered (past ``alives_per_second``) before the stream is closed: an
+#: honest peer sends one per keepalive interval, and each costs us a frame to parse.
+KEEPALIVE_FLOOD_AT = 64
+
 #: Payloads at least this long are queued as they are instead of copied next to their header.
 LARGE_PAYLOAD = 8192
 #: The smallest frame limit a peer may announce: a full-size IP packet must fit, and a lower
@@ -115,6 +122,9 @@ class Closed:
     code: int
     reason: str
     by_peer: bool
+    #: why we closed, for counting: "" (a protocol error or our own close), or one of
+    #: ``SETUP_TIMEOUT`` and ``KEEPALIVE_FLOOD``
+    cause: str = ""
 
     @property
     def code_name(self) -> str:
@@ -319,16 +329,18 @@ class StreamConnection:
         self.machine.fire(StreamInput.REJECT)
         return self._closing(code, reason)
 
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> Closed | None:
+    def close(
+        self, code: int = CloseCode.NORMAL, reason: str = "", cause: str = ""
+    ) -> Closed | None:
         """Queue CLOSE and end the stream (nothing happens if it already ended)."""
         if self.machine.state is StreamState.CLOSED:
             return None
         self.machine.fire(StreamInput.CLOSE)
-        return self._closing(code, reason)
+        return self._closing(code, reason, cause)
 
-    def _closing(self, code: int, reason: str) -> Closed:
+    def _closing(self, code: int, reason: str, cause: str = "") -> Closed:
         self._frame(FrameType.CLOSE, Close(code, reason).encode())
-        self.closed = Closed(code, reason, by_peer=False)
+        self.closed = Closed(code, reason, by_peer=False, cause=cause)
         return self.closed
 
     def _end(self, code: int, reason: str) -> Closed:
@@ -473,8 +485,15 @@ class StreamConnection:
             if self._alives.take(self._clock()):
                 self._out += _ALIVE_FRAME
                 self.stats.frames_out += 1
-            else:
-                self.stats.keepalives_unanswered += 1
+                return None
+            self.stats.keepalives_unanswered += 1
+            if self.stats.keepalives_unanswered >= KEEPALIVE_FLOOD_AT:
+                return self.close(
+                    CloseCode.PROTOCOL_ERROR,
+                    f"{KEEPALIVE_FLOOD_AT} KEEPALIVEs beyond "
+                    f"{self.settings.alives_per_second:g} a second",
+                    KEEPALIVE_FLOOD,
+                )
             return None
         if ftype == FrameType.ALIVE:
             self.stats.alives_received += 1
@@ -513,7 +532,9 @@ class StreamConnection:
         s = self.settings
         if state is not StreamState.ESTABLISHED and now - self._started >= s.setup_timeout:
             closed = self.close(
-                CloseCode.PROTOCOL_ERROR, f"session setup not finished within {s.setup_timeout:g} s"
+                CloseCode.PROTOCOL_ERROR,
+                f"session setup not finished within {s.setup_timeout:g} s",
+                SETUP_TIMEOUT,
             )
             return [closed] if closed else []
         if self._rx_since_tick:

@@ -69,7 +69,7 @@ class DishonestServer:
         self.greedy = greedy
         self.drop_after_receipt = drop_after_receipt
         self.ahead = ahead
-        self.conn = StreamConnection(Role.SERVER, StreamSettings())
+        self.conn = StreamConnection(Role.SERVER, StreamSettings(), clock=clock.seconds)
         self.conn.register_channel(CHANNEL_R, self._on_r)
         self.conn.register_channel(CHANNEL_S, self._on_s)
         self.pending: Receipt | None = None
@@ -194,7 +194,7 @@ class Link:
         self.owner = owner
         self.stream = ClientStream(clock, 30.0, owner, want_address=False)
         self.proto = StreamProtocol(
-            StreamConnection(Role.CLIENT, StreamSettings()), self.stream, clock
+            StreamConnection(Role.CLIENT, StreamSettings(), clock=clock.seconds), self.stream, clock
         )
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 8089))
         self.proto.makeConnection(self.transport)

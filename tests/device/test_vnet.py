@@ -141,3 +141,20 @@ def test_rebuild_never_raises_anything_else(header: bytes, pkt: bytes) -> None:
     except vnet.OffloadError:
         return
     assert len(out) == vnet.SIZE
+
+
+@pytest.mark.parametrize(
+    ("frag", "name"),
+    [(0x2000, "MF"), (0x0001, "offset"), (0x2001, "MF and offset")],
+)
+def test_a_fragment_carries_no_offload_header(frag: int, name: str) -> None:
+    """A TCPV4 super-packet with MF set was cut into segments that each said MF; a checksum
+    offload on a fragment skipped the check. Fragments travel as plain packets only."""
+    pkt = bytearray(tcp_packet(os.urandom(3000)))
+    struct.pack_into("!H", pkt, 6, frag)
+    with pytest.raises(vnet.OffloadError, match="fragment"):
+        vnet.rebuild_header(gso_header(1400), bytes(pkt), 1400)
+    csum_only = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, 0, 0, 0, 20, 16)
+    with pytest.raises(vnet.OffloadError, match="fragment"):
+        vnet.rebuild_header(csum_only, bytes(pkt), 1400)
+    assert vnet.rebuild_header(vnet.PLAIN, bytes(pkt), 1400) == vnet.PLAIN

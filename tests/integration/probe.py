@@ -1,6 +1,7 @@
 """A scripted client for tests: speaks the protocol step by step over a blocking TLS socket.
 
     python probe.py HOST PORT CA addr-twice
+    python probe.py HOST PORT CA bad-gso|to-host
     python probe.py HOST PORT CA wrong-key|wrong-session KEY DEPOSIT
     python probe.py HOST PORT CA pay-replay KEY DEPOSIT GO1 GO2
     python probe.py HOST PORT CA pay-and-leave KEY DEPOSIT GO1
@@ -59,6 +60,39 @@ def udp_packet(src: str, dst: str) -> bytes:
         socket.inet_aton(dst),
     )  # fmt: skip
     return head + udp
+
+
+def tcp_fragment_gso(src: str, dst: str) -> bytes:
+    """A TCPV4 super-packet whose IPv4 header has More Fragments set, with its vnet header."""
+    payload = b"f" * 3000
+    tcp = struct.pack("!HHIIBBHHH", 40000, 9, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
+    total = 20 + len(tcp) + len(payload)
+    head = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, total, 8, 0x2000, 64, 6, 0, socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )  # fmt: skip
+    header = struct.pack("<BBHHHH", 1, 1, 40, 1400, 20, 16)
+    return header + head + tcp + payload
+
+
+def udp_fragment_csum(src: str, dst: str) -> bytes:
+    """A UDP packet with More Fragments set that leaves its checksum to the device."""
+    packet = bytearray(udp_packet(src, dst))
+    packet[6] = 0x20
+    return struct.pack("<BBHHHH", 1, 0, 0, 0, 20, 6) + bytes(packet)
+
+
+def with_options(src: str, dst: str) -> bytes:
+    """A UDP packet with an IPv4 option (loose source route to the far host)."""
+    payload = b"options"
+    udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0) + payload
+    option = bytes([131, 7, 4]) + socket.inet_aton("198.19.0.10") + b"\x00"  # LSRR + EOL
+    total = 28 + len(udp)
+    head = struct.pack(
+        "!BBHHHBBH4s4s", 0x47, 0, total, 9, 0, 64, 17, 0, socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )  # fmt: skip
+    return head + option + udp
 
 
 def connect(host: str, port: int, ca: str) -> ssl.SSLSocket:
@@ -127,7 +161,28 @@ def main(host: str, port: int, ca: str, script: str, *args: str) -> None:
             packet = udp_packet(address, "198.19.0.10")
             gso = vpn.VpnPacket(vpn.OpCode.VPN_SEND_GSO, header + packet).encode()
             conn.send_channel(CHANNEL_S, 2, gso)
+        for data in (
+            tcp_fragment_gso(address, "198.19.0.10"),
+            udp_fragment_csum(address, "198.19.0.10"),
+        ):
+            gso = vpn.VpnPacket(vpn.OpCode.VPN_SEND_GSO, data).encode()
+            conn.send_channel(CHANNEL_S, 2, gso)
         # then one PING, so the answer shows the server read everything before it
+        conn.send_channel(CHANNEL_S, 2, vpn.VpnPacket(vpn.OpCode.PING).encode())
+        pump(4)
+    if script == "to-host":
+        request = vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REQUEST).encode()
+        conn.send_channel(CHANNEL_S, 2, request)
+        pump(3)
+        address = str(seen[2][1])
+        # the host's underlay address and its gateway: not in the default to_host
+        for packet in (
+            udp_packet(address, "192.0.2.1"),
+            udp_packet(address, "198.19.0.1"),
+            udp_packet(address, "198.18.5.1"),
+            with_options(address, "198.19.0.10"),
+        ):
+            conn.send_channel(CHANNEL_S, 2, vpn.VpnPacket(vpn.OpCode.VPN_SEND, packet).encode())
         conn.send_channel(CHANNEL_S, 2, vpn.VpnPacket(vpn.OpCode.PING).encode())
         pump(4)
     for name, value in seen:

@@ -121,13 +121,17 @@ def test_keepalives_are_answered_at_a_rate() -> None:
     server.accept(1)
     server.data_to_send()
     alive = encode_frame(FrameType.ALIVE)
-    server.receive_data(encode_frame(FrameType.KEEPALIVE) * 3000)
+    keepalive = encode_frame(FrameType.KEEPALIVE)
+    assert server.receive_data(keepalive * 40) == []
     assert server.data_to_send().count(alive) == 8  # the burst: twice 4 a second
     now[0] = 1.0
-    server.receive_data(encode_frame(FrameType.KEEPALIVE) * 3000)
+    assert server.receive_data(keepalive * 10) == []
     assert server.data_to_send().count(alive) == 4
-    assert server.stats.keepalives_unanswered == 6000 - 12
-    assert server.established
+    assert server.stats.keepalives_unanswered == 32 + 6 and server.established
+    # a peer that goes on never gets more, and is cut off at 64 unanswered
+    [closed] = server.receive_data(keepalive * 3000)
+    assert isinstance(closed, Closed) and closed.cause == "keepalive"
+    assert server.stats.keepalives_unanswered == 64
 
 
 def test_a_hello_with_tiny_frames_is_refused() -> None:
@@ -309,3 +313,29 @@ def test_a_connect_flood_with_the_proxy_off_gives_one_log_line(tmp_path: Path) -
     assert server.refusals.counts == {"proxy": 2000}
     assert len(events) == 1
     assert formatEvent(events[0]).endswith("refused: proxy is off on this server (1 in all)")
+
+
+def test_hello_and_keepalive_in_one_read_close_without_a_traceback(tmp_path: Path) -> None:
+    """The KEEPALIVE ended the stream before the HELLO was answered: accept then raised."""
+    server, _, _ = make_server(tmp_path)
+    proto: Any = _StreamFactory(server).buildProtocol(IPv4Address("TCP", "192.0.2.9", 5000))
+    transport = buffering()
+    proto.makeConnection(transport)
+    client = StreamConnection(Role.CLIENT, StreamSettings())
+    client.start()
+    with capturedLogs() as events:
+        proto.dataReceived(client.data_to_send() + encode_frame(FrameType.KEEPALIVE))
+    assert [formatEvent(e) for e in events] == [
+        "refused (protocol_error): 192.0.2.2:4000: KEEPALIVE before the session setup (1 in all)"
+    ]
+    assert len(server.sessions) == 0 and transport.disconnecting
+
+
+def test_a_closed_stream_is_no_longer_read(tmp_path: Path) -> None:
+    """A refused client went on being parsed until the abort 5 s later."""
+    server, clock, _ = make_server(tmp_path)
+    c = Client(server, clock)
+    c.conn.send_channel(CHANNEL_R, PacketType.DEPOSIT_CREATE, b"\x00")  # not even decodable
+    c.pump()
+    assert c.transport.disconnecting
+    assert c.transport.producerState == "paused"

@@ -320,3 +320,21 @@ def test_one_read_reaches_the_tun_in_the_order_it_was_sent(tmp_path: Path) -> No
     counters = c.session.counters
     assert counters.from_client_packets == 4 and counters.dropped_bad_offload == 1
     assert counters.from_client_bytes == sum(len(d) for d in datagrams)
+
+
+def test_packets_to_the_host_and_with_ip_options_are_dropped_and_counted(tmp_path: Path) -> None:
+    """To the gateway only ICMP echo passes by default; a loose source route never does."""
+    server, clock, written = make_server(tmp_path, **{"srv_vpn.allow_free_srv": "true"})
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+    echo = ipv4("198.18.9.2", "198.18.9.1", struct.pack("!BBHHH", 8, 0, 0, 1, 1), proto=1)
+    c.send_ip(echo)
+    c.send_ip(ipv4("198.18.9.2", "198.18.9.1", struct.pack("!HH", 4000, 22) + bytes(16), 6))
+    c.send_ip(ipv4("198.18.9.2", "198.18.9.255"))  # the pool's broadcast reaches the host too
+    lsrr = bytearray(ipv4("198.18.9.2", "198.19.0.10", b"x" * 4 + bytes(8)))
+    lsrr[0] = 0x46  # the first 4 payload bytes now read as an option
+    c.send_ip(bytes(lsrr))
+    assert written == [echo]
+    counters = c.session.counters
+    assert counters.dropped_to_host == 2 and counters.dropped_ip_options == 1
