@@ -215,7 +215,10 @@ class SrvVpnSection:
         BOOL, False, "Let clients open TCP connections through the server (CONNECT/SEND)."
     )
     proxy_allow: tuple[IPNetwork, ...] = option(
-        _NETWORK_LIST, (), "Networks the proxy may connect to; empty = any not denied."
+        _NETWORK_LIST,
+        (),
+        "Networks the proxy may connect to, even private, special-purpose or this host's own;"
+        " empty = any public address not denied.",
     )
     proxy_deny: tuple[IPNetwork, ...] = option(
         _NETWORK_LIST, (), "Networks the proxy never connects to, even when allowed."

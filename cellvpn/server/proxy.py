@@ -222,26 +222,58 @@ class ProxyRelay:
             resolve = self.resolver.resolve
         self.resolve = resolve
         self.stats = ProxyStats()
+        #: the policy without the host's addresses: each reading of them starts from it again
+        self.fixed_policy = policy
+        #: the server's watch of the host's addresses tells this relay of changes
+        self.watching = False
 
     @classmethod
     def for_server(cls, server: VPNServerService) -> ProxyRelay:
-        """The relay with ``[srv_vpn]``'s rules; the pool gateway is the server's own address."""
+        """The relay with ``[srv_vpn]``'s rules; the pool gateway is the server's own address,
+        the pool (the VPN client network) is no destination either."""
         v = server.config.srv_vpn
-        policy = ProxyPolicy.build(v.proxy, v.proxy_allow, v.proxy_deny, [server.pool.gateway])
+        policy = ProxyPolicy.build(
+            v.proxy, v.proxy_allow, v.proxy_deny, [server.pool.gateway], [server.network]
+        )
         return cls(server, policy)
 
     def read_own_addresses(self) -> None:
-        """Learn the host's addresses once, at start: the proxy never reaches them by default."""
-        if not self.policy.enabled:
+        """Learn the host's addresses at start, then from the server's watch of them
+        (:mod:`cellvpn.server.hostaddresses`): the proxy never reaches them by default."""
+        if not self.policy.enabled or self.watching:
             return
-        self.policy = self.policy.with_own_addresses(host_addresses())
+        self.fixed_policy = self.policy
+        known = self.server.host_addresses.current
+        # synchronous: at start, before the reactor runs and before any client is accepted
+        self.policy = self.fixed_policy.with_own_addresses(
+            known if known is not None else host_addresses()
+        )
         p = self.policy
         self.log.info(
-            "L4 proxy on: destinations {allow}{deny}; this host's {n} own addresses and"
-            " loopback, link-local, multicast ones only where proxy_allow lists them",
-            allow=f"in {', '.join(map(str, p.allow))}" if p.allow else "anywhere",
+            "L4 proxy on: destinations {allow}{deny}; this host's {n} own addresses, the VPN"
+            " client network {pool}, special-purpose and cloud metadata addresses are refused"
+            " unless proxy_allow lists them",
+            allow=f"in {', '.join(map(str, p.allow))}" if p.allow else "anywhere public",
             deny=f" except {', '.join(map(str, p.deny))}" if p.deny else "",
             n=len(p.own_addresses),
+            pool=", ".join(map(str, p.client_networks)) or "(none)",
+        )
+        self.watching = True
+        self.server.host_addresses.listen(self._addresses_read)
+
+    def _addresses_read(self, addresses: list[str]) -> None:
+        policy = self.fixed_policy.with_own_addresses(addresses)
+        old, new = self.policy.own_addresses, policy.own_addresses
+        if new == old:
+            return
+        self.policy = policy
+        self.log.info(
+            "L4 proxy: this host's addresses changed ({change}); {n} own addresses now",
+            change=", ".join(
+                [f"+{a}" for a in sorted(new - old, key=str)]
+                + [f"-{a}" for a in sorted(old - new, key=str)]
+            ),
+            n=len(new),
         )
 
     def describe(self) -> dict[str, int]:

@@ -26,8 +26,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from cellvpn.billing.asyncledger import AsyncLedger
@@ -52,6 +50,7 @@ from cellvpn.net.netlink import NetConfigError, Netlink
 from cellvpn.server.billing import ServerBilling
 from cellvpn.server.edge import Admission, EdgeLimits, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
+from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
@@ -66,8 +65,6 @@ from cellvpn.wire.vpn import AddrReply
 
 #: Ended sessions kept for ``vpn_stat``.
 FINISHED_KEPT = 1000
-#: Seconds between readings of the host's addresses (an address added later is guarded too).
-HOST_ADDRESSES_EVERY = 30.0
 
 
 class _StreamFactory(Factory):
@@ -148,7 +145,10 @@ class VPNServerService(MultiService):
         self.forwarder = Forwarder(
             self._tun_write, mss_for_mtu(v.mtu), v.isolate_clients, to_host=self.to_host
         )
-        self._host_refresh: LoopingCall | None = None
+        #: the host's own addresses, read again while running (to_host and the proxy use them)
+        self.host_addresses = HostAddresses(reactor)
+        self.host_addresses.setServiceParent(self)
+        self.host_addresses.listen(self._host_addresses_changed)
         #: the TUN hands over super-packets with vnet headers (offload on)
         self.offload = False
         self.tun: TunPort | None = None
@@ -200,6 +200,9 @@ class VPNServerService(MultiService):
             self._open_billing()
         if self.config.srv_vpn.enabled:
             self._open_tun()
+            # read once now (before the reactor runs, so it may block): the first packets and
+            # CONNECTs are judged with the host's addresses already known
+            self.host_addresses.learned(host_addresses())
         if self.proxy is not None:
             self.proxy.read_own_addresses()
         listen = self.config.server.listen
@@ -248,26 +251,13 @@ class VPNServerService(MultiService):
         net = self.network
         return [str(self.pool.gateway), str(net.broadcast_address), "255.255.255.255"]
 
-    def _refresh_host_addresses(self) -> Deferred[None]:
-        """Learn the host's addresses again (off the reactor: netlink), for ``to_host``."""
-
-        def learned(addresses: list[str]) -> None:
-            known = self._fixed_host_addresses() + addresses
-            self.to_host = self.to_host.with_addresses(known, self.config.srv_vpn.dns)
-            self.forwarder.to_host = self.to_host
-
-        def failed(failure: Any) -> None:
-            self.log.warn("cannot read the host's addresses: {why}", why=failure.getErrorMessage())
-
-        d: Deferred[None] = deferToThread(host_addresses).addCallbacks(learned, failed)
-        return d
+    def _host_addresses_changed(self, addresses: list[str]) -> None:
+        known = self._fixed_host_addresses() + addresses
+        self.to_host = self.to_host.with_addresses(known, self.config.srv_vpn.dns)
+        self.forwarder.to_host = self.to_host
 
     def _tun_configured(self, _: object) -> None:
         self.tun_ready = True
-        refresh = LoopingCall(self._refresh_host_addresses)
-        refresh.clock = self.reactor
-        refresh.start(HOST_ADDRESSES_EVERY, now=True)
-        self._host_refresh = refresh
         self.log.info(
             "TUN {name} up: {gw}/{prefix}, mtu {mtu}, offload {offload}; leasing {first} to {last}",
             name=self.tun_name,
@@ -338,8 +328,6 @@ class VPNServerService(MultiService):
             if session.proto is not None:
                 session.proto.close(CloseCode.SHUTDOWN, "server is shutting down")
         d = super().stopService()
-        if self._host_refresh is not None and self._host_refresh.running:
-            self._host_refresh.stop()
         if self.tun is not None:
             tun, self.tun = self.tun, None
             self.tun_ready = False

@@ -35,10 +35,13 @@ def test_socks_only_client_fetches_and_the_server_refuses_what_it_must(
     # a name only the server can resolve (its namespace's /etc/hosts)
     (lab.srv.etc / "hosts").write_text(f"127.0.0.1 localhost\n{NET_HOST_IP} www.lab.test\n")
     server = lab.start_server(
-        vpn_extra="proxy = true\nproxy_deny = 198.18.0.0/16\n",
+        # the far host is in 198.18.0.0/15, which the proxy refuses unless allowed
+        vpn_extra="proxy = true\nproxy_allow = 198.19.0.0/24\nproxy_deny = 198.18.0.0/16\n",
         edge=LAB_EDGE + "log_interval = 0\n",  # each refusal its own line, to be read here
     )
-    server.wait_log(r"L4 proxy on: destinations anywhere except 198\.18\.0\.0/16; this host's")
+    server.wait_log(
+        r"L4 proxy on: destinations in 198\.19\.0\.0/24 except 198\.18\.0\.0/16; this host's"
+    )
     client = lab.start_client(cli, "client", section_extra=SOCKS_ONLY)
     assert "no tunnel (vpn = false)" in client.wait_log(r"VPN up: .*").group(0)
     client.wait_log(r"SOCKS5 proxy listening on 127\.0\.0\.1:1080")
@@ -92,7 +95,7 @@ def test_100_mb_each_way_through_socks(netns: Any, tmp_path: Path) -> None:
     server counts the L4 bytes of the session."""
     lab = VpnLab(netns, tmp_path)
     cli = lab.add_client_host()
-    lab.start_server(vpn_extra="proxy = true\n")
+    lab.start_server(vpn_extra="proxy = true\nproxy_allow = 198.19.0.0/24\n")
     lab.start_client(cli, "client", section_extra=SOCKS_ONLY)
     size = 100 * MB
 
