@@ -33,7 +33,7 @@ from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_ma
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
 from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
-from cellvpn.client.tunnel import ClientTunnel
+from cellvpn.client.tunnel import AddressRefusedError, ClientTunnel
 from cellvpn.config import ClientConfig
 from cellvpn.config.schema import Offload
 from cellvpn.conn.protocol import StreamProtocol
@@ -47,6 +47,7 @@ from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.tun.device import TunError
 from cellvpn.wire import vpn
 from cellvpn.wire.service import Request
+from cellvpn.wire.setup import CloseCode
 
 # start() return codes of the original
 STARTED_OK = 0
@@ -364,7 +365,12 @@ class VPNClientService(MultiService):
             self.server_ip = ipaddress.IPv4Address(socket.gethostbyname(self.host or ""))
         c = self.config.client
         await self.tunnel.setup(
-            reply, self.server_ip, c.default_route, list(c.dns), offload=stream.offload
+            reply,
+            self.server_ip,
+            c.default_route,
+            list(c.dns),
+            offload=stream.offload,
+            widest_prefix=c.widest_overlay_prefix,
         )
         self._up(stream, f"address {reply.client} on {self.tunnel.name}")
 
@@ -394,6 +400,24 @@ class VPNClientService(MultiService):
         self._resolve_start(STARTED_OK)
 
     def _bring_up_failed(self, failure: Failure, stream: ClientStream) -> None:
+        if failure.check(AddressRefusedError):
+            # a refusal like the server's own: the host is untouched, retry with back-off
+            refused = failure.value
+            assert isinstance(refused, AddressRefusedError)
+            offer = refused.offer
+            why = f"refused the server's address offer: {refused.refusal}"
+            self.log.warn(
+                "refused ADDR_REPLY from {server} (address {address} netmask {netmask}"
+                " gateway {gateway}): {reason}",
+                server=f"{self.host}:{self.port}",
+                address=str(offer.address),
+                netmask=str(offer.netmask) if offer.netmask is not None else "none",
+                gateway=str(offer.gateway),
+                reason=str(refused.refusal),
+            )
+            self._failed(stream, why, False, CANNOT_CONNECT)
+            stream.close(CloseCode.REFUSED, why)
+            return
         if failure.check(NetConfigError, TunError, OSError):
             why = f"cannot set up the tunnel: {failure.getErrorMessage()}"
         else:

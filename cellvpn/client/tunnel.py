@@ -3,23 +3,40 @@
 Every change is written to the crash journal before it is made, so a client killed with -9
 cleans up after itself on its next start. Netlink, file and journal work runs off the reactor
 thread; opening the TUN is one quick ioctl and stays on it.
+
+The server's ADDR_REPLY is checked against the host's addresses and routes
+(:mod:`cellvpn.net.routepolicy`) before anything is touched: a refused offer changes nothing.
+An accepted address goes on the TUN without its automatic prefix route, and the client adds
+the one overlay route the policy names, journaled like its other routes.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from cellvpn.device import vnet
-from cellvpn.net.clientroutes import ClientRoutes
+from cellvpn.net.clientroutes import ClientRoutes, RouteSet
 from cellvpn.net.dns import DnsConfigurator
 from cellvpn.net.journal import Journal, cleanup_leftovers
-from cellvpn.net.netlink import Netlink
+from cellvpn.net.netlink import Netlink, Route
+from cellvpn.net.routepolicy import (
+    DEFAULT_WIDEST_PREFIX,
+    Accepted,
+    HostRoute,
+    HostView,
+    Offer,
+    OwnAddress,
+    Refused,
+    check_offer,
+)
 from cellvpn.tun.device import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -33,6 +50,20 @@ from cellvpn.wire.vpn import AddrReply
 
 #: MTU used when the server does not say (an original server sends no options).
 DEFAULT_MTU = 1400
+
+#: Route types that say where traffic goes (unicast, blackhole, unreachable, prohibit, throw);
+#: local, broadcast, anycast and multicast routes belong to addresses, seen as such.
+_ROUTE_KINDS = {1: "unicast", 6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw"}
+_LOCAL_TABLE = 255
+
+
+class AddressRefusedError(Exception):
+    """The server's ADDR_REPLY failed the route policy; nothing on the host was changed."""
+
+    def __init__(self, offer: Offer, refusal: Refused) -> None:
+        super().__init__(str(refusal))
+        self.offer = offer
+        self.refusal = refusal
 
 
 class ClientTunnel:
@@ -54,6 +85,9 @@ class ClientTunnel:
         self.journal = Journal(Path(state_dir) / "journal.json")
         self.netlink = Netlink()
         self.routes = ClientRoutes(self.netlink, self.journal)
+        #: the overlay route the policy accepted (the address has no prefix route of its own)
+        self.overlay = RouteSet(self.netlink, self.journal)
+        self.lease: Accepted | None = None
         self.dns = DnsConfigurator(resolv_conf, journal=self.journal)
         self.port: TunPort | None = None
         self.name: str | None = None
@@ -78,29 +112,38 @@ class ClientTunnel:
         default_route: bool,
         dns: list[ipaddress.IPv4Address],
         offload: bool = False,
+        widest_prefix: int = DEFAULT_WIDEST_PREFIX,
     ) -> None:
         """Bring the tunnel up for ``reply``'s address (again, after a reconnect).
 
-        With ``offload`` (agreed with the server) the TUN is opened with vnet headers and TCP
-        segmentation offload, if the kernel allows; a TUN opened either way stays so across
-        reconnects (packets are cut or completed in userspace when the server differs).
+        The offer is checked first: a refused one raises ``AddressRefusedError`` with the host
+        as it was. With ``offload`` (agreed with the server) the TUN is opened with vnet headers
+        and TCP segmentation offload, if the kernel allows; a TUN opened either way stays so
+        across reconnects (packets are cut or completed in userspace when the server differs).
         """
+        offer = Offer(reply.client, reply.gateway, reply.netmask)
+        verdict = check_offer(offer, await self.host_view(), server, widest_prefix)
+        if isinstance(verdict, Refused):
+            raise AddressRefusedError(offer, verdict)
         if self.port is None:
             await self._open(offload)
         assert self.name is not None
-        if self.address is not None and self.address != reply.client:
-            # a new address after a reconnect: routes and DNS are planned afresh
+        if self.lease is not None and self.lease != verdict:
+            # a new lease after a reconnect: routes and DNS are planned afresh
             await self.teardown_network()
             await self._close()
             await self._open(offload)
         self.address = reply.client
         self.gateway = reply.gateway
         self.mtu = reply.mtu or DEFAULT_MTU
-        if reply.netmask is not None:
-            prefix = ipaddress.IPv4Network(f"0.0.0.0/{reply.netmask}").prefixlen
-            await self.netlink.configure_tun(self.name, reply.client, prefix, None, self.mtu)
-        else:
-            await self.netlink.configure_tun(self.name, reply.client, None, reply.gateway, self.mtu)
+        address = verdict.interface
+        prefix = address.network.prefixlen if verdict.peer is None else None
+        await self.netlink.configure_tun(
+            self.name, address.ip, prefix, verdict.peer, self.mtu, noprefixroute=True
+        )
+        self.lease = verdict
+        if verdict.route is not None:
+            await self.overlay.apply([Route(str(verdict.route), oif=self.name)])
         if not (self.routes.carrier.routes or self.routes.tunnel.routes):
             await self.routes.setup(server, self.name, default_route, ipv6_guard=True)
         elif not self.tunnel_routes_up:
@@ -110,6 +153,16 @@ class ClientTunnel:
         if servers and self.dns.method is None:
             await self.dns.apply(servers, self.name)
             self.dns_servers = servers
+
+    def host_view(self) -> Deferred[HostView]:
+        """The host's IPv4 addresses and non-default routes, leaving out the TUN's own.
+
+        Read in one netlink call off the reactor thread, as every netlink call is.
+        """
+        tun = self.name
+        return self.netlink._call(
+            "cannot read the host's addresses and routes", lambda ipr: _read_host_view(ipr, tun)
+        )
 
     async def _open(self, offload: bool) -> None:
         handle = None
@@ -142,6 +195,7 @@ class ClientTunnel:
             port.close()
             await deferToThread(self.journal.forget_tun)
         self.address = None
+        self.lease = None
 
     def pause_reading(self) -> None:
         if self.port is not None:
@@ -189,8 +243,11 @@ class ClientTunnel:
             if self.dns.method is not None:
                 await self.dns.restore()
         finally:
-            await self.routes.remove()
-            self.tunnel_routes_up = False
+            try:
+                await self.routes.remove()
+            finally:
+                self.tunnel_routes_up = False
+                await self.overlay.remove()
 
     async def teardown(self) -> None:
         """Everything the client added, removed; the journal emptied."""
@@ -208,8 +265,48 @@ class ClientTunnel:
             "mtu": self.mtu,
             "offload": self.vnet,
             "routes": [
-                r.describe() for r in (*self.routes.carrier.routes, *self.routes.tunnel.routes)
+                r.describe()
+                for r in (
+                    *self.overlay.routes,
+                    *self.routes.carrier.routes,
+                    *self.routes.tunnel.routes,
+                )
             ],
             "dns": [str(s) for s in self.dns_servers] if self.dns.method else [],
             "dns_method": self.dns.method,
         }
+
+
+def _read_host_view(ipr: Any, tun: str | None) -> HostView:
+    """Addresses and routes from one open ``IPRoute`` (in a worker thread)."""
+    names = {int(link["index"]): str(link.get("ifname")) for link in ipr.link("dump")}
+    addresses: list[OwnAddress] = []
+    for msg in ipr.addr("dump", family=socket.AF_INET):
+        device = names.get(int(msg["index"]), str(msg["index"]))
+        if device == tun:
+            continue
+        prefix = int(msg["prefixlen"])
+        seen = {msg.get("local"), msg.get("address")} - {None}
+        for text in sorted(str(a) for a in seen):
+            addresses.append(OwnAddress(ipaddress.IPv4Interface(f"{text}/{prefix}"), device))
+    routes: list[HostRoute] = []
+    for msg in ipr.route("dump", family=socket.AF_INET):
+        kind = _ROUTE_KINDS.get(int(msg["type"]))
+        table = int(msg.get("table"))
+        if kind is None or table == _LOCAL_TABLE or not msg["dst_len"]:
+            continue
+        oif = msg.get("oif")
+        via = None if oif is None else names.get(int(oif), str(oif))
+        if tun is not None and via == tun:
+            continue  # the tunnel's own routes, from before a reconnect
+        gateway = msg.get("gateway")
+        routes.append(
+            HostRoute(
+                ipaddress.IPv4Network(f"{msg.get('dst')}/{msg['dst_len']}"),
+                via,
+                None if gateway is None else ipaddress.IPv4Address(gateway),
+                kind,
+                table,
+            )
+        )
+    return HostView(tuple(addresses), tuple(routes))

@@ -38,8 +38,8 @@ def plan_routes(
     """The routes to add, in order: the server's host route first, then the tunnel's.
 
     ``to_server`` is what the kernel uses now to reach the server (``Netlink.route_get``).
-    Without ``default_route`` nothing is needed: the TUN's own connected route carries the
-    overlay.
+    Without ``default_route`` nothing more is needed: the overlay route that the route policy
+    accepted (:mod:`cellvpn.net.routepolicy`) carries the overlay.
     """
     if not default_route:
         return []

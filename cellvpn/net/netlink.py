@@ -36,6 +36,8 @@ _SCOPE_LINK = 253
 _ESRCH = 3
 _ENODEV = 19
 _EEXIST = 17
+#: ``ip addr add ... noprefixroute``: no automatic route for the address's prefix.
+_IFA_F_NOPREFIXROUTE = 0x200
 #: What the kernel stores when a route is added without a metric.
 _DEFAULT_METRIC = {4: 0, 6: 1024}
 
@@ -238,10 +240,13 @@ class Netlink:
         prefixlen: int | None,
         peer: IPv4Address | None,
         mtu: int,
+        noprefixroute: bool = False,
     ) -> Deferred[None]:
         """Set the MTU, the address (``address/prefixlen``, or ``address peer PEER``), up.
 
         An address that is already there is fine: a reconnect may set the same lease again.
+        With ``noprefixroute`` the kernel adds no route for the address's prefix (or peer), so
+        the caller decides which routes go into the device.
         """
         if peer is None and prefixlen is None:
             raise ValueError("configure_tun needs a prefix length or a peer address")
@@ -260,6 +265,8 @@ class Netlink:
                 }
             else:
                 addr = {"local": str(address), "address": str(address), "prefixlen": prefixlen}
+            if noprefixroute:
+                addr["flags"] = _IFA_F_NOPREFIXROUTE  # sent as IFA_FLAGS (it needs 32 bits)
             try:
                 ipr.addr("add", index=index, **addr)
             except NetlinkError as e:
