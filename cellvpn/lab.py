@@ -3,8 +3,8 @@
 The tests, ``make demo`` and the benchmarks build their hosts with it.
 
 Everything here stays inside namespaces it creates itself (named ``cvpn-...``), uses only
-192.0.2.0/24 for underlays and 198.18.0.0/15 for overlays, and is torn down by PID and by name
-in ``close()``, also when a test fails.
+192.0.2.0/24 (and, in an IPv6 lab, 2001:db8::/64) for underlays and 198.18.0.0/15 for overlays,
+and is torn down by PID and by name in ``close()``, also when a test fails.
 """
 
 from __future__ import annotations
@@ -120,10 +120,20 @@ def wait_for(
 class Twistd:
     """A ``twistd -n --pidfile= <plugin> --config FILE`` process in a namespace, with its log."""
 
-    def __init__(self, ns: Namespace, plugin: str, config: Path, log: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        ns: Namespace,
+        plugin: str,
+        config: Path,
+        log: Path,
+        *extra: str,
+        options: tuple[str, ...] = (),
+    ) -> None:
+        """``options`` go to twistd itself (before the plugin), e.g. ``("-u", "65534")``."""
         self.ns = ns
         self.log = log
-        cmd = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", plugin, "--config", str(config)]
+        cmd = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", *options, plugin]
+        cmd += ["--config", str(config)]
         self.proc = ns.popen([*cmd, *extra], log=log)
 
     def text(self) -> str:
@@ -180,6 +190,8 @@ def ctl_json(ns: Namespace | None, socket: Path, *args: str) -> Any:
 
 
 SERVER_IP = "192.0.2.1"
+#: The server's underlay address in a dual-stack lab (``VpnLab(..., ipv6=True)``).
+SERVER_IP6 = "2001:db8::1"
 NET_HOST_IP = "198.19.0.10"
 NET_GW_IP = "198.19.0.1"
 
@@ -198,6 +210,10 @@ class VpnLab:
     The clients share one underlay: each client namespace has a veth to the server namespace,
     and the server's side of each is enslaved to one bridge (192.0.2.1/24). The server forwards
     (ip_forward=1) between its TUN and the net host, which routes the pool back through it.
+
+    With ``ipv6=True`` the underlay is dual-stack: the bridge also has 2001:db8::1/64, client N
+    also 2001:db8::(N+1)/64, and the server listens on both families (``[::]:8089``) with a
+    certificate that names both addresses. The net host and the overlay stay IPv4.
     """
 
     def __init__(
@@ -206,16 +222,20 @@ class VpnLab:
         workdir: Path,
         pool: str = "198.18.5.0/24",
         exact: bool = False,
+        ipv6: bool = False,
     ) -> None:
         self.make = make
         self.work = workdir
         self.pool = pool
-        self.srv = make("srv") if not exact else make("demo-srv")
+        self.ipv6 = ipv6
+        self.srv = self._make("srv" if not exact else "demo-srv")
         self.net = make("net") if not exact else make("demo-net")
         self.clients: list[Namespace] = []
         self.exact = exact
         self.srv.ip("link", "add", "br0", "type", "bridge")
         self.srv.ip("addr", "add", f"{SERVER_IP}/24", "dev", "br0")
+        if ipv6:
+            self.srv.ip("addr", "add", f"{SERVER_IP6}/64", "dev", "br0", "nodad")
         self.srv.ip("link", "set", "br0", "up")
         link(self.srv, f"{NET_GW_IP}/24", self.net, f"{NET_HOST_IP}/24", name="up")
         self.net.ip("route", "add", pool, "via", NET_GW_IP)
@@ -224,9 +244,19 @@ class VpnLab:
         self.http: subprocess.Popen[bytes] | None = None
         self.server_socket = workdir / "server.sock"
 
+    def _make(self, tag: str) -> Namespace:
+        """A namespace; in an IPv6 lab with IPv6 on and no duplicate address detection to
+        wait out (every address here is the lab's own)."""
+        if not self.ipv6:
+            return self.make(tag)
+        ns = self.make(tag, ipv6=True)
+        for key in ("all", "default"):
+            ns.sysctl(f"net.ipv6.conf.{key}.accept_dad", "0")
+        return ns
+
     def add_client_host(self) -> Namespace:
         n = len(self.clients) + 1
-        ns = self.make(f"cli{n}") if not self.exact else self.make("demo-cli")
+        ns = self._make(f"cli{n}") if not self.exact else self._make("demo-cli")
         v = f"c{n}"
         self.srv.ip(
             "link", "add", f"{v}s", "type", "veth", "peer", "name", "eth0", "netns", ns.name
@@ -234,6 +264,8 @@ class VpnLab:
         self.srv.ip("link", "set", f"{v}s", "master", "br0")
         self.srv.ip("link", "set", f"{v}s", "up")
         ns.ip("addr", "add", f"192.0.2.{n + 1}/24", "dev", "eth0")
+        if self.ipv6:
+            ns.ip("addr", "add", f"2001:db8::{n + 1:x}/64", "dev", "eth0", "nodad")
         ns.ip("link", "set", "eth0", "up")
         ns.ip("route", "add", "default", "via", SERVER_IP)
         self.clients.append(ns)
@@ -247,7 +279,13 @@ class VpnLab:
         ns.ip("link", "set", "eth0", "up")
         ns.ip("route", "replace", "default", "via", SERVER_IP)
 
-    def start_server(self, extra: str = "", vpn_extra: str = "", edge: str = LAB_EDGE) -> Twistd:
+    def start_server(
+        self,
+        extra: str = "",
+        vpn_extra: str = "",
+        edge: str = LAB_EDGE,
+        options: tuple[str, ...] = (),
+    ) -> Twistd:
         """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``edge`` into [edge],
         ``extra`` at the end.
 
@@ -255,13 +293,15 @@ class VpnLab:
         the lab's edge lets one client host open many sessions at once (the load tests do).
         """
         cfg = self.work / "server.cfg"
+        listen = "tcp6:8089:interface=\\:\\:" if self.ipv6 else f"tcp:8089:interface={SERVER_IP}"
+        names = f"{SERVER_IP}, {SERVER_IP6}" if self.ipv6 else SERVER_IP
         cfg.write_text(
             "[server]\n"
-            f"listen = tcp:8089:interface={SERVER_IP}\n"
+            f"listen = {listen}\n"
             "state_dir = state\n"
             "source_prefix_v4 = 32\n"
             "[edge]\n" + edge + "[tls]\n"
-            f"names = {SERVER_IP}\n"
+            f"names = {names}\n"
             "[srv_vpn]\n"
             f"network_address = {self.pool.split('/')[0]}\n"
             f"network_mask = {_mask(self.pool)}\n"
@@ -269,7 +309,7 @@ class VpnLab:
             "mtu = 1400\n" + vpn_extra + "[control]\n"
             f"socket = {self.server_socket}\n" + extra
         )
-        self.server = Twistd(self.srv, "cellvpn", cfg, self.work / "server.log")
+        self.server = Twistd(self.srv, "cellvpn", cfg, self.work / "server.log", options=options)
         self.server.wait_log(r"TUN cvpn-srv up")
         return self.server
 
@@ -290,11 +330,14 @@ class VpnLab:
     def ca(self) -> Path:
         return self.work / "state" / "tls" / "ca.pem"
 
-    def client_config(self, name: str, extra: str = "", section_extra: str = "") -> Path:
+    def client_config(
+        self, name: str, extra: str = "", section_extra: str = "", server: str = ""
+    ) -> Path:
+        """``server`` is ``[client] server`` (default the IPv4 ``192.0.2.1:8089``)."""
         cfg = self.work / f"{name}.cfg"
         cfg.write_text(
             "[client]\n"
-            f"server = {SERVER_IP}:8089\n"
+            f"server = {server or f'{SERVER_IP}:8089'}\n"
             f"ca = {self.ca}\n"
             f"state_dir = {self.work / name}-state\n"
             "tun_name = cvpn-cli\n"
@@ -314,10 +357,11 @@ class VpnLab:
         section_extra: str = "",
         wait: bool = True,
         extra: str = "",
+        server: str = "",
     ) -> Twistd:
         """Start ``twistd cellvpn-client``; ``section_extra`` goes into [client], ``extra``
-        (other sections) at the end."""
-        cfg = self.client_config(name, extra=extra, section_extra=section_extra)
+        (other sections) at the end; ``server`` as in :meth:`client_config`."""
+        cfg = self.client_config(name, extra=extra, section_extra=section_extra, server=server)
         client = Twistd(ns, "cellvpn-client", cfg, self.work / f"{name}.log")
         if wait:
             client.wait_log(r"VPN up: ")

@@ -67,9 +67,10 @@ class ClientBilling:
         if self.book.torn is not None:
             self.log.warn(
                 "receipt record {path}: cut off a torn last line of {n} bytes (a crash while "
-                "it was written; that receipt was never sent)",
+                "it was written; that receipt was never sent), set aside as {aside}",
                 path=str(self.book.path),
                 n=len(self.book.torn),
+                aside=str(self.book.torn_aside),
             )
         self.meters = MeterStore(self.state_dir / METER_FILE)
         self.tolerance = Tolerance(

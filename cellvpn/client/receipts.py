@@ -63,6 +63,30 @@ def check_receipt(
     return None
 
 
+def set_aside(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new ``<path>.torn-<unix time>`` (mode 0600, fsynced with its
+    folder) and return its path; an existing file of that name is never overwritten."""
+    stamp = int(time.time())
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.torn-{stamp}" + (f".{n}" if n else ""))
+        try:
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        return aside
+    raise FileExistsError(f"no free name for the torn tail of {path}")
+
+
 @dataclass
 class ReceiptBook:
     """What this client signed, per deposit; loaded from and appended to ``path``."""
@@ -74,6 +98,8 @@ class ReceiptBook:
         self.signed_infos: set[bytes] = set()
         #: a torn last line (a crash while it was written) that was cut off at load
         self.torn: bytes | None = None
+        #: where that line was set aside, next to the record
+        self.torn_aside: Path | None = None
         try:
             with open(self.path, "rb") as f:
                 raw = f.read()
@@ -82,13 +108,20 @@ class ReceiptBook:
         if raw and not raw.endswith(b"\n"):
             # A record is written before its receipt leaves, so a line cut short by a crash
             # is a receipt that was never sent: drop it, or every later append would be lost
-            # in the same unreadable line.
+            # in the same unreadable line. It is kept aside first, for a person to look at.
             keep = raw.rfind(b"\n") + 1
             self.torn = raw[keep:]
             raw = raw[:keep]
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
+            try:
+                self.torn_aside = set_aside(self.path, self.torn)
+                with open(self.path, "r+b") as f:
+                    f.truncate(keep)
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise ValueError(
+                    f"{self.path} ends in a torn line that cannot be set aside and cut off: "
+                    f"{e.strerror or e}"
+                ) from e
         for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
             if not line.strip():
                 continue

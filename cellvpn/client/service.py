@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,8 @@ class VPNClientService(MultiService):
         self.backoff = Backoff()
         self.host: str | None = None
         self.port: int | None = None
-        self.server_ip: ipaddress.IPv4Address | None = None
+        #: the server's address as the stream's transport has it (IPv4 or IPv6)
+        self.server_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.stream: ClientStream | None = None
         self.last_error: str | None = None
         self.sessions_established = 0
@@ -164,6 +164,8 @@ class VPNClientService(MultiService):
         """Connect; fires with 0 (started), 1 (already), -1, -2 (cannot connect), -3 (no answer)."""
         if self.state in (ClientState.STARTED, ClientState.STARTING, ClientState.CONN_LOST):
             return defer.succeed(ALREADY_STARTED)
+        if isinstance(host, str) and host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]  # an IPv6 literal as a URL writes it: dialled without brackets
         if not host or not isinstance(port, int) or not 0 < port < 65536:
             return defer.succeed(BAD_PARAMETERS)
         try:
@@ -225,7 +227,7 @@ class VPNClientService(MultiService):
             "status": self.state.name,
             "status_code": int(self.state),
             "text": STATUS_TEXT[self.state],
-            "server": f"{self.host}:{self.port}" if self.host else None,
+            "server": self._server_text() if self.host else None,
             "session_id": stream.session_id if up and stream else None,
             "usage_id": stream.usage_id if up and stream else None,
             "sessions_established": self.sessions_established,
@@ -280,6 +282,11 @@ class VPNClientService(MultiService):
 
     # --- connecting ------------------------------------------------------------------------
 
+    def _server_text(self) -> str:
+        """``host:port``, an IPv6 literal in brackets."""
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
     def _client_tls(self, host: str) -> Any:
         c = self.config.client
         name = c.server_name or host
@@ -312,13 +319,13 @@ class VPNClientService(MultiService):
         stream.setup_timer = self.reactor.callLater(CONNECT_TIMEOUT, self._setup_timeout, stream)
 
     def _connect_failed(self, failure: Failure, stream: ClientStream) -> None:
-        why = f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"
+        why = f"cannot connect to {self._server_text()}: {failure.getErrorMessage()}"
         self.stream_lost(stream, why, False)
 
     def _setup_timeout(self, stream: ClientStream) -> None:
         if stream is self.stream and self.state is not ClientState.STARTED:
             stream.setup_timer = None
-            self._failed(stream, f"no answer from {self.host}:{self.port}", False, NO_ANSWER)
+            self._failed(stream, f"no answer from {self._server_text()}", False, NO_ANSWER)
             stream.close()
 
     # --- StreamOwner -------------------------------------------------------------------------
@@ -334,10 +341,7 @@ class VPNClientService(MultiService):
             server=stream.proto.peer,
         )
         peer = stream.proto.transport.getPeer() if stream.proto.transport else None
-        try:
-            self.server_ip = ipaddress.IPv4Address(getattr(peer, "host", ""))
-        except ValueError:
-            self.server_ip = None
+        self.server_ip = peer_address(peer)
         # back-pressure: while the stream's transport is full, stop reading the TUN
         stream.proto.on_pause.append(self.tunnel.pause_reading)
         stream.proto.on_resume.append(self.tunnel.resume_reading)
@@ -362,7 +366,12 @@ class VPNClientService(MultiService):
 
     async def _bring_up(self, stream: ClientStream, reply: vpn.AddrReply) -> None:
         if self.server_ip is None:
-            self.server_ip = ipaddress.IPv4Address(socket.gethostbyname(self.host or ""))
+            # the routes must keep the server reachable, and only the connection knows which
+            # address it reached (a name may have several); a lookup here would block
+            raise NetConfigError(
+                f"the stream to {self._server_text()} has no IP address as its peer, so no "
+                "route can keep the server reachable"
+            )
         c = self.config.client
         await self.tunnel.setup(
             reply,
@@ -394,7 +403,7 @@ class VPNClientService(MultiService):
         self.log.info(
             "VPN up: session {sid} with {server}, {what}",
             sid=f"{stream.session_id or 0:#010x}",
-            server=f"{self.host}:{self.port}",
+            server=self._server_text(),
             what=what,
         )
         self._resolve_start(STARTED_OK)
@@ -409,7 +418,7 @@ class VPNClientService(MultiService):
             self.log.warn(
                 "refused ADDR_REPLY from {server} (address {address} netmask {netmask}"
                 " gateway {gateway}): {reason}",
-                server=f"{self.host}:{self.port}",
+                server=self._server_text(),
                 address=str(offer.address),
                 netmask=str(offer.netmask) if offer.netmask is not None else "none",
                 gateway=str(offer.gateway),
@@ -532,3 +541,18 @@ class VPNClientService(MultiService):
 
 def _code(_: object, code: int) -> int:
     return code
+
+
+def peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of a transport's peer (an IPv4-mapped one as IPv4, without a zone),
+    or None when the peer has none."""
+    host = getattr(peer, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

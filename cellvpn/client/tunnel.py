@@ -42,6 +42,7 @@ from cellvpn.tun.device import (
     TUN_F_TSO4,
     TUN_F_TSO6,
     TunError,
+    get_iff,
     open_tun,
     set_offload,
 )
@@ -55,6 +56,8 @@ DEFAULT_MTU = 1400
 #: local, broadcast, anycast and multicast routes belong to addresses, seen as such.
 _ROUTE_KINDS = {1: "unicast", 6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw"}
 _LOCAL_TABLE = 255
+#: TUNGETIFF's flag of a device that outlives its fds: made by someone else, not by this open.
+_IFF_PERSIST = 0x0800
 
 
 class AddressRefusedError(Exception):
@@ -108,7 +111,7 @@ class ClientTunnel:
     async def setup(
         self,
         reply: AddrReply,
-        server: ipaddress.IPv4Address,
+        server: ipaddress.IPv4Address | ipaddress.IPv6Address,
         default_route: bool,
         dns: list[ipaddress.IPv4Address],
         offload: bool = False,
@@ -120,9 +123,12 @@ class ClientTunnel:
         as it was. With ``offload`` (agreed with the server) the TUN is opened with vnet headers
         and TCP segmentation offload, if the kernel allows; a TUN opened either way stays so
         across reconnects (packets are cut or completed in userspace when the server differs).
+        ``server`` is the stream's peer, IPv4 or IPv6: the host route that keeps it reachable
+        is of its family, and only an IPv4 server can collide with the IPv4 overlay.
         """
         offer = Offer(reply.client, reply.gateway, reply.netmask)
-        verdict = check_offer(offer, await self.host_view(), server, widest_prefix)
+        v4_server = server if isinstance(server, ipaddress.IPv4Address) else None
+        verdict = check_offer(offer, await self.host_view(), v4_server, widest_prefix)
         if isinstance(verdict, Refused):
             raise AddressRefusedError(offer, verdict)
         if self.port is None:
@@ -179,14 +185,23 @@ class ClientTunnel:
             handle = open_tun(self.wanted_name)
         self.vnet = handle.vnet_hdr
         try:
-            await deferToThread(self.journal.record_tun, handle.name)
+            created = not get_iff(handle.fd)[1] & _IFF_PERSIST
+            if created:
+                # marked and recorded by ifindex: a later cleanup deletes this device, no other
+                marker = self.journal.marker
+                index = await self.netlink.set_alias(handle.name, marker)
+                await deferToThread(self.journal.record_tun, handle.name, index, marker)
         except Exception:
             handle.close()
             raise
         self.name = handle.name
         self.port = TunPort(self.reactor, handle.detach(), self.on_packets)
         self.port.startReading()
-        self.log.info("TUN {name} created", name=handle.name)
+        if created:
+            self.log.info("TUN {name} created", name=handle.name)
+        else:
+            # someone's persistent device (``ip tuntap add``): used, and never deleted
+            self.log.info("TUN {name} exists already (persistent): using it", name=handle.name)
 
     async def _close(self) -> None:
         if self.port is not None:

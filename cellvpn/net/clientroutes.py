@@ -1,10 +1,12 @@
 """The client's routes: a pure plan, and an executor that can always take back what it added.
 
-The plan keeps the tunnel's own carrier reachable (a host route to the server through the way
-the kernel uses now), then covers all of IPv4 with ``0.0.0.0/1`` and ``128.0.0.0/1`` into the
-TUN. Two /1 routes are more specific than any default route, so the user's default route stays
-untouched and comes back into use by itself when they are removed. IPv6 would bypass an
-IPv4-only tunnel, so the guard makes all of it unreachable instead while the tunnel is up.
+The plan keeps the tunnel's own carrier reachable (a host route to the server, ``/32`` or
+``/128`` in its own family, through the way the kernel uses now), then covers all of IPv4
+with ``0.0.0.0/1`` and ``128.0.0.0/1`` into the TUN. Two /1 routes are more specific than any
+default route, so the user's default route stays untouched and comes back into use by itself
+when they are removed. IPv6 would bypass an IPv4-only tunnel, so the guard makes all of it
+unreachable instead while the tunnel is up; an IPv6 server stays reachable through its
+``/128``, more specific than the guard's halves.
 
 The carrier and the tunnel routes are separate ``RouteSet``s: on a lost connection the client
 drops only the tunnel routes (traffic flows outside again), or keeps them as a kill switch.
@@ -13,7 +15,7 @@ drops only the tunnel routes (traffic flows outside again), or keeps them as a k
 from __future__ import annotations
 
 from collections.abc import Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -28,8 +30,12 @@ IPV4_HALVES = ("0.0.0.0/1", "128.0.0.0/1")
 IPV6_HALVES = ("::/1", "8000::/1")
 
 
+#: The server the stream connects to, as its transport's peer says.
+ServerAddress = IPv4Address | IPv6Address
+
+
 def plan_routes(
-    server: IPv4Address,
+    server: ServerAddress,
     to_server: RouteInfo,
     tun: str,
     default_route: bool,
@@ -55,14 +61,20 @@ def plan_routes(
     return routes
 
 
-def host_route(server: IPv4Address, to_server: RouteInfo) -> Route:
-    """``server/32`` via the current gateway and its device, or on the link when there is none."""
-    return Route(f"{server}/32", gateway=to_server.gateway, oif=to_server.ifname)
+def host_route(server: ServerAddress, to_server: RouteInfo) -> Route:
+    """``server/32`` (``/128``) via the current gateway and its device, or on the link when
+    there is none."""
+    family: Family = 6 if isinstance(server, IPv6Address) else 4
+    return Route(_host_dst(server), gateway=to_server.gateway, oif=to_server.ifname, family=family)
 
 
-def split_routes(routes: Sequence[Route], server: IPv4Address) -> tuple[list[Route], list[Route]]:
+def _host_dst(server: ServerAddress) -> str:
+    return f"{server}/{server.max_prefixlen}"
+
+
+def split_routes(routes: Sequence[Route], server: ServerAddress) -> tuple[list[Route], list[Route]]:
     """(the server's host route, the tunnel routes) of a plan."""
-    carrier = [r for r in routes if r.dst == f"{server}/32"]
+    carrier = [r for r in routes if r.dst == _host_dst(server)]
     return carrier, [r for r in routes if r not in carrier]
 
 
@@ -162,7 +174,7 @@ class ClientRoutes:
         self._tunnel_plan: list[Route] = []
 
     def setup(
-        self, server: IPv4Address, tun: str, default_route: bool, ipv6_guard: bool
+        self, server: ServerAddress, tun: str, default_route: bool, ipv6_guard: bool
     ) -> Deferred[list[Route]]:
         """Look at the routes now, plan, and add; fires with the plan.
 
@@ -173,7 +185,7 @@ class ClientRoutes:
         return Deferred.fromCoroutine(self._setup(server, tun, default_route, ipv6_guard))
 
     async def _setup(
-        self, server: IPv4Address, tun: str, default_route: bool, ipv6_guard: bool
+        self, server: ServerAddress, tun: str, default_route: bool, ipv6_guard: bool
     ) -> list[Route]:
         if not default_route:
             return []

@@ -8,11 +8,18 @@ names only what cellvpn itself created, so the cleanup never touches anything el
 The file is JSON in the client's state_dir, mode 0600, replaced atomically (temp file, fsync,
 ``os.replace``) so a crash never leaves half of it. Its methods block: call them from a worker
 thread (``deferToThread``).
+
+A TUN's name alone does not say it is cellvpn's: once the process is gone, another VPN may
+create its own device by that name. So the client marks the TUN it created (its alias is the
+journal's ``marker``) and records its ifindex; the cleanup deletes an interface only when both
+match, and leaves a foreign one, its routes and its DNS settings alone. Version 1 journals
+(the name only) are still read: such an interface is deleted only when it carries the mark.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -25,7 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from cellvpn.net.netlink import NetConfigError, Route
+from cellvpn.net.netlink import LinkInfo, NetConfigError, Route
 
 if TYPE_CHECKING:
     from cellvpn.net.dns import DnsConfigurator
@@ -33,7 +40,9 @@ if TYPE_CHECKING:
 
 DnsMethod = Literal["resolved", "resolvconf", "file"]
 _METHODS = ("resolved", "resolvconf", "file")
-_VERSION = 1
+_VERSION = 2
+#: Versions this code reads: 1 recorded the TUN by name only.
+_READABLE = (1, 2)
 
 log = Logger()
 
@@ -83,6 +92,9 @@ class JournalState:
     tun: str | None = None
     routes: tuple[Route, ...] = ()
     dns: DnsRecord | None = None
+    #: the TUN's ifindex and the alias it was marked with (None: a version 1 journal)
+    tun_index: int | None = None
+    tun_marker: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -92,21 +104,40 @@ class JournalState:
         return {
             "version": _VERSION,
             "tun": self.tun,
+            "tun_ifindex": self.tun_index,
+            "tun_marker": self.tun_marker,
             "routes": [route.to_json() for route in self.routes],
             "dns": None if self.dns is None else self.dns.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: Any) -> JournalState:
-        if not isinstance(data, dict) or data.get("version") != _VERSION:
-            raise ValueError("not a cellvpn journal of version 1")
+        if not isinstance(data, dict) or data.get("version") not in _READABLE:
+            raise ValueError("not a cellvpn journal of version 1 or 2")
         tun = data.get("tun")
+        index = data.get("tun_ifindex")
+        marker = data.get("tun_marker")
         dns = data.get("dns")
         return cls(
             tun=None if tun is None else str(tun),
             routes=tuple(Route.from_json(r) for r in data.get("routes", [])),
             dns=None if dns is None else DnsRecord.from_json(dns),
+            tun_index=None if tun is None or index is None else int(index),
+            tun_marker=None if tun is None or marker is None else str(marker),
         )
+
+
+def foreign_tun(state: JournalState, link: LinkInfo, marker: str) -> str | None:
+    """Why ``link`` (which has the recorded TUN's name now) is not the TUN cellvpn created,
+    or None when it is: its alias is the recorded mark (``marker``, this journal's own, for a
+    version 1 journal) and, when recorded, its ifindex the recorded one."""
+    expected = state.tun_marker or marker
+    if link.alias != expected:
+        mark = "no alias" if link.alias is None else f"alias {link.alias!r}"
+        return f"it has {mark}, not cellvpn's mark {expected!r}"
+    if state.tun_index is not None and link.index != state.tun_index:
+        return f"its ifindex is {link.index}, not {state.tun_index}"
+    return None
 
 
 @dataclass
@@ -116,6 +147,14 @@ class Journal:
     path: Path
     _state: JournalState | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def marker(self) -> str:
+        """The alias this client's TUN gets: the same for every run with this state folder,
+        so even a journal without it (version 1, or a crash before it was written) can be
+        matched, and different for another client."""
+        folder = os.path.abspath(self.path.parent).encode("utf-8", "surrogateescape")
+        return f"cellvpn {hashlib.sha256(folder).hexdigest()[:16]}"
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -140,12 +179,13 @@ class Journal:
 
     # -- changes ----------------------------------------------------------------------------
 
-    def record_tun(self, name: str) -> None:
-        """Call before creating the TUN: cleanup deletes a link only by this name."""
-        self._change(lambda s: replace(s, tun=name))
+    def record_tun(self, name: str, index: int | None = None, marker: str | None = None) -> None:
+        """Call right after creating and marking the TUN: cleanup deletes a link by this name
+        only while its ifindex and alias are still these."""
+        self._change(lambda s: replace(s, tun=name, tun_index=index, tun_marker=marker))
 
     def forget_tun(self) -> None:
-        self._change(lambda s: replace(s, tun=None))
+        self._change(lambda s: replace(s, tun=None, tun_index=None, tun_marker=None))
 
     def record_route(self, route: Route) -> None:
         self._change(lambda s: replace(s, routes=(*s.routes, route)))
@@ -223,6 +263,8 @@ def cleanup_leftovers(
 
     DNS first (systemd-resolved forgets an interface once it is gone), then the routes newest
     first, then the TUN. What fails stays in the journal for the next try and is reported.
+    When an interface that is not cellvpn's has the recorded TUN's name now, it is left alone
+    with its routes and its DNS settings (see :func:`foreign_tun`).
     """
     return Deferred.fromCoroutine(_cleanup(journal, netlink, dns))
 
@@ -237,14 +279,39 @@ async def _cleanup(journal: Journal, netlink: Netlink, dns: DnsConfigurator) -> 
     if state.empty:
         return lines
     failed = False
-    if state.dns is not None:
+    tun = state.tun
+    link: LinkInfo | None = None
+    # why the interface named ``tun`` must not be touched (None: it is ours, or gone)
+    hands_off: str | None = None
+    unknown = False
+    if tun is not None:
         try:
-            lines.append(await dns.revert(state.dns))
-            await deferToThread(journal.forget_dns)
+            link = await netlink.link_info(tun)
         except NetConfigError as e:
-            failed = True
-            lines.append(f"could not undo the DNS change: {e}")
+            failed = unknown = True
+            lines.append(f"could not look up leftover interface {tun}: {e}")
+        else:
+            hands_off = None if link is None else foreign_tun(state, link, journal.marker)
+    keep_off = unknown or hands_off is not None
+    if state.dns is not None:
+        if keep_off and state.dns.method == "resolved" and state.dns.interface == tun:
+            if hands_off is not None:
+                lines.append(f"left the DNS settings of {tun} alone: {tun} is not cellvpn's")
+                await deferToThread(journal.forget_dns)
+        else:
+            try:
+                lines.append(await dns.revert(state.dns))
+                await deferToThread(journal.forget_dns)
+            except NetConfigError as e:
+                failed = True
+                lines.append(f"could not undo the DNS change: {e}")
     for route in reversed(state.routes):
+        if keep_off and route.oif is not None and route.oif == tun:
+            if hands_off is not None:
+                # cellvpn's route went with its TUN; this one is of the interface there now
+                lines.append(f"left route {route.describe()} alone: {tun} is not cellvpn's")
+                await deferToThread(journal.forget_route, route)
+            continue
         try:
             if await netlink.delete_route(route):
                 lines.append(f"removed leftover route {route.describe()}")
@@ -252,14 +319,16 @@ async def _cleanup(journal: Journal, netlink: Netlink, dns: DnsConfigurator) -> 
         except NetConfigError as e:
             failed = True
             lines.append(f"could not remove leftover route {route.describe()}: {e}")
-    if state.tun is not None:
+    if tun is not None and not unknown:
         try:
-            if await netlink.delete_link(state.tun):
-                lines.append(f"removed leftover interface {state.tun}")
+            if hands_off is not None:
+                lines.append(f"left interface {tun} alone: {hands_off}")
+            elif link is not None and await netlink.delete_link(tun, index=link.index):
+                lines.append(f"removed leftover interface {tun}")
             await deferToThread(journal.forget_tun)
         except NetConfigError as e:
             failed = True
-            lines.append(f"could not remove leftover interface {state.tun}: {e}")
+            lines.append(f"could not remove leftover interface {tun}: {e}")
     if not failed:
         await deferToThread(journal.clear)
     for line in lines:

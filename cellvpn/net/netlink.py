@@ -12,13 +12,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Literal, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 _T = TypeVar("_T")
 
@@ -141,6 +143,15 @@ class Route:
 
 
 @dataclass(frozen=True)
+class LinkInfo:
+    """One interface as it is now: its index and its alias (``ip link set ... alias``)."""
+
+    index: int
+    name: str
+    alias: str | None
+
+
+@dataclass(frozen=True)
 class RouteInfo:
     """What the kernel would use now to reach one address (``ip route get``)."""
 
@@ -167,6 +178,22 @@ def _strerror(code: int) -> str:
         return f"error {code}"
 
 
+def _run_now(work: Callable[[], _T]) -> Deferred[_T]:
+    """``work()`` in a short-lived thread (pyroute2 keeps per-thread state), waited for."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(succeed(work()))
+        except Exception:
+            outcome.append(fail(Failure()))
+
+    worker = threading.Thread(target=run, name="cellvpn-netlink-start", daemon=True)
+    worker.start()
+    worker.join()
+    return outcome[0]  # type: ignore[no-any-return]
+
+
 class Netlink:
     """Links, addresses and routes of one network namespace (None: the process's own).
 
@@ -174,8 +201,12 @@ class Netlink:
     ``NetConfigError``.
     """
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, blocking: bool = False) -> None:
         self.netns = netns
+        #: run each call at once, in a thread of its own that the caller waits for, and answer
+        #: with a fired Deferred: for start-up work that must be done before the process gives
+        #: up root (twistd ``-u``), while the reactor and its thread pool are not running yet
+        self.blocking = blocking
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -196,6 +227,8 @@ class Netlink:
                     raise NetConfigError(f"{what}: no network namespace {self.netns}") from e
                 raise NetConfigError(f"{what}: {e}") from e
 
+        if self.blocking:
+            return _run_now(run)
         return deferToThread(run)
 
     @staticmethod
@@ -276,17 +309,44 @@ class Netlink:
 
         return self._call(what, work)
 
-    def delete_link(self, name: str) -> Deferred[bool]:
-        """Delete the interface; False (no error) when it is not there."""
+    def link_info(self, name: str) -> Deferred[LinkInfo | None]:
+        """The interface's index and alias, or None when there is no such interface."""
+
+        def work(ipr: Any) -> LinkInfo | None:
+            index = self._index(ipr, name)
+            if index is None:
+                return None
+            alias = ipr.link("get", index=index)[0].get("ifalias")
+            return LinkInfo(index, name, _opt_str(alias))
+
+        return self._call(f"cannot look up interface {name}", work)
+
+    def set_alias(self, name: str, alias: str) -> Deferred[int]:
+        """Set the interface's alias (a mark of who made it); fires with its index."""
+        what = f"cannot mark interface {name}"
+
+        def work(ipr: Any) -> int:
+            index = self._require_index(ipr, name, what)
+            ipr.link("set", index=index, ifalias=alias)
+            return index
+
+        return self._call(what, work)
+
+    def delete_link(self, name: str, index: int | None = None) -> Deferred[bool]:
+        """Delete the interface; False (no error) when it is not there.
+
+        With ``index``, only the interface of that name and index: one that took the name
+        since (another index) is someone else's and stays.
+        """
 
         def work(ipr: Any) -> bool:
             from pyroute2.netlink.exceptions import NetlinkError
 
-            index = self._index(ipr, name)
-            if index is None:
+            found = self._index(ipr, name)
+            if found is None or (index is not None and found != index):
                 return False
             try:
-                ipr.link("del", index=index)
+                ipr.link("del", index=found)
             except NetlinkError as e:
                 if e.code == _ENODEV:  # gone in between
                     return False

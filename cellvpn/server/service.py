@@ -46,7 +46,7 @@ from cellvpn.device.packet import mss_for_mtu
 from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.device.tohost import ToHost, ToHostRules
 from cellvpn.errors import StartupError
-from cellvpn.net.netlink import NetConfigError, Netlink
+from cellvpn.net.netlink import Netlink
 from cellvpn.server.billing import ServerBilling
 from cellvpn.server.edge import Admission, EdgeLimits, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
@@ -60,6 +60,7 @@ from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.tun.device import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunError, open_tun, set_offload
 from cellvpn.tun.port import TunPort
+from cellvpn.wire import vpn
 from cellvpn.wire.setup import CloseCode
 from cellvpn.wire.vpn import AddrReply
 
@@ -102,8 +103,12 @@ class VPNServerService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: ServerConfig, reactor: Any = None) -> None:
+    def __init__(
+        self, config: ServerConfig, reactor: Any = None, owner: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
+        #: (uid, gid) the process runs as after the privileged start (twistd -u/-g), or None
+        self.owner = owner
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -154,7 +159,6 @@ class VPNServerService(MultiService):
         self.tun: TunPort | None = None
         self.tun_name: str | None = None
         self.tun_ready = False
-        self.netlink = Netlink()
         self.finished = EndedSessions(FINISHED_KEPT)
         self.billing: ServerBilling | None = None
         self.ledger: AsyncLedger | None = None
@@ -211,6 +215,8 @@ class VPNServerService(MultiService):
         self.port = listen_now(serverFromString(self.reactor, listen), factory, listen)
         self.metrics_port = listen_metrics(self)
         super().privilegedStartService()
+        if self.owner is not None:
+            hand_over(self.config.server.state_dir, *self.owner)
         self.accepting = True
 
     def _open_tun(self) -> None:
@@ -236,15 +242,23 @@ class VPNServerService(MultiService):
             self.offload = True
             self.stream_settings = replace(self.stream_settings, caps=caps.KNOWN)
         self.tun_name = handle.name
-        self.tun = TunPort(self.reactor, handle.detach(), self.forwarder.from_tun)
+        self.tun = TunPort(
+            self.reactor, handle.detach(), self.forwarder.from_tun, on_lost=self._tun_lost
+        )
         # the forwarder writes to the port directly: no extra call per packet
         self.forwarder.tun_write = self.tun.write
         if self.offload:
             self.forwarder.tun_writev = self.tun.writev
-        d = self.netlink.configure_tun(
+        # done now, not on the thread pool: after this, twistd -u may take root away
+        d = Netlink(blocking=True).configure_tun(
             handle.name, self.pool.gateway, self.network.prefixlen, None, v.mtu
         )
-        d.addCallbacks(self._tun_configured, self._tun_failed)
+        failed: list[Any] = []
+        d.addCallbacks(self._tun_configured, failed.append)
+        if failed:
+            self.tun.close()
+            self.tun = None
+            raise StartupError(f"cannot configure TUN {handle.name}: {failed[0].value}")
 
     def _fixed_host_addresses(self) -> list[str]:
         """Addresses that reach the host whatever its interfaces: the gateway, broadcasts."""
@@ -269,9 +283,18 @@ class VPNServerService(MultiService):
             last=str(self.network.broadcast_address - 1),
         )
 
-    def _tun_failed(self, failure: Any) -> None:
-        why = failure.getErrorMessage() if failure.check(NetConfigError) else str(failure.value)
-        self.on_fatal(f"cannot configure TUN {self.tun_name}: {why}")
+    def _tun_lost(self, why: str) -> None:
+        """The TUN went away under us (deleted): tell every client, then stop with the reason.
+
+        Without root the server cannot make it again; a supervisor that restarts the server
+        (systemd ``Restart=on-failure``) brings it back as it was, leases and ledger intact.
+        """
+        self.tun_ready = False
+        for session in self.sessions:
+            if session.address is not None:
+                session.send_problem(vpn.ProblemCode.TUNNEL_DOWN)
+                session.flush()
+        self.on_fatal(f"TUN {self.tun_name} is gone ({why}); every session was told TUNNEL_DOWN")
 
     def _fatal(self, why: str) -> None:
         self.log.critical("cellvpn server cannot go on: {why}", why=why)
@@ -457,6 +480,15 @@ class VPNServerService(MultiService):
             "network": str(self.network),
             "pool": self.pool.stats(),
         }
+
+
+def hand_over(state: Path, uid: int, gid: int) -> None:
+    """Give the state folder and what is in it (ledger, keys, certificates) to the user the
+    server runs as after start, so it can go on writing them without root."""
+    for folder, dirs, files in os.walk(state):
+        os.chown(folder, uid, gid)
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
 
 
 def raise_file_limit() -> None:

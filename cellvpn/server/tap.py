@@ -39,4 +39,16 @@ def makeService(options: Options) -> IService:
 
     config = load_or_exit(load_server_config, options)
     log_warnings(config.warnings)
-    return ExitOnStartupError(VPNServerService(config))
+    return ExitOnStartupError(VPNServerService(config, owner=run_as(options)))
+
+
+def run_as(options: Options) -> tuple[int, int] | None:
+    """The user and group twistd switches to after the privileged start (``-u``/``-g``), if
+    any: the server's state files are handed to them."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None and gid is None:
+        return None
+    return (-1 if uid is None else int(uid), -1 if gid is None else int(gid))

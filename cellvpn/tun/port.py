@@ -59,6 +59,7 @@ class TunPort:
         on_packets: Callable[[list[bytes]], None],
         max_packet: int = 65535 + 10,
         max_batch: int = 512,
+        on_lost: Callable[[str], object] | None = None,
     ) -> None:
         if max_packet < 1 or max_batch < 1:
             raise ValueError("max_packet and max_batch must be positive")
@@ -69,6 +70,8 @@ class TunPort:
         self.max_batch = max_batch
         self.stats = TunStats()
         self._reading = False
+        #: told why when the device is gone (deleted under us): the owner decides what now
+        self.on_lost = on_lost
 
     # -- the reactor side ---------------------------------------------------------------------
 
@@ -119,10 +122,13 @@ class TunPort:
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor dropped us (fatal read error, device deleted): say so once, close the fd."""
-        if self._fd >= 0:
+        lost = self._fd >= 0
+        if lost:
             self.log.warn("TUN reader stopped: {why}", why=reason.getErrorMessage())
         self._reading = False
         self._close_fd()
+        if lost and self.on_lost is not None:
+            self.on_lost(reason.getErrorMessage())
 
     # -- reading control / IPushProducer ------------------------------------------------------
 

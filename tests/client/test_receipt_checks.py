@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from cellvpn.billing.keys import KeyPair, create_key
 from cellvpn.billing.proof import proven_key
 from cellvpn.billing.records import Order, SignedDeposit, SignedOrder
+from cellvpn.client import receipts
 from cellvpn.client.billing import ClientBilling
 from cellvpn.client.receipts import ReceiptBook, check_receipt
 from cellvpn.config.schema import WalletSection
@@ -535,9 +539,53 @@ def test_a_torn_last_line_is_cut_off(tmp_path: Path) -> None:
     again = ReceiptBook(path)
     assert again.torn == b'{"event": "signed", "deposit": "ab'
     assert again.entries == book.entries
+    # set aside next to the record, private, before the record was cut
+    aside = again.torn_aside
+    assert aside is not None and aside.parent == tmp_path
+    assert aside.name.startswith("receipts.jsonl.torn-") and aside.name[20:].isdigit()
+    assert aside.read_bytes() == b'{"event": "signed", "deposit": "ab'
+    assert stat.S_IMODE(os.stat(aside).st_mode) == 0o600
     again.confirmed(DEPOSIT, r1.hash)
     lines = path.read_text().splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["signed", "confirmed"]
+
+
+def test_a_second_torn_tail_in_the_same_second_gets_a_file_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set-aside tails are never overwritten, even when two are cut within one second."""
+    monkeypatch.setattr(receipts, "time", SimpleNamespace(time=lambda: 1700000000.5))
+    path = tmp_path / "receipts.jsonl"
+    path.write_bytes(b'{"event": "confirmed"}\n{"torn": 1')
+    assert ReceiptBook(path).torn_aside == tmp_path / "receipts.jsonl.torn-1700000000"
+    with open(path, "ab") as f:
+        f.write(b'{"torn": 2')
+    second = ReceiptBook(path).torn_aside
+    assert second == tmp_path / "receipts.jsonl.torn-1700000000.1"
+    assert (tmp_path / "receipts.jsonl.torn-1700000000").read_bytes() == b'{"torn": 1'
+    assert second.read_bytes() == b'{"torn": 2'
+    assert path.read_bytes() == b'{"event": "confirmed"}\n'
+
+
+def test_the_client_says_where_a_torn_tail_was_set_aside(tmp_path: Path) -> None:
+    record = tmp_path / "state" / "receipts.jsonl"
+    record.parent.mkdir()
+    record.write_bytes(b'{"event": "confirmed"}\n{"event": "sig')
+    with capturedLogs() as events:
+        cb = billing(tmp_path)
+    aside = cb.book.torn_aside
+    assert aside is not None and aside.read_bytes() == b'{"event": "sig'
+    [line] = [formatEvent(e) for e in events if "torn" in formatEvent(e)]
+    assert f"receipt record {record}: cut off a torn last line of 14 bytes" in line
+    assert line.endswith(f"set aside as {aside}")
+
+
+def test_an_intact_record_sets_nothing_aside(tmp_path: Path) -> None:
+    path = tmp_path / "receipts.jsonl"
+    path.write_bytes(b'{"event": "confirmed"}\n')
+    book = ReceiptBook(path)
+    assert book.torn is None and book.torn_aside is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["receipts.jsonl"]
 
 
 def test_a_damaged_line_in_the_middle_is_an_error(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,9 +81,13 @@ class Client:
         self.routes = ClientRoutes(self.netlink, self.journal)
         self.dns = DnsConfigurator(ns.resolv_conf, ns.name, self.journal)
 
-    async def start(self, reactor: Any, server: IPv4Address, ipv6_guard: bool = True) -> None:
-        await within(deferToThread(self.journal.record_tun, "cvpn0"), reactor)
+    async def start(
+        self, reactor: Any, server: IPv4Address | IPv6Address, ipv6_guard: bool = True
+    ) -> None:
         make_tun_stand_in(self.ns)
+        marker = self.journal.marker
+        index = await within(self.netlink.set_alias("cvpn0", marker), reactor)
+        await within(deferToThread(self.journal.record_tun, "cvpn0", index, marker), reactor)
         await within(self.netlink.configure_tun("cvpn0", TUN_ADDRESS, 24, None, 1400), reactor)
         await within(self.routes.setup(server, "cvpn0", True, ipv6_guard), reactor)
         await within(self.dns.apply([TUNNEL_DNS], "cvpn0"), reactor)
@@ -193,6 +197,58 @@ async def test_a_killed_client_is_cleaned_up_from_its_journal(
     ]
     assert not journal_path.exists()
     assert await within(cleanup_leftovers(*from_disk(cli, journal_path)), reactor) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interface_that_took_the_tuns_name_is_left_alone_with_its_routes(
+    netns: Any, reactor: Any, tmp_path: Path
+) -> None:
+    """A killed client's TUN went with it; another VPN made a device of that name since, with
+    a route like the client's: the cleanup removes neither, and still its other leftovers."""
+    cli = client_host(netns)
+    journal_path = tmp_path / "net-journal.json"
+    client = Client(cli, journal_path)
+    await client.start(reactor, SERVER_BEHIND_GATEWAY)
+    del client  # kill -9
+    cli.ip("link", "del", "cvpn0")  # the kernel takes a dead process's TUN, and its routes
+    make_tun_stand_in(cli)
+    cli.ip("link", "set", "cvpn0", "up")
+    cli.ip("route", "add", "0.0.0.0/1", "dev", "cvpn0")
+    foreign = cli.ip("-o", "link", "show", "cvpn0").stdout.split(":")[0]
+
+    lines = await within(cleanup_leftovers(*from_disk(cli, journal_path)), reactor)
+    assert cli.ip("-o", "link", "show", "cvpn0").stdout.split(":")[0] == foreign
+    assert "0.0.0.0/1 dev cvpn0" in cli.ip("-4", "route").stdout
+    assert "198.19.9.9" not in cli.ip("-4", "route").stdout
+    assert "unreachable" not in cli.ip("-6", "route").stdout
+    assert lines[1:3] == [
+        "removed leftover route unreachable 8000::/1",
+        "removed leftover route unreachable ::/1",
+    ]
+    assert "left route 0.0.0.0/1 dev cvpn0 alone: cvpn0 is not cellvpn's" in lines
+    assert lines[-1] == "left interface cvpn0 alone: it has no alias, not cellvpn's mark " + repr(
+        Journal(journal_path).marker
+    )
+    assert not journal_path.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_server_gets_a_host_route_the_guard_does_not_cover(
+    netns: Any, reactor: Any, tmp_path: Path
+) -> None:
+    cli = client_host(netns)
+    cli.ip("addr", "add", "2001:db8::2/64", "dev", "veth1", "nodad")
+    server = IPv6Address("2001:db8::1")
+    client = Client(cli, tmp_path / "net-journal.json")
+    before = snapshot(cli)
+    await client.start(reactor, server)
+    routes6 = cli.ip("-6", "route").stdout
+    assert "2001:db8::1 dev veth1" in routes6
+    assert "unreachable ::/1" in routes6 and "unreachable 8000::/1" in routes6
+    got = await within(client.netlink.route_get(server), reactor)
+    assert got.ifname == "veth1"
+    await client.stop(reactor)
+    assert snapshot(cli) == before
 
 
 @pytest_twisted.ensureDeferred

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
@@ -46,6 +46,21 @@ def test_split_separates_the_carrier_from_the_tunnel() -> None:
     carrier, tunnel = split_routes(routes, SERVER)
     assert carrier == routes[:1]
     assert tunnel == [*TUNNEL, *GUARD]
+
+
+def test_an_ipv6_server_gets_a_128_in_its_own_family_before_the_guard() -> None:
+    """The guard's ::/1 covers 2001:db8::/32; the /128 is more specific and keeps the stream."""
+    server = IPv6Address("2001:db8::1")
+    via = RouteInfo(gateway="fe80::1", oif=3, ifname="veth1", prefsrc="2001:db8::2")
+    routes = plan_routes(server, via, "cvpn0", default_route=True, ipv6_guard=True)
+    host = Route("2001:db8::1/128", gateway="fe80::1", oif="veth1", family=6)
+    assert routes == [host, *TUNNEL, *GUARD]
+    assert host.describe() == "2001:db8::1/128 via fe80::1 dev veth1"
+    assert split_routes(routes, server) == ([host], [*TUNNEL, *GUARD])
+    on_link = RouteInfo(gateway=None, oif=3, ifname="veth1", prefsrc=None)
+    assert plan_routes(server, on_link, "cvpn0", True, False)[0] == Route(
+        "2001:db8::1/128", oif="veth1", family=6
+    )
 
 
 def test_a_server_routed_into_the_tunnel_is_refused() -> None:

@@ -1,0 +1,74 @@
+"""Faults with real processes: the server's TUN deleted under it, the server killed and back."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.lab import VpnLab, ctl_json, wait_for
+from tests.integration.helpers import billing_section, ping, wallet, wallet_section
+
+MB = 1024 * 1024
+BILLING = billing_section(1000, "B", 4 * MB)
+
+
+def paid_client(lab: VpnLab, tmp_path: Path, cli: Any) -> Any:
+    key, _account = wallet(tmp_path, "client", 1_000_000)
+    return lab.start_client(cli, "client", extra=wallet_section(key, 500_000))
+
+
+def invariant(tmp_path: Path) -> None:
+    ok, figures = SqliteLedger(tmp_path / "state" / "ledger.db", create=False).check_invariant()
+    assert ok, figures
+
+
+def test_a_deleted_tun_stops_the_server_with_the_reason_and_clients_come_back(
+    netns: Any, tmp_path: Path
+) -> None:
+    """``ip link del`` of the server's TUN: every session is told TUNNEL_DOWN, the server stops
+    with status 1 and says why (it cannot make the device again without root); started again,
+    it serves the same client, which came back by itself."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    server = lab.start_server(extra=BILLING)
+    client = paid_client(lab, tmp_path, cli)
+    assert ping(cli, "198.18.5.1")
+    lab.srv.ip("link", "del", "cvpn-srv")
+    server.wait_log(r"TUN cvpn-srv is gone \(.*\); every session was told TUNNEL_DOWN")
+    assert server.proc.wait(timeout=20) == 1
+    wait_for(
+        lambda: ctl_json(cli, lab.socket("client"), "vpn_client", "status")["status"] != "STARTED",
+        timeout=20,
+        what="the client to see the link go",
+    )
+    invariant(tmp_path)
+    lab.start_server(extra=BILLING)
+    client.wait_log(r"VPN up: .*", timeout=60)
+    wait_for(lambda: ping(cli, "198.18.5.1", count=1), timeout=60, what="ping after restart")
+    invariant(tmp_path)
+
+
+def test_a_killed_server_comes_back_and_billing_resumes(netns: Any, tmp_path: Path) -> None:
+    """kill -9 of the server mid-session: started again, the client reconnects by itself, pays
+    again from the same deposit, and the ledger still adds up."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    server = lab.start_server(extra=BILLING)
+    paid_client(lab, tmp_path, cli)
+    assert ping(cli, "198.18.5.1")
+    before = ctl_json(lab.srv, lab.server_socket, "vpn_stat")["sessions"][0]["billing"]
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=10)
+    again = lab.start_server(extra=BILLING)
+    again.wait_log(r"released \d+ deposit\(s\) marked in use by an earlier run|receipt .* redeemed")
+    wait_for(
+        lambda: bool(ctl_json(lab.srv, lab.server_socket, "vpn_stat")["sessions"]),
+        timeout=60,
+        what="the client back",
+    )
+    wait_for(lambda: ping(cli, "198.18.5.1", count=1), timeout=60, what="ping after restart")
+    after = ctl_json(lab.srv, lab.server_socket, "vpn_stat")["sessions"][0]["billing"]
+    assert after["deposit"] == before["deposit"] and after["mode"] == "paid"
+    invariant(tmp_path)
