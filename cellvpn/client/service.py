@@ -251,6 +251,7 @@ class VPNClientService(MultiService):
                 else 0,
             },
             "keepalives_sent": stats.keepalives_sent if stats else 0,
+            "keepalives_received": stats.keepalives_received if stats else 0,
             "alives_received": stats.alives_received if stats else 0,
             "keepalive_rtt_ms": None
             if not stats or stats.last_rtt is None

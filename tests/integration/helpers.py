@@ -35,6 +35,19 @@ def last_json(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) ->
     return result
 
 
+def host_snapshot(ns: Namespace) -> dict[str, str]:
+    """What a client may change on its host, as text to compare before and after."""
+    return {
+        "addr": ns.ip("-4", "addr").stdout,
+        "links": ns.ip("-o", "link").stdout,
+        "routes": ns.ip("-4", "route", "show", "table", "all").stdout,
+        "routes6": ns.ip("-6", "route", "show", "table", "all").stdout,
+        "rules": ns.ip("rule").stdout,
+        "rules6": ns.ip("-6", "rule").stdout,
+        "resolv.conf": ns.resolv_conf.read_text(),
+    }
+
+
 def ping(ns: Namespace, target: str, count: int = 3) -> bool:
     done = ns.exec("ping", "-c", str(count), "-i", "0.2", "-W", "2", target, check=False)
     return done.returncode == 0

@@ -8,20 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cellvpn.lab import NET_HOST_IP, Namespace, Twistd, VpnLab, ctl, ctl_json, wait_for
-from tests.integration.helpers import background, last_json, ping
-
-
-def snapshot(ns: Namespace) -> dict[str, str]:
-    """What a client may change on its host, as text to compare."""
-    return {
-        "addr": ns.ip("-4", "addr").stdout,
-        "links": ns.ip("-o", "link").stdout,
-        "routes": ns.ip("-4", "route", "show", "table", "all").stdout,
-        "routes6": ns.ip("-6", "route", "show", "table", "all").stdout,
-        "rules": ns.ip("rule").stdout,
-        "rules6": ns.ip("-6", "rule").stdout,
-        "resolv.conf": ns.resolv_conf.read_text(),
-    }
+from tests.integration.helpers import background, host_snapshot, last_json, ping
 
 
 def status(lab: VpnLab, ns: Namespace, name: str = "client") -> dict[str, Any]:
@@ -91,14 +78,14 @@ def test_stop_and_kill_leave_the_host_as_it_was(netns: Any, tmp_path: Path) -> N
     lab = VpnLab(netns, tmp_path)
     cli = lab.add_client_host()
     lab.start_server(vpn_extra="dns = 198.18.5.1\n")
-    before = snapshot(cli)
+    before = host_snapshot(cli)
     client = lab.start_client(cli, "client", section_extra="default_route = true\n")
-    during = snapshot(cli)
+    during = host_snapshot(cli)
     assert "nameserver 198.18.5.1" in during["resolv.conf"]
     assert "0.0.0.0/1" in during["routes"]
     done = ctl(cli, lab.socket("client"), "vpn_client", "stop")
     assert done.stdout.strip() == "VPN client stopped successfully"
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
     again = ctl(cli, lab.socket("client"), "vpn_client", "stop", check=False)
     assert (again.returncode, again.stdout.strip()) == (255, "VPN client not stopped")
     start = ["vpn_client", "start", "-addr", "192.0.2.1", "-port", "8089"]
@@ -107,18 +94,18 @@ def test_stop_and_kill_leave_the_host_as_it_was(netns: Any, tmp_path: Path) -> N
     done = ctl(cli, lab.socket("client"), *start, check=False)
     assert (done.returncode, done.stdout.strip()) == (1, "VPN client already started")
     ctl(cli, lab.socket("client"), "vpn_client", "stop")
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
     client.stop()
 
     client = lab.start_client(cli, "client", section_extra="default_route = true\n")
     assert "nameserver 198.18.5.1" in cli.resolv_conf.read_text()
     client.proc.send_signal(signal.SIGKILL)
     client.proc.wait(timeout=10)
-    assert snapshot(cli) != before  # the killed client left its changes behind
+    assert host_snapshot(cli) != before  # the killed client left its changes behind
     client = lab.start_client(cli, "client", section_extra="default_route = true\n")
     client.wait_log(r"cleaned up after an earlier run: ")
     ctl(cli, lab.socket("client"), "vpn_client", "stop")
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
     client.stop()
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
     assert Path("/etc/resolv.conf").read_bytes() == host_resolv

@@ -1,4 +1,5 @@
-"""Faults with real processes: the server's TUN deleted under it, the server killed and back."""
+"""Faults with real processes: the server's TUN deleted, the server killed and back, the
+client stopped by a signal mid-transfer."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cellvpn.billing.sqlite import SqliteLedger
-from cellvpn.lab import VpnLab, ctl_json, wait_for
-from tests.integration.helpers import billing_section, ping, wallet, wallet_section
+from cellvpn.lab import NET_HOST_IP, VpnLab, ctl_json, wait_for
+from tests.integration.helpers import (
+    background,
+    billing_section,
+    host_snapshot,
+    ping,
+    wallet,
+    wallet_section,
+)
 
 MB = 1024 * 1024
 BILLING = billing_section(1000, "B", 4 * MB)
@@ -72,3 +82,30 @@ def test_a_killed_server_comes_back_and_billing_resumes(netns: Any, tmp_path: Pa
     after = ctl_json(lab.srv, lab.server_socket, "vpn_stat")["sessions"][0]["billing"]
     assert after["deposit"] == before["deposit"] and after["mode"] == "paid"
     invariant(tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_client_stopped_by_a_signal_during_traffic_puts_the_host_back(
+    netns: Any, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT to the client while a transfer runs through the tunnel: routes,
+    addresses, rules and resolv.conf are as they were before it started."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    lab.start_server(vpn_extra="dns = 198.18.5.1\n")
+    before = host_snapshot(cli)
+    client = lab.start_client(cli, "client", section_extra="default_route = true\n")
+    assert host_snapshot(cli) != before
+    background(lab.net, tmp_path / "sink.log", "sink", "5001", NET_HOST_IP)
+    sender = background(cli, tmp_path / "send.log", "send", NET_HOST_IP, "5001", str(512 * MB))
+    wait_for(lambda: counters(lab)["from_client_bytes"] > 4 * MB, timeout=20, what="traffic")
+    client.proc.send_signal(sig)
+    assert client.proc.wait(timeout=20) in (0, -sig)
+    sender.kill()
+    sender.wait(timeout=10)
+    assert host_snapshot(cli) == before
+
+
+def counters(lab: VpnLab) -> dict[str, int]:
+    sessions = ctl_json(lab.srv, lab.server_socket, "vpn_stat")["sessions"]
+    return sessions[0]["counters"] if sessions else {"from_client_bytes": 0}

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 
 from cellvpn.conn.pki import ensure_server_identity
-from cellvpn.lab import NET_HOST_IP, Namespace, Twistd, VpnLab, ctl, ctl_json, link, wait_for
+from cellvpn.lab import NET_HOST_IP, Twistd, VpnLab, ctl, ctl_json, link, wait_for
 from cellvpn.stream.connection import Closed, HelloReceived, Role, StreamConnection, StreamSettings
 from cellvpn.wire import vpn
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.service import PacketType, Request, Success
 from cellvpn.wire.setup import CloseCode
-from tests.integration.helpers import ping
+from tests.integration.helpers import host_snapshot, ping
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(40)]
 
@@ -126,18 +126,6 @@ def main(host: str, port: str, cert: str, key: str, go: str, *replies: str) -> N
 
 
 # --- the tests ---------------------------------------------------------------------------------
-
-
-def snapshot(ns: Namespace) -> dict[str, str]:
-    """What a client may change on its host, as text to compare."""
-    return {
-        "addr": ns.ip("-4", "addr").stdout,
-        "links": ns.ip("-o", "link").stdout,
-        "routes": ns.ip("-4", "route", "show", "table", "all").stdout,
-        "routes6": ns.ip("-6", "route", "show", "table", "all").stdout,
-        "rules": ns.ip("rule").stdout,
-        "resolv.conf": ns.resolv_conf.read_text(),
-    }
 
 
 class HostileLab:
@@ -235,19 +223,19 @@ def test_hostile_addr_reply_is_refused_and_changes_nothing(
     its addresses, links, routes (v4 and v6, every table) and resolv.conf as they were, and
     logs no traceback; after its stop too."""
     lab = HostileLab(netns, tmp_path, f"{address}/{netmask}/{gateway}")
-    before = snapshot(lab.cli)
+    before = host_snapshot(lab.cli)
     client = lab.start_client(f"default_route = {default_route}\n")
     client.wait_log(r"refused ADDR_REPLY from ")
     st = lab.wait_refused(why)
     assert st["status"] != "STARTED" and st["tun"] is None and st["routes"] == []
-    assert snapshot(lab.cli) == before
+    assert host_snapshot(lab.cli) == before
     assert lab.events("closed")[0] == {"code": "REFUSED", "reason": REFUSED + why}
     log = client.text()
     assert f"refused ADDR_REPLY from {SERVER_IP}:{PORT} (address {address} netmask {netmask}" in log
     assert "Traceback" not in log
 
     assert client.stop() == 0
-    assert snapshot(lab.cli) == before
+    assert host_snapshot(lab.cli) == before
     assert "Traceback" not in client.text()
 
 
@@ -258,18 +246,18 @@ def test_hostile_reply_on_reconnect_keeps_the_tunnel_as_it_was(netns: Any, tmp_p
     lab = HostileLab(
         netns, tmp_path, "198.18.5.7/255.255.255.0/198.18.5.1", "198.18.5.7/128.0.0.0/198.18.5.1"
     )
-    before = snapshot(lab.cli)
+    before = host_snapshot(lab.cli)
     client = lab.start_client("default_route = true\nkill_switch = true\n")
     client.wait_log(r"VPN up: ")
-    up = snapshot(lab.cli)
+    up = host_snapshot(lab.cli)
     assert "198.18.5.0/24 dev cvpn-cli" in up["routes"] and "0.0.0.0/1 dev cvpn-cli" in up["routes"]
     lab.go.write_text("go")
     st = lab.wait_refused(f"netmask 128.0.0.0 (/1) {TOO_WIDE}")
     assert st["status"] == "CONN_LOST" and st["address"] == "198.18.5.7"
-    assert snapshot(lab.cli) == up
+    assert host_snapshot(lab.cli) == up
     assert "Traceback" not in client.text()
     ctl(lab.cli, lab.sock, "vpn_client", "stop")
-    assert snapshot(lab.cli) == before
+    assert host_snapshot(lab.cli) == before
     assert client.stop() == 0
     assert "Traceback" not in client.text()
 
@@ -281,7 +269,7 @@ def test_benign_reply_reaches_gateway_pool_and_beyond(netns: Any, tmp_path: Path
     lab = VpnLab(netns, tmp_path)
     a, b = lab.add_client_host(), lab.add_client_host()
     lab.start_server()
-    before = {"a": snapshot(a), "b": snapshot(b)}
+    before = {"a": host_snapshot(a), "b": host_snapshot(b)}
     lab.start_client(a, "a", section_extra="default_route = false\n")
     lab.start_client(b, "b", section_extra="default_route = true\n")
     addr_a = ctl_json(a, lab.socket("a"), "vpn_client", "status")["address"]
@@ -298,7 +286,7 @@ def test_benign_reply_reaches_gateway_pool_and_beyond(netns: Any, tmp_path: Path
     assert ping(b, "198.18.5.1") and ping(b, addr_a) and ping(b, NET_HOST_IP)
     for ns, name in ((a, "a"), (b, "b")):
         ctl(ns, lab.socket(name), "vpn_client", "stop")
-        assert snapshot(ns) == before[name]
+        assert host_snapshot(ns) == before[name]
 
 
 if __name__ == "__main__":
