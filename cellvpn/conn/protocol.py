@@ -41,6 +41,11 @@ from cellvpn.wire.setup import CloseCode
 WRITE_BUFFER = 1 << 20
 
 
+#: Bytes a peer may still send after our CLOSE (what was in flight) before we drop the
+#: connection instead of waiting for its TLS close.
+AFTER_CLOSE = 1 << 20
+
+
 def transport_backlog(tcp: Any) -> int:
     """Bytes a Twisted TCP transport holds that the kernel has not taken yet."""
     buffer = getattr(tcp, "dataBuffer", b"")
@@ -125,6 +130,8 @@ class StreamProtocol(Protocol):
         self.handshake_done = False
         #: the stream was cut for holding more than ``bounds.limit``
         self.overflowed = False
+        #: bytes the peer sent after we closed the stream
+        self._after_close = 0
         #: TCP congestion control for what this end sends: a name, ``auto``, or None for the
         #: kernel's default; ``lan_rtt`` is where ``auto`` changes its choice
         self.congestion = congestion
@@ -187,6 +194,13 @@ class StreamProtocol(Protocol):
             done(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._abort_call is not None:
+            # we closed; reading goes on so that TLS sees the peer's close, but a peer that
+            # keeps sending after our CLOSE is cut off once past what was in flight
+            self._after_close += len(data)
+            if self._after_close > AFTER_CLOSE:
+                self.lost_cause()
+            return
         events = self.conn.receive_data(data)
         if self._input_done is not None:
             self._input_done()
@@ -332,9 +346,6 @@ class StreamProtocol(Protocol):
         """Let queued bytes (the CLOSE frame) go out, and abort if the peer does not read them."""
         if self.lost or self.transport is None:
             return
-        # nothing the peer sends now is read (a refused client would otherwise go on being
-        # parsed until the abort): what we queued still goes out
-        self.hold_reading("closing")
         if self._producing:
             # TLS waits for a registered producer to go before it shuts down
             self._producing = False

@@ -16,13 +16,14 @@ from cellvpn.net.journal import Journal
 from tests.integration.helpers import (
     background,
     billing_section,
+    host_snapshot,
     last_json,
     ping,
     tool,
     wallet,
     wallet_section,
 )
-from tests.integration.test_client_netns import snapshot, status
+from tests.integration.test_client_netns import status
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
@@ -58,7 +59,7 @@ def test_a_dual_stack_client_reaches_an_ipv6_server_with_the_leak_guard_on(
     cli.ip("-6", "route", "add", "default", "via", SERVER_IP6, "dev", "eth0")
     lab.start_server()
     assert "nameserver 192.0.2.53" in cli.resolv_conf.read_text()  # its own, from the lab
-    before = snapshot(cli)
+    before = host_snapshot(cli)
     assert cli.ip("-6", "route", "get", "2001:db8:ff::1").returncode == 0
 
     client = lab.start_client(
@@ -83,9 +84,9 @@ def test_a_dual_stack_client_reaches_an_ipv6_server_with_the_leak_guard_on(
 
     done = ctl(cli, lab.socket("client"), "vpn_client", "stop")
     assert done.stdout.strip() == "VPN client stopped successfully"
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
     client.stop()
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
 
 
 def test_a_killed_clients_name_taken_by_another_device_and_a_torn_record(
@@ -100,7 +101,7 @@ def test_a_killed_clients_name_taken_by_another_device_and_a_torn_record(
     cli = lab.add_client_host()
     lab.start_server(extra=billing_section(1000, "B", 4 * MB), vpn_extra="dns = 198.18.5.1\n")
     key, _ = wallet(tmp_path, "client", 1_000_000)
-    before = snapshot(cli)
+    before = host_snapshot(cli)
     state = tmp_path / "client-state"
     extra = wallet_section(key, deposit_value=100_000)
     section = "default_route = true\n"
@@ -158,9 +159,9 @@ def test_a_killed_clients_name_taken_by_another_device_and_a_torn_record(
     assert (journal["version"], journal["tun_ifindex"], journal["tun_marker"]) == (2, own, marker)
     assert ping(cli, "198.18.5.1")
     ctl(cli, lab.socket("client"), "vpn_client", "stop")
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
     client.stop()
-    assert snapshot(cli) == before
+    assert host_snapshot(cli) == before
 
 
 def test_a_persistent_tun_of_the_users_is_used_but_never_deleted(

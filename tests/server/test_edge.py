@@ -331,11 +331,18 @@ def test_hello_and_keepalive_in_one_read_close_without_a_traceback(tmp_path: Pat
     assert len(server.sessions) == 0 and transport.disconnecting
 
 
-def test_a_closed_stream_is_no_longer_read(tmp_path: Path) -> None:
-    """A refused client went on being parsed until the abort 5 s later."""
+def test_a_peer_that_goes_on_sending_after_our_close_is_cut_off(tmp_path: Path) -> None:
+    """A refused client went on being parsed until the abort 5 s later (800 MB in a flood).
+    Reading goes on after CLOSE, so that TLS sees the peer's own close at once, but past 1 MiB
+    of what was in flight the connection is dropped."""
     server, clock, _ = make_server(tmp_path)
-    c = Client(server, clock)
+    transport = buffering()
+    c = Client(server, clock, transport=transport)
     c.conn.send_channel(CHANNEL_R, PacketType.DEPOSIT_CREATE, b"\x00")  # not even decodable
     c.pump()
-    assert c.transport.disconnecting
-    assert c.transport.producerState == "paused"
+    assert transport.disconnecting and transport.producerState == "producing"
+    c.proto.dataReceived(b"x" * 65536)
+    assert not getattr(transport, "aborted", False)
+    for _ in range(16):
+        c.proto.dataReceived(b"x" * 65536)
+    assert getattr(transport, "aborted", False)
