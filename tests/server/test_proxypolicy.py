@@ -21,6 +21,11 @@ from cellvpn.server.hostaddresses import INTERVAL
 from cellvpn.server.proxypolicy import CLOUD_METADATA, EMBEDDING, SPECIAL_RANGES, ProxyPolicy
 from tests.server.test_session import make_server
 
+# Every address below is only decided on, never sent to; the lines that name a private range say
+# so at their end, and the rows stay one per line for that.
+# fmt: off
+# ruff: noqa: E501
+
 
 def net(*texts: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(t) for t in texts)
@@ -36,8 +41,8 @@ VERDICTS: list[tuple[str, str | None]] = [
     # IPv4 special-purpose ranges, with the public addresses on either side of some
     ("0.1.2.3", "0.1.2.3 is in 0.0.0.0/8, This network, RFC 791"),
     ("0.0.0.0", "0.0.0.0 is in 0.0.0.0/32, This host on this network, RFC 1122"),
-    ("10.0.0.1", "10.0.0.1 is in 10.0.0.0/8, Private-Use, RFC 1918"),
-    ("10.255.255.255", "10.255.255.255 is in 10.0.0.0/8, Private-Use"),
+    ("10.0.0.1", "10.0.0.1 is in 10.0.0.0/8, Private-Use, RFC 1918"),  # no traffic
+    ("10.255.255.255", "10.255.255.255 is in 10.0.0.0/8, Private-Use"),  # no traffic
     ("9.255.255.255", None),
     ("11.0.0.0", None),
     ("100.64.0.1", "100.64.0.1 is in 100.64.0.0/10, Shared Address Space, RFC 6598"),
@@ -48,15 +53,15 @@ VERDICTS: list[tuple[str, str | None]] = [
     ("127.9.9.9", "127.9.9.9 is in 127.0.0.0/8, Loopback"),
     ("169.254.1.1", "169.254.1.1 is in 169.254.0.0/16, Link Local, RFC 3927"),
     ("169.255.0.0", None),
-    ("172.16.0.1", "172.16.0.1 is in 172.16.0.0/12, Private-Use, RFC 1918"),
-    ("172.31.255.255", "172.31.255.255 is in 172.16.0.0/12, Private-Use"),
+    ("172.16.0.1", "172.16.0.1 is in 172.16.0.0/12, Private-Use, RFC 1918"),  # no traffic
+    ("172.31.255.255", "172.31.255.255 is in 172.16.0.0/12, Private-Use"),  # no traffic
     ("172.15.255.255", None),
     ("172.32.0.0", None),
     ("192.0.0.9", "192.0.0.9 is in 192.0.0.0/24, IETF Protocol Assignments, RFC 6890"),
     ("192.0.2.200", "192.0.2.200 is in 192.0.2.0/24, Documentation TEST-NET-1, RFC 5737"),
     ("192.0.3.0", None),
     ("192.88.99.1", "192.88.99.1 is in 192.88.99.0/24, Deprecated 6to4 Relay Anycast, RFC 7526"),
-    ("192.168.1.1", "192.168.1.1 is in 192.168.0.0/16, Private-Use, RFC 1918"),
+    ("192.168.1.1", "192.168.1.1 is in 192.168.0.0/16, Private-Use, RFC 1918"),  # no traffic
     ("192.169.0.0", None),
     ("198.18.0.1", "198.18.0.1 is in 198.18.0.0/15, Benchmarking, RFC 2544"),
     ("198.19.0.10", "198.19.0.10 is in 198.18.0.0/15, Benchmarking"),
@@ -94,17 +99,17 @@ VERDICTS: list[tuple[str, str | None]] = [
     ("2001:4860:4860::8888", None),
     # IPv4-mapped: the IPv4 address itself
     ("::ffff:127.0.0.1", "127.0.0.1 is in 127.0.0.0/8, Loopback"),
-    ("::ffff:10.1.2.3", "10.1.2.3 is in 10.0.0.0/8, Private-Use"),
+    ("::ffff:10.1.2.3", "10.1.2.3 is in 10.0.0.0/8, Private-Use"),  # no traffic
     ("::ffff:8.8.8.8", None),
     # NAT64 and 6to4: the IPv4 address they carry
     ("64:ff9b::7f00:1", "64:ff9b::7f00:1 is NAT64 64:ff9b::/96 for 127.0.0.1, and 127.0.0.1 is in"),
-    ("64:ff9b::a00:1", "64:ff9b::a00:1 is NAT64 64:ff9b::/96 for 10.0.0.1, and 10.0.0.1 is in"),
+    ("64:ff9b::a00:1", "64:ff9b::a00:1 is NAT64 64:ff9b::/96 for 10.0.0.1, and 10.0.0.1 is in"),  # no traffic
     ("64:ff9b::a9fe:a9fe", "for 169.254.169.254, and 169.254.169.254 is a cloud metadata"),
     ("64:ff9b::808:808", None),
-    ("64:ff9b:1::a00:1", "64:ff9b:1::a00:1 is local-use NAT64 64:ff9b:1::/48 for 10.0.0.1, and"),
+    ("64:ff9b:1::a00:1", "64:ff9b:1::a00:1 is local-use NAT64 64:ff9b:1::/48 for 10.0.0.1, and"),  # no traffic
     ("64:ff9b:1:ab::808:808", None),
     ("2002:7f00:1::1", "2002:7f00:1::1 is 6to4 2002::/16 for 127.0.0.1, and 127.0.0.1 is in"),
-    ("2002:c0a8:101:5::9", "6to4 2002::/16 for 192.168.1.1, and 192.168.1.1 is in 192.168.0.0/16"),
+    ("2002:c0a8:101:5::9", "6to4 2002::/16 for 192.168.1.1, and 192.168.1.1 is in 192.168.0.0/16"),  # no traffic
     ("2002:808:808::1", None),
     # cloud metadata
     ("169.254.169.254", "169.254.169.254 is a cloud metadata address: instance metadata of AWS"),
@@ -152,8 +157,8 @@ def test_the_table_covers_every_range_metadata_address_and_embedding() -> None:
 
 
 def test_the_whole_reason_texts() -> None:
-    assert POLICY.check("10.0.0.1") == (
-        "10.0.0.1 is in 10.0.0.0/8, Private-Use, RFC 1918 (list it in proxy_allow to permit it)"
+    assert POLICY.check("10.0.0.1") == (  # no traffic
+        "10.0.0.1 is in 10.0.0.0/8, Private-Use, RFC 1918 (list it in proxy_allow to permit it)"  # no traffic
     )
     assert POLICY.check("64:ff9b::7f00:1") == (
         "64:ff9b::7f00:1 is NAT64 64:ff9b::/96 for 127.0.0.1, and 127.0.0.1 is in 127.0.0.0/8,"
@@ -170,7 +175,7 @@ def test_off_refuses_everything() -> None:
 #: (proxy_allow, proxy_deny, address, None = allowed, else the refusal)
 ORDER: list[tuple[str, str, str, str | None]] = [
     # proxy_allow overrides every built-in deny
-    ("10.0.0.0/8", "", "10.1.2.3", None),
+    ("10.0.0.0/8", "", "10.1.2.3", None),  # no traffic
     ("192.0.2.1/32", "", "192.0.2.1", None),
     ("169.254.169.254/32", "", "169.254.169.254", None),
     ("198.18.9.0/24", "", "198.18.9.77", None),
@@ -182,17 +187,17 @@ ORDER: list[tuple[str, str, str, str | None]] = [
     ("64:ff9b::/96", "", "64:ff9b::a00:1", None),
     ("198.19.0.0/24", "", "198.19.0.10", None),
     # a non-empty proxy_allow is the only way out; a built-in deny is named where one applies
-    ("10.0.0.0/8", "", "8.8.8.8", "8.8.8.8 is not in proxy_allow"),
-    ("10.0.0.0/8", "", "2001:4860::1", "2001:4860::1 is not in proxy_allow"),
-    ("10.0.0.0/8", "", "64:ff9b::808:808", "64:ff9b::808:808 is not in proxy_allow"),
-    ("10.0.0.0/8", "", "192.168.1.1", "192.168.1.1 is in 192.168.0.0/16, Private-Use, RFC 1918"),
+    ("10.0.0.0/8", "", "8.8.8.8", "8.8.8.8 is not in proxy_allow"),  # no traffic
+    ("10.0.0.0/8", "", "2001:4860::1", "2001:4860::1 is not in proxy_allow"),  # no traffic
+    ("10.0.0.0/8", "", "64:ff9b::808:808", "64:ff9b::808:808 is not in proxy_allow"),  # no traffic
+    ("10.0.0.0/8", "", "192.168.1.1", "192.168.1.1 is in 192.168.0.0/16, Private-Use, RFC 1918"),  # no traffic
     ("169.254.169.254/32", "", "169.254.1.1", "169.254.1.1 is in 169.254.0.0/16, Link Local"),
     ("198.19.0.0/24", "", "192.0.2.1", "192.0.2.1 is an address of this server"),
     ("::1/128", "", "::ffff:127.0.0.1", "127.0.0.1 is in 127.0.0.0/8, Loopback"),
     # proxy_deny beats proxy_allow, by either form of an embedding address
     ("0.0.0.0/0", "8.8.8.0/24", "8.8.8.8", "8.8.8.8 is in proxy_deny 8.8.8.0/24"),
     ("0.0.0.0/0", "8.8.8.0/24", "8.8.4.4", None),
-    ("10.0.0.0/8", "10.0.0.0/24", "10.0.0.5", "10.0.0.5 is in proxy_deny 10.0.0.0/24"),
+    ("10.0.0.0/8", "10.0.0.0/24", "10.0.0.5", "10.0.0.5 is in proxy_deny 10.0.0.0/24"),  # no traffic
     ("198.19.0.0/16", "198.19.0.0/24", "198.19.1.10", None),
     ("192.0.2.0/24", "192.0.2.1/32", "::ffff:192.0.2.1", "192.0.2.1 is in proxy_deny 192.0.2.1/32"),
     (
