@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test demo venv debs lint typecheck bench clean flood
+.PHONY: test demo venv debs lint typecheck bench clean flood fuzz
 
 venv: $(STAMP)
 
@@ -52,3 +52,8 @@ clean:
 
 flood: venv debs
 	CELLVPN_REQUIRE_NETNS=1 CELLVPN_FLOOD_SECONDS=$${CELLVPN_FLOOD_SECONDS:-300} $(VENV)/bin/pytest -q tests/integration/test_flood_netns.py -s
+
+# The long fuzz run: a million inputs per target unless CELLVPN_FUZZ_EXAMPLES says otherwise,
+# then each target's tally. No per-test time limit: a target runs for hours.
+fuzz: venv
+	CELLVPN_FUZZ_EXAMPLES=$${CELLVPN_FUZZ_EXAMPLES:-1000000} $(VENV)/bin/pytest -q tests/fuzz --timeout=0

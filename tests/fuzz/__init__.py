@@ -1,0 +1,1 @@
+"""cellvpn's fuzz harness: hostile bytes into every decoder and protocol handler."""
