@@ -36,6 +36,24 @@ _OP_SEND_GSO = vpn.OpCode.VPN_SEND_GSO
 _OP_SEND = vpn.OpCode.VPN_SEND
 _PKT_DATA = vpn.PKT_TYPE_DATA
 
+#: The smallest segment size a super-packet from the server is counted as segments for: the
+#: meter counts IP bytes, one header per segment, and a server that sent 1-byte segments would
+#: make 100 bytes on the wire count as 2,500. Below it a super-packet counts as what came.
+MIN_COUNTED_GSO = 536
+
+
+def gso_counted(header: memoryview, packet: memoryview) -> tuple[int, int] | None:
+    """(packets, IP bytes) the client's meter counts for a server's super-packet, or None when
+    its header is not one the tunnel would write (checked before anything is counted)."""
+    try:
+        rebuilt = vnet.rebuild_header(header, packet, 65535)
+    except vnet.OffloadError:
+        return None
+    if vnet.HEADER.unpack_from(rebuilt)[3] < MIN_COUNTED_GSO:
+        return 1, len(packet)
+    return vnet.ip_bytes(rebuilt, packet)
+
+
 #: PINGs that may go unanswered before the link counts as lost (the original's 3).
 MISSED_PONGS = 3
 #: Seconds before ADDR_REQUEST is asked again after PROBLEM TUNNEL_DOWN.
@@ -98,6 +116,8 @@ class ClientStream:
         self.offload = False
         self.addressed = False
         self.outstanding_pings = 0
+        #: VPN_RECV_GSO refused before it was counted (offload not agreed, a bad header)
+        self.dropped_bad_offload = 0
         self.pings_sent = 0
         self.pongs_received = 0
         self.ping_sent_at: float | None = None
@@ -287,11 +307,16 @@ class ClientStream:
                 self.owner.stream_packet(data[20:])
             return
         if op == _OP_RECV_GSO:
-            if size == len(data) - 20 and size > 10:
-                n, nbytes = vnet.ip_bytes(data[20:30], data[30:])
-                self.received_packets += n
-                self.received_bytes += nbytes
-                self.owner.stream_packet_gso(data[20:])
+            if size != len(data) - 20 or size <= 10 or not self.offload:
+                self.dropped_bad_offload += 1
+                return
+            counted = gso_counted(data[20:30], data[30:])
+            if counted is None:
+                self.dropped_bad_offload += 1
+                return
+            self.received_packets += counted[0]
+            self.received_bytes += counted[1]
+            self.owner.stream_packet_gso(data[20:])
             return
         try:
             packet = vpn.VpnPacket.decode(data)

@@ -17,6 +17,7 @@ sends traffic. Nothing may leave a handler (no exception, no traceback in the lo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import shutil
@@ -54,6 +55,7 @@ from .harness import LoggedFailures, counted, fuzz
 
 _SHM = Path("/dev/shm")
 TMP = Path(tempfile.mkdtemp(prefix="cellvpn-fuzz-", dir=_SHM if _SHM.is_dir() else None))
+atexit.register(shutil.rmtree, TMP, True)
 KEY_FILE = TMP / "keys" / "client.key"
 create_key(KEY_FILE)
 CLIENT_KEY = load_key(KEY_FILE)

@@ -13,6 +13,7 @@ and a session that ends leaves the registry, the routes and its lease.
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import shutil
 import tempfile
@@ -53,6 +54,7 @@ from .harness import LoggedFailures, counted, fuzz
 _SHM = Path("/dev/shm")
 #: Control sockets and ledgers of the servers under test (never bound: no service starts).
 TMP = Path(tempfile.mkdtemp(prefix="cellvpn-fuzz-", dir=_SHM if _SHM.is_dir() else None))
+atexit.register(shutil.rmtree, TMP, True)
 
 GATEWAY = ipaddress.IPv4Address("198.18.9.1")
 BYSTANDER = ipaddress.IPv4Address("198.18.9.2")
