@@ -82,7 +82,7 @@ DESTINATIONS = inputs.addresses(
     ]
 )
 #: what a proxy destination resolves to: a public address, nothing, a refused one, an error
-RESOLVED: list[list[str] | None] = [["93.184.215.14"], [], ["10.1.2.3"], None]
+RESOLVED: list[list[str] | None] = [["93.184.215.14"], [], ["10.1.2.3"], None]  # no traffic
 
 
 class Peer:
