@@ -178,7 +178,9 @@ class VPNClientService(MultiService):
         if self.billing is not None:
             self.billing.stopped = None  # a new start: a new chance
         self.machine.fire(ClientInput.START)
-        self.last_error = None
+        if not keep_trying:
+            # a new start by the user; a retry keeps the reason it is retrying for in the status
+            self.last_error = None
         self._keep_trying = keep_trying
         d: defer.Deferred[int] = defer.Deferred()
         self._start_waiters.append(d)

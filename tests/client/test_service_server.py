@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from cellvpn.client.machine import ClientInput
 from cellvpn.client.service import VPNClientService, peer_address
 from cellvpn.client.stream import ClientStream
 from cellvpn.config import load_client_config
@@ -122,3 +123,17 @@ def test_a_bracketed_ipv6_literal_is_dialled_without_brackets(
     client.start("[2001:db8::1]", 8089)
     assert client.host == "2001:db8::1"
     assert client.status()["server"] == "[2001:db8::1]:8089"
+
+
+def test_a_retry_keeps_the_reason_in_the_status_and_a_new_start_clears_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status showed no reason while the client retried (after a refused address offer)."""
+    client = service(tmp_path, "")
+    monkeypatch.setattr(client, "_connect", lambda: None)
+    client.last_error = "refused the server's address offer: netmask 0.0.0.0 is wider than /16"
+    client.start("192.0.2.1", 8089, keep_trying=True)
+    assert client.status()["last_error"] == client.last_error is not None
+    client.machine.fire(ClientInput.STOP)
+    client.start("192.0.2.1", 8089)
+    assert client.status()["last_error"] is None
