@@ -170,6 +170,11 @@ class AsyncLedger:
     def put_order(self, signed_order: SignedOrder) -> Deferred[bytes]:
         return self.run(self.ledger.put_order, signed_order)
 
+    def publish(self, signed_order: SignedOrder, marker_prefix: str) -> Deferred[int]:
+        """A starting server's order stored and its earlier run's in-use marks cleared, as one
+        job: a mark that a new session queues behind it is never cleared by it."""
+        return self.run(_publish, self.ledger, signed_order, marker_prefix)
+
     def orders(self, provider: bytes | None = None) -> Deferred[list[SignedOrder]]:
         return self.run(self.ledger.orders, provider)
 
@@ -310,3 +315,8 @@ class AsyncLedger:
 
     def check_invariant(self) -> Deferred[tuple[bool, dict[str, Any]]]:
         return self.run(self.ledger.check_invariant)
+
+
+def _publish(ledger: ILedger, signed_order: SignedOrder, marker_prefix: str) -> int:
+    ledger.put_order(signed_order)
+    return ledger.clear_active_usages(marker_prefix)

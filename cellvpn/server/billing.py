@@ -171,8 +171,7 @@ class ServerBilling:
     # --- start and stop -------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.ledger.put_order(self.order)
-        cleared = await self.ledger.clear_active_usages(self.prefix)
+        cleared = await self.ledger.publish(self.order, self.prefix)
         if cleared:
             self.log.info("released {n} deposit(s) marked in use by an earlier run", n=cleared)
         saver = LoopingCall(self.save_all)

@@ -12,10 +12,12 @@ from twisted.internet import task
 
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.interfaces import LedgerBusyError, LedgerError, LedgerUnavailableError
+from cellvpn.billing.records import Order, SignedOrder
 from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.wire.receipt import Unit
 from cellvpn.wire.service import ErrorCode
 
-from .helpers import NOW, chain, deposit, key
+from .helpers import DAY, NOW, chain, deposit, key
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -170,3 +172,27 @@ async def test_a_full_queue_refuses_at_once_but_redemptions_go_in_and_go_first(
     assert balances[0] == 0 and balances[1:] == [10] * 15
     assert aledger.queued == 0
     await aledger.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mark_queued_behind_a_starting_servers_publish_survives_it(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """A session that arrives while the server is still starting keeps its in-use mark: the
+    release of the earlier run's marks and the order go in as one job, before it."""
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    ledger.mint(CLIENT.account, 2000)
+    stale = ledger.create_deposit(deposit(CLIENT, value=600), NOW).id
+    fresh = ledger.create_deposit(deposit(CLIENT, value=600, n=1), NOW).id
+    assert ledger.set_active_usage(stale, "prov:inst:s0", until=NOW + 300, now=NOW)
+    aledger = AsyncLedger(ledger, reactor)
+    order = Order(Unit.SEC, 3600, 36, "KEL", PROVIDER.public, int(NOW) + DAY, 0x1234)
+    started = aledger.publish(SignedOrder.sign(order, PROVIDER), "prov:inst:")
+    marked = aledger.set_active_usage(fresh, "prov:inst:s1", until=NOW + 300, now=NOW)
+    assert await started == 1
+    assert await marked is True
+    stale_row, fresh_row = ledger.get_deposit(stale), ledger.get_deposit(fresh)
+    assert stale_row is not None and stale_row.active_usage is None
+    assert fresh_row is not None and fresh_row.active_usage == "prov:inst:s1"
+    assert [o.order.hash for o in ledger.orders()] == [order.hash]
+    aledger.stop()

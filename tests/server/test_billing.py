@@ -65,6 +65,10 @@ class Ledger:
 
         return call
 
+    def publish(self, order: Any, marker_prefix: str) -> defer.Deferred[int]:
+        self.ledger.put_order(order)
+        return defer.succeed(self.ledger.clear_active_usages(marker_prefix))
+
     def release(self) -> None:
         held, self.held = self.held, []
         for d, work in held:
