@@ -268,17 +268,35 @@ class AsyncLedger:
         return self.run(self.ledger.receipts, deposit_id, client, provider)
 
     def save_limits(
-        self, provider: bytes, client: bytes, bytes_left: int, seconds_left: float, now: float
+        self,
+        provider: bytes,
+        client: bytes,
+        bytes_left: int,
+        seconds_left: float,
+        now: float,
+        deposit_id: bytes = b"",
     ) -> Deferred[None]:
-        return self.run(self.ledger.save_limits, provider, client, bytes_left, seconds_left, now)
+        return self.run(
+            self.ledger.save_limits, provider, client, bytes_left, seconds_left, now, deposit_id
+        )
 
     def add_limits(
-        self, provider: bytes, client: bytes, bytes_delta: int, seconds_delta: float, now: float
+        self,
+        provider: bytes,
+        client: bytes,
+        bytes_delta: int,
+        seconds_delta: float,
+        now: float,
+        deposit_id: bytes = b"",
     ) -> Deferred[None]:
-        return self.run(self.ledger.add_limits, provider, client, bytes_delta, seconds_delta, now)
+        return self.run(
+            self.ledger.add_limits, provider, client, bytes_delta, seconds_delta, now, deposit_id
+        )
 
-    def load_limits(self, provider: bytes, client: bytes) -> Deferred[Limits | None]:
-        return self.run(self.ledger.load_limits, provider, client)
+    def load_limits(
+        self, provider: bytes, client: bytes, deposit_id: bytes | None = None
+    ) -> Deferred[Limits | None]:
+        return self.run(self.ledger.load_limits, provider, client, deposit_id)
 
     def ban(self, provider: bytes, client: bytes, until: float) -> Deferred[None]:
         return self.run(self.ledger.ban, provider, client, until)

@@ -210,18 +210,31 @@ class ILedger(Interface):
         """Redeemed receipts, oldest first, filtered by deposit and/or accounts."""
 
     def save_limits(
-        provider: bytes, client: bytes, bytes_left: int, seconds_left: float, now: float
+        provider: bytes,
+        client: bytes,
+        bytes_left: int,
+        seconds_left: float,
+        now: float,
+        deposit_id: bytes = b"",
     ) -> None:
-        """Remember what the client has left with this provider."""
+        """Remember what the client has left with this provider on this deposit."""
 
     def add_limits(
-        provider: bytes, client: bytes, bytes_delta: int, seconds_delta: float, now: float
+        provider: bytes,
+        client: bytes,
+        bytes_delta: int,
+        seconds_delta: float,
+        now: float,
+        deposit_id: bytes = b"",
     ) -> None:
-        """Add (or, negative, take) units to what the client has left; never below zero.
-        Every redemption adds its receipt's units in its own transaction."""
+        """Add (or, negative, take) units to what the client has left on the deposit; never
+        below zero. Every redemption adds its receipt's units in its own transaction."""
 
-    def load_limits(provider: bytes, client: bytes) -> Limits | None:
-        """What was saved by :meth:`save_limits`, if anything."""
+    def load_limits(
+        provider: bytes, client: bytes, deposit_id: bytes | None = None
+    ) -> Limits | None:
+        """What the client has left on one deposit (with what an older ledger kept for the
+        client as a whole), or, without ``deposit_id``, on all its deposits together."""
 
     def ban(provider: bytes, client: bytes, until: float) -> None:
         """Ban the client from this provider until ``until`` (unix seconds)."""

@@ -56,9 +56,12 @@ from cellvpn.billing.records import (
 from cellvpn.wire.receipt import RECEIPT_VERSION, Receipt, Unit
 from cellvpn.wire.service import SRV_UID_VPN, ErrorCode
 
-SCHEMA_VERSION = 2
-#: Versions this cellvpn upgrades in place: 1 lacked the grace and leases tables.
-UPGRADES_FROM = ("1",)
+SCHEMA_VERSION = 3
+#: Versions this cellvpn upgrades in place: 1 lacked the grace and leases tables, 2 kept
+#: limits per client rather than per deposit.
+UPGRADES_FROM = ("1", "2")
+#: the deposit of limits saved before they were kept per deposit (schema 2 and older)
+ANY_DEPOSIT = b""
 BUSY_TIMEOUT_S = 10.0
 SYNCHRONOUS = ("FULL", "NORMAL")
 
@@ -123,10 +126,11 @@ CREATE INDEX IF NOT EXISTS receipts_by_provider ON receipts (provider);
 CREATE TABLE IF NOT EXISTS limits (
     provider BLOB NOT NULL,
     client BLOB NOT NULL,
+    deposit BLOB NOT NULL,
     bytes_left TEXT NOT NULL,
     seconds_left REAL NOT NULL,
     saved_at REAL NOT NULL,
-    PRIMARY KEY (provider, client)
+    PRIMARY KEY (provider, client, deposit)
 );
 CREATE TABLE IF NOT EXISTS bans (
     provider BLOB NOT NULL,
@@ -340,7 +344,10 @@ class SqliteLedger:
                     (str(SCHEMA_VERSION),),
                 )
             elif row[0] in UPGRADES_FROM:
-                # the new tables were created above; nothing else changed
+                # the new tables were created above; limits gained their deposit in 3
+                columns = [c[1] for c in db.execute("PRAGMA table_info(limits)").fetchall()]
+                if "deposit" not in columns:
+                    _limits_per_deposit(db)
                 db.execute(
                     "UPDATE meta SET value = ? WHERE key = 'schema_version'",
                     (str(SCHEMA_VERSION),),
@@ -764,6 +771,7 @@ class SqliteLedger:
             db,
             provider,
             dep.owner,
+            dep.id,
             info.units if info.units_type == Unit.B else 0,
             float(info.units) if info.units_type == Unit.SEC else 0.0,
             now,
@@ -794,61 +802,97 @@ class SqliteLedger:
     # --- limits, bans, statistics ----------------------------------------------------------
 
     def save_limits(
-        self, provider: bytes, client: bytes, bytes_left: int, seconds_left: float, now: float
+        self,
+        provider: bytes,
+        client: bytes,
+        bytes_left: int,
+        seconds_left: float,
+        now: float,
+        deposit_id: bytes = ANY_DEPOSIT,
     ) -> None:
         with self._transaction(write=True) as db:
             db.execute(
-                "INSERT INTO limits (provider, client, bytes_left, seconds_left, saved_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, client) DO UPDATE SET "
-                "bytes_left = excluded.bytes_left, seconds_left = excluded.seconds_left, "
-                "saved_at = excluded.saved_at",
-                (provider, client, str(int(bytes_left)), float(seconds_left), now),
+                "INSERT INTO limits (provider, client, deposit, bytes_left, seconds_left, "
+                "saved_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, client, deposit) "
+                "DO UPDATE SET bytes_left = excluded.bytes_left, "
+                "seconds_left = excluded.seconds_left, saved_at = excluded.saved_at",
+                (provider, client, deposit_id, str(int(bytes_left)), float(seconds_left), now),
             )
 
     def add_limits(
-        self, provider: bytes, client: bytes, bytes_delta: int, seconds_delta: float, now: float
+        self,
+        provider: bytes,
+        client: bytes,
+        bytes_delta: int,
+        seconds_delta: float,
+        now: float,
+        deposit_id: bytes = ANY_DEPOSIT,
     ) -> None:
         with self._transaction(write=True) as db:
-            self._add_limits(db, provider, client, bytes_delta, seconds_delta, now)
+            self._add_limits(db, provider, client, deposit_id, bytes_delta, seconds_delta, now)
 
     @staticmethod
     def _add_limits(
         db: sqlite3.Connection,
         provider: bytes,
         client: bytes,
+        deposit_id: bytes,
         bytes_delta: int,
         seconds_delta: float,
         now: float,
     ) -> None:
-        """Add to what the client has left (never below zero): deltas commute, so a save and
-        a redemption that overlap both count."""
+        """Add to what the client has left on this deposit (never below zero): deltas commute,
+        so a save and a redemption that overlap both count. The first row of a deposit takes
+        over what an older ledger saved for the client as a whole."""
+        key = (provider, client, deposit_id)
         row = db.execute(
-            "SELECT bytes_left, seconds_left FROM limits WHERE provider = ? AND client = ?",
-            (provider, client),
+            "SELECT bytes_left, seconds_left FROM limits "
+            "WHERE provider = ? AND client = ? AND deposit = ?",
+            key,
         ).fetchone()
+        if row is None and deposit_id != ANY_DEPOSIT:
+            row = db.execute(
+                "DELETE FROM limits WHERE provider = ? AND client = ? AND deposit = ? "
+                "RETURNING bytes_left, seconds_left",
+                (provider, client, ANY_DEPOSIT),
+            ).fetchone()
         old_bytes, old_seconds = (0, 0.0) if row is None else (int(row[0]), float(row[1]))
         db.execute(
-            "INSERT INTO limits (provider, client, bytes_left, seconds_left, saved_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, client) DO UPDATE SET "
+            "INSERT INTO limits (provider, client, deposit, bytes_left, seconds_left, saved_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, client, deposit) DO UPDATE SET "
             "bytes_left = excluded.bytes_left, seconds_left = excluded.seconds_left, "
             "saved_at = excluded.saved_at",
             (
-                provider,
-                client,
+                *key,
                 str(max(0, old_bytes + int(bytes_delta))),
                 max(0.0, old_seconds + float(seconds_delta)),
                 now,
             ),
         )
 
-    def load_limits(self, provider: bytes, client: bytes) -> Limits | None:
+    def load_limits(
+        self, provider: bytes, client: bytes, deposit_id: bytes | None = None
+    ) -> Limits | None:
+        sql = (
+            "SELECT bytes_left, seconds_left, saved_at FROM limits "
+            "WHERE provider = ? AND client = ?"
+        )
+        args: tuple[bytes, ...] = (provider, client)
+        if deposit_id is not None:
+            # a deposit's own row, and what an older ledger saved for the client as a whole
+            sql += " AND deposit IN (?, ?)"
+            args += (deposit_id, ANY_DEPOSIT)
         with self._transaction(write=False) as db:
-            row = db.execute(
-                "SELECT bytes_left, seconds_left, saved_at FROM limits "
-                "WHERE provider = ? AND client = ?",
-                (provider, client),
-            ).fetchone()
-        return None if row is None else Limits(provider, client, int(row[0]), row[1], row[2])
+            rows = db.execute(sql, args).fetchall()
+        if not rows:
+            return None
+        return Limits(
+            provider,
+            client,
+            sum(int(r[0]) for r in rows),
+            sum(float(r[1]) for r in rows),
+            max(float(r[2]) for r in rows),
+        )
 
     def ban(self, provider: bytes, client: bytes, until: float) -> None:
         with self._transaction(write=True) as db:
@@ -1048,3 +1092,18 @@ def open_ledger(url: str, create: bool = True) -> SqliteLedger:
     else:
         path = rest
     return SqliteLedger(path, create=create, synchronous=synchronous)
+
+
+def _limits_per_deposit(db: sqlite3.Connection) -> None:
+    """Schema 2 to 3: limits gain their deposit; rows saved before keep ANY_DEPOSIT, which
+    the client's next session on a deposit takes over."""
+    db.execute("ALTER TABLE limits RENAME TO limits_v2")
+    for statement in filter(str.strip, _SCHEMA.split(";")):
+        if "TABLE IF NOT EXISTS limits " in statement:
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO limits (provider, client, deposit, bytes_left, seconds_left, saved_at) "
+        "SELECT provider, client, ?, bytes_left, seconds_left, saved_at FROM limits_v2",
+        (ANY_DEPOSIT,),
+    )
+    db.execute("DROP TABLE limits_v2")

@@ -407,10 +407,10 @@ class ServerBilling:
         bill.state_hash = deposit.state_hash
         limits = None
         if not any(
-            s is not session and s.bill is not None and s.bill.client == bill.client
+            s is not session and s.bill is not None and s.bill.deposit_id == bill.deposit_id
             for s in self.server.sessions
         ):
-            limits = await self.ledger.load_limits(self.key.account, bill.client)
+            limits = await self.ledger.load_limits(self.key.account, bill.client, bill.deposit_id)
         if session.ended:
             return
         left: float = 0
@@ -924,6 +924,7 @@ class ServerBilling:
             int(delta) if bill.unit == Unit.B else 0,
             float(delta) if bill.unit == Unit.SEC else 0.0,
             time.time(),
+            bill.deposit_id,
         )
         carried = _carried(session)
         seconds = self.clock.seconds() - bill.started

@@ -106,7 +106,8 @@ def test_the_whole_life_of_a_deposit(ctl: Ctl, tmp_path: Path) -> None:
     dep_id = bytes.fromhex(dep["id"])
     for r in chain(prov_key, client, dep_id, 3, value=100):
         ledger.redeem(r, dep_id, prov_key.public, time.time())
-    ledger.save_limits(prov_key.account, client.account, 1234, 42.0, time.time())
+    # the server's save of the deposit's use: 1234 bytes and 42 s left of it
+    ledger.save_limits(prov_key.account, client.account, 1234, 42.0, time.time(), dep_id)
     ledger.add_usage(prov_key.account, client.account, "paid", 180, 5000, 300)
     ledger.add_usage(prov_key.account, client.account, "grace", 60, 700, 0)
     ledger.close()

@@ -531,7 +531,7 @@ def test_an_expired_deposit_closes_whatever_its_mark(ledger: SqliteLedger) -> No
 
 
 def test_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
-    """A ledger written before grace budgets and leases opens as version 2 with their tables."""
+    """A ledger written before grace budgets and leases opens as version 3 with their tables."""
     led = SqliteLedger(tmp_path / "l.db")
     with led._transaction(write=True) as db:
         db.execute("DROP TABLE leases")
@@ -542,7 +542,7 @@ def test_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
     with again._transaction(write=False) as db:
         version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert version == ("2",) and {"leases", "grace"} <= tables
+    assert version == ("3",) and {"leases", "grace"} <= tables
     again.close()
 
 
@@ -554,12 +554,69 @@ def test_a_redemption_adds_its_units_to_the_saved_limits(
     ledger, dep_id = funded
     first, second = chain(PROVIDER, CLIENT, dep_id, 2)
     ledger.redeem(first, dep_id, PROVIDER.public, NOW)
-    limits = ledger.load_limits(PROVIDER.account, CLIENT.account)
+    limits = ledger.load_limits(PROVIDER.account, CLIENT.account, dep_id)
     assert limits is not None and limits.seconds_left == 60.0
-    ledger.add_limits(PROVIDER.account, CLIENT.account, 0, -45.5, NOW + 1)
+    ledger.add_limits(PROVIDER.account, CLIENT.account, 0, -45.5, NOW + 1, dep_id)
     ledger.redeem(second, dep_id, PROVIDER.public, NOW + 2)
-    limits = ledger.load_limits(PROVIDER.account, CLIENT.account)
+    limits = ledger.load_limits(PROVIDER.account, CLIENT.account, dep_id)
     assert limits is not None and limits.seconds_left == 74.5
-    ledger.add_limits(PROVIDER.account, CLIENT.account, -5, -1000.0, NOW + 3)
-    limits = ledger.load_limits(PROVIDER.account, CLIENT.account)
+    ledger.add_limits(PROVIDER.account, CLIENT.account, -5, -1000.0, NOW + 3, dep_id)
+    limits = ledger.load_limits(PROVIDER.account, CLIENT.account, dep_id)
     assert limits is not None and (limits.bytes_left, limits.seconds_left) == (0, 0.0)
+
+
+def test_limits_are_kept_per_deposit(funded: tuple[SqliteLedger, bytes]) -> None:
+    """Two deposits of one client with one provider: what one buys and uses never moves the
+    other's; without a deposit the answer is the client's total."""
+    ledger, first = funded
+    second = ledger.create_deposit(deposit(CLIENT, value=1000, n=1), NOW).id
+    (r1,) = chain(PROVIDER, CLIENT, first, 1)
+    r2a, r2b = chain(PROVIDER, CLIENT, second, 2)
+    ledger.redeem(r1, first, PROVIDER.public, NOW)
+    ledger.redeem(r2a, second, PROVIDER.public, NOW)
+    ledger.redeem(r2b, second, PROVIDER.public, NOW)
+    ledger.add_limits(PROVIDER.account, CLIENT.account, 0, -50.0, NOW + 1, first)
+
+    def left(dep: bytes | None) -> float:
+        limits = ledger.load_limits(PROVIDER.account, CLIENT.account, dep)
+        assert limits is not None
+        return limits.seconds_left
+
+    assert (left(first), left(second), left(None)) == (10.0, 120.0, 130.0)
+    ledger.save_limits(PROVIDER.account, CLIENT.account, 0, 7.0, NOW + 2, second)
+    assert (left(first), left(second), left(None)) == (10.0, 7.0, 17.0)
+    assert ledger.load_limits(PROVIDER.account, CLIENT.account, b"\x01" * 32) is None
+
+
+def test_limits_saved_by_a_version_2_ledger_go_to_the_clients_next_deposit(
+    tmp_path: Path,
+) -> None:
+    """Limits kept per client (version 2) survive the upgrade: the client's next session on
+    any deposit sees them, and its first save takes them over, so they count once."""
+    led = SqliteLedger(tmp_path / "l.db")
+    led.mint(CLIENT.account, 5000)
+    first = led.create_deposit(deposit(CLIENT, value=1000), NOW).id
+    second = led.create_deposit(deposit(CLIENT, value=1000, n=1), NOW).id
+    with led._transaction(write=True) as db:
+        db.execute("DROP TABLE limits")
+        db.execute(
+            "CREATE TABLE limits (provider BLOB NOT NULL, client BLOB NOT NULL, "
+            "bytes_left TEXT NOT NULL, seconds_left REAL NOT NULL, saved_at REAL NOT NULL, "
+            "PRIMARY KEY (provider, client))"
+        )
+        db.execute(
+            "INSERT INTO limits VALUES (?, ?, '0', 300.0, ?)",
+            (PROVIDER.account, CLIENT.account, NOW),
+        )
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    led.close()
+    again = SqliteLedger(tmp_path / "l.db")
+    limits = again.load_limits(PROVIDER.account, CLIENT.account, first)
+    assert limits is not None and limits.seconds_left == 300.0
+    again.add_limits(PROVIDER.account, CLIENT.account, 0, -100.0, NOW + 1, first)
+    limits = again.load_limits(PROVIDER.account, CLIENT.account, first)
+    assert limits is not None and limits.seconds_left == 200.0
+    assert again.load_limits(PROVIDER.account, CLIENT.account, second) is None
+    total = again.load_limits(PROVIDER.account, CLIENT.account)
+    assert total is not None and total.seconds_left == 200.0
+    again.close()

@@ -357,3 +357,27 @@ def test_two_servers_on_one_ledger_keep_their_own_marks(tmp_path: Path) -> None:
     row = ledger.ledger.get_deposit(deposit)
     assert row is not None and row.active_usage is not None
     assert row.active_usage.startswith(server.billing.prefix)
+
+
+def test_two_deposits_of_one_client_keep_their_own_limits(tmp_path: Path) -> None:
+    """A session on another deposit of the same client pays for itself instead of resuming
+    with what the first deposit bought, and the first deposit's units wait for it."""
+    server, clock, _written, ledger, key, first, c = granted(tmp_path)
+    c.send_bytes(14_000)
+    c.lose()
+    saved = ledger.ledger.load_limits(PROVIDER.account, key.account, first)
+    assert saved is not None and 0 < saved.bytes_left < UNITS
+    second = fund(ledger, key, 100 * PRICE)
+    other = Payer(server, clock, key, second)
+    other.paid_request()
+    assert other.types() == [PacketType.SIGN_REQUEST]
+    other.sign_last()
+    assert other.types()[-1] == PacketType.SUCCESS
+    other.lose()
+    again = Payer(server, clock, key, first)
+    again.paid_request()
+    assert again.types() == [PacketType.SUCCESS]  # resumed: nothing to sign
+    again.lose()
+    left = ledger.ledger.load_limits(PROVIDER.account, key.account, first)
+    assert left is not None and left.bytes_left == saved.bytes_left
+    assert moved(ledger, first) == PRICE and moved(ledger, second) == PRICE
