@@ -128,6 +128,30 @@ def test_unreadable_tls_file_is_one_line_and_exit_status_1(tmp_path: Path) -> No
     )
 
 
+def test_a_state_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """A state_dir where a file stands: one line that names it, not a traceback."""
+    (tmp_path / "st").write_text("not a folder\n")
+    cfg = tmp_path / "s.cfg"
+    cfg.write_text(
+        "[server]\nlisten = tcp:0:interface=127.0.0.1\nstate_dir = st/inner\n"
+        "[srv_vpn]\nenabled = false\n[control]\nsocket = c.sock\n"
+    )
+    done = subprocess.run(
+        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "cellvpn", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out
+    [line] = [ln for ln in out.splitlines() if "cannot start" in ln]
+    assert line.endswith(
+        f"cellvpn cannot start: cannot make the state_dir {tmp_path}/st/inner: Not a directory"
+    )
+
+
 @pytest.mark.parametrize("plugin", ["cellvpn", "cellvpn-client"])
 def test_help_of_each_plugin_names_config(plugin: str) -> None:
     """Each plugin documents --config and --set."""

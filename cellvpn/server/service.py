@@ -189,6 +189,7 @@ class VPNServerService(MultiService):
 
     def privilegedStartService(self) -> None:
         raise_file_limit()
+        _ensure_state_dir(self.config.server.state_dir)
         cert, key = self._tls_files()
         try:
             creator = server_tls(cert, key, self.config.tls.client_ca)
@@ -504,6 +505,17 @@ def _tun_stats(tun: TunPort | None) -> dict[str, int] | None:
     return {k: getattr(tun.stats, k) for k in tun.stats.__slots__}
 
 
+def _ensure_state_dir(state: Path) -> None:
+    """The state folder exists before anything is kept in it (with its own certificate,
+    nothing else would make it); a clear line when it cannot be made."""
+    try:
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"cannot make the state_dir {state}: {e.strerror or e}") from None
+    if not state.is_dir():
+        raise StartupError(f"the state_dir {state} is not a folder")
+
+
 def _instance_id(state: Path) -> str:
     """This server's own name in deposit marks, kept in ``state_dir/instance-id`` so that it
     recognises its marks after a restart (even after SIGKILL) and no other server shares it."""
@@ -516,6 +528,9 @@ def _instance_id(state: Path) -> str:
         pass
     text = secrets.token_hex(8)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StartupError(f"cannot write {path}: {e.strerror or e}") from None
     return text

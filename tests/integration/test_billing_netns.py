@@ -13,7 +13,16 @@ from typing import Any
 
 from cellvpn.billing.keys import load_key
 from cellvpn.billing.sqlite import SqliteLedger
-from cellvpn.lab import NET_HOST_IP, VENV_BIN, Twistd, VpnLab, ctl_json, wait_for
+from cellvpn.lab import (
+    LAB_EDGE,
+    NET_HOST_IP,
+    SERVER_IP,
+    VENV_BIN,
+    Twistd,
+    VpnLab,
+    ctl_json,
+    wait_for,
+)
 from tests.integration.helpers import (
     TCPTOOL,
     background,
@@ -268,6 +277,75 @@ def test_a_deposit_comes_back_when_its_server_died_for_good(netns: Any, tmp_path
     closed = ledger_ctl(tmp_path, "deposit", "close", deposit, "--key", str(key))
     after = int(ledger_ctl(tmp_path, "balance", account)["balance"])
     assert after - before == row.locked == int(closed["returned"]) > 0
+    led = ledger(tmp_path)
+    ok, figures = led.check_invariant()
+    assert ok and led.total_supply() == supply, figures
+    led.close()
+
+
+def test_two_servers_on_one_ledger_and_key_keep_their_own_marks(netns: Any, tmp_path: Path) -> None:
+    """Two twistd servers, one provider key, one ledger file, a state_dir each: the second's
+    start and the first's restart after kill -9 each release only their own marks, never
+    the other's live session's."""
+    lab, cli = paid_lab(netns, tmp_path, price=1000, unit="B", units=UNITS)
+    cli2 = lab.add_client_host()
+    key1, _ = wallet(tmp_path, "client", 100_000)
+    key2, _ = wallet(tmp_path, "client2", 100_000)
+    lab.start_client(
+        cli, "client", section_extra="default_route = false\n", extra=wallet_section(key1, 50_000)
+    )
+    first = bytes.fromhex(ctl_json(cli, lab.socket("client"), "status")["billing"]["deposit"])
+    state = tmp_path / "state"
+    second_cfg = tmp_path / "server2.cfg"
+    second_cfg.write_text(
+        "[server]\n"
+        "listen = tcp:8090:interface=192.0.2.1\n"
+        f"state_dir = {tmp_path / 'state2'}\n"
+        "source_prefix_v4 = 32\n"
+        f"[edge]\n{LAB_EDGE}"
+        f"[tls]\ncertificate = {state / 'tls' / 'server.pem'}\n"
+        f"private_key = {state / 'tls' / 'server.key'}\n"
+        "[srv_vpn]\nnetwork_address = 198.18.6.0\nnetwork_mask = 255.255.255.0\n"
+        "tun_name = cvpn-srv2\nmtu = 1400\n"
+        f"[control]\nsocket = {tmp_path / 'server2.sock'}\n"
+        + billing_section(1000, "B", UNITS, f"key = {state / 'provider.key'}\n")
+        + f"[ledger]\nurl = sqlite:///{state / 'ledger.db'}\n"
+    )
+    second = Twistd(lab.srv, "cellvpn", second_cfg, tmp_path / "second.log")
+    second.wait_log(r"billing: order [0-9a-f]{16}")
+    assert "marked in use by an earlier run" not in second.text()
+
+    def marker(deposit: bytes) -> str | None:
+        led = ledger(tmp_path)
+        try:
+            row = led.get_deposit(deposit)
+            assert row is not None
+            return row.active_usage
+        finally:
+            led.close()
+
+    mark1 = marker(first)
+    assert mark1 is not None  # the first server's session kept its mark through that start
+    lab.start_client(
+        cli2,
+        "client2",
+        section_extra="default_route = false\n",
+        extra=wallet_section(key2, 50_000),
+        server=f"{SERVER_IP}:8090",
+    )
+    status2 = ctl_json(cli2, lab.socket("client2"), "status")
+    other = bytes.fromhex(status2["billing"]["deposit"])
+    mark2 = marker(other)
+    assert mark2 is not None and mark2.rsplit(":", 1)[0] != mark1.rsplit(":", 1)[0]
+    supply = ledger(tmp_path).total_supply()
+
+    assert lab.server is not None
+    lab.server.proc.send_signal(signal.SIGKILL)
+    lab.server.proc.wait(timeout=10)
+    lab.server = Twistd(lab.srv, "cellvpn", tmp_path / "server.cfg", tmp_path / "server1.log")
+    lab.server.wait_log(r"released 1 deposit\(s\) marked in use by an earlier run")
+    assert marker(other) == mark2  # the second server's live session is untouched
+    assert ctl_json(cli2, lab.socket("client2"), "status")["status"] == "STARTED"
     led = ledger(tmp_path)
     ok, figures = led.check_invariant()
     assert ok and led.total_supply() == supply, figures
