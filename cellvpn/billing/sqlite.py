@@ -262,7 +262,10 @@ class SqliteLedger:
             self._create_schema()
         except LedgerUnavailableError as e:
             self.close()
-            raise LedgerOpenError(f"cannot open ledger {self.path}: {e}") from None
+            why = str(e).removeprefix(f"cannot open ledger {self.path}: ")
+            if _read_only(self.path.parent):
+                why += " (the file system is read-only; the ledger must be written)"
+            raise LedgerOpenError(f"cannot open ledger {self.path}: {why}") from None
         except BaseException:
             self.close()
             raise
@@ -1107,3 +1110,10 @@ def _limits_per_deposit(db: sqlite3.Connection) -> None:
         (ANY_DEPOSIT,),
     )
     db.execute("DROP TABLE limits_v2")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

@@ -234,6 +234,8 @@ class VPNClientService(MultiService):
             "usage_id": stream.usage_id if up and stream else None,
             "sessions_established": self.sessions_established,
             "last_error": self.last_error,
+            # a STOPPED client with a retry due is still trying: seconds until the next attempt
+            "retrying_in": self._retry_in(),
             **tunnel,
             "kill_switch": self.config.client.kill_switch,
             "tun_stats": {k: getattr(port_stats, k) for k in port_stats.__slots__}
@@ -512,6 +514,13 @@ class VPNClientService(MultiService):
         delay = self.backoff.next()
         self.log.info("next attempt in {delay:.1f} s", delay=delay)
         self._retry = self.reactor.callLater(delay, self._retry_now, what)
+
+    def _retry_in(self) -> float | None:
+        retry = self._retry
+        if retry is None or not retry.active():
+            return None
+        left: float = retry.getTime() - self.reactor.seconds()
+        return round(max(0.0, left), 1)
 
     def _retry_now(self, what: Any) -> None:
         self._retry = None
