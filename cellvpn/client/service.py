@@ -500,11 +500,28 @@ class VPNClientService(MultiService):
             else:
                 self.log.info("reconnect failed: {why}", why=why)
             if self.config.client.reconnect and not permanent:
-                self._schedule(self._connect)
+                self._schedule(self._reconnect)
             else:
                 self.log.error("giving up: {why}", why=why)
                 self.machine.fire(ClientInput.STOP)
                 self._serial(self.tunnel.teardown).addErrback(self._teardown_failed)
+
+    def _reconnect(self) -> None:
+        """Connect again, after the host route to the server is checked: a roam may have
+        taken it with its gateway, and with the kill switch the tunnel's routes would then
+        carry the connection to the server into the client's own TUN."""
+
+        def connect(_: object) -> None:
+            if self.state is ClientState.CONN_LOST and self.stream is None:
+                self._connect()
+
+        d = self._serial(self.tunnel.refresh_carrier)
+        d.addErrback(
+            lambda f: self.log.warn(
+                "cannot plan the route to the server again: {why}", why=f.getErrorMessage()
+            )
+        )
+        d.addCallback(connect)
 
     def _restart(self) -> None:
         if self.state is ClientState.STOPPED and self.host and self.port:

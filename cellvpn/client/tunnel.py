@@ -252,6 +252,11 @@ class ClientTunnel:
         if self.dns.method is not None:
             await self.dns.restore()
 
+    async def refresh_carrier(self) -> None:
+        """Before a reconnect: the host route to the server planned again if a roam took it."""
+        if self.name is not None:
+            await self.routes.refresh_carrier(self.name)
+
     async def teardown_network(self) -> None:
         """Routes and DNS back as they were (the TUN stays)."""
         try:

@@ -14,6 +14,7 @@ drops only the tunnel routes (traffic flows outside again), or keeps them as a k
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 
@@ -66,6 +67,34 @@ def host_route(server: ServerAddress, to_server: RouteInfo) -> Route:
     there is none."""
     family: Family = 6 if isinstance(server, IPv6Address) else 4
     return Route(_host_dst(server), gateway=to_server.gateway, oif=to_server.ifname, family=family)
+
+
+def route_around(routes: Sequence[Route], server: ServerAddress, tun: str) -> Route | None:
+    """The host route to the server through what the routing table holds besides the tunnel.
+
+    After a roam the kernel drops the old host route with its gateway, and asking it the way
+    (``route get``) answers the tunnel's own ``/1`` route while the kill switch keeps it; so
+    the way is looked up here in the table without the tunnel: the longest prefix that holds
+    the server, then the lowest metric. None when no way is left (the link is down).
+    """
+    best: tuple[int, int, Route] | None = None
+    for route in routes:
+        if route.kind != "unicast" or route.oif == tun or route.family != _family(server):
+            continue
+        network = ipaddress.ip_network(route.dst)
+        if server not in network:
+            continue
+        rank = (network.prefixlen, -(route.metric or 0))
+        if best is None or rank > best[:2]:
+            best = (*rank, route)
+    if best is None:
+        return None
+    way = best[2]
+    return Route(_host_dst(server), gateway=way.gateway, oif=way.oif, family=way.family)
+
+
+def _family(server: ServerAddress) -> Family:
+    return 6 if isinstance(server, IPv6Address) else 4
 
 
 def _host_dst(server: ServerAddress) -> str:
@@ -149,6 +178,10 @@ class RouteSet:
         if errors:
             raise errors[0]
 
+    def discard(self, route: Route) -> Deferred[None]:
+        """Delete one route of this set (fine when the kernel dropped it already)."""
+        return Deferred.fromCoroutine(self._delete(route))
+
     async def _delete(self, route: Route) -> None:
         if await self.netlink.delete_route(route):
             self.log.info("removed route {route}", route=route.describe())
@@ -166,6 +199,8 @@ class RouteSet:
 
 class ClientRoutes:
     """The client's whole plan: the carrier route and the tunnel routes as two sets."""
+
+    log = Logger()
 
     def __init__(self, netlink: Netlink, journal: Journal | None = None) -> None:
         self.netlink = netlink
@@ -201,6 +236,36 @@ class ClientRoutes:
             await self.carrier.remove()
             raise
         return routes
+
+    def refresh_carrier(self, tun: str) -> Deferred[Route | None]:
+        """Before a reconnect: if the kernel dropped the host route to the server (its
+        gateway went with a roam), plan it again around the tunnel; fires with the new route,
+        or None when nothing changed or no way is left."""
+        return Deferred.fromCoroutine(self._refresh_carrier(tun))
+
+    async def _refresh_carrier(self, tun: str) -> Route | None:
+        if len(self.carrier.routes) != 1:
+            return None
+        (old,) = self.carrier.routes
+        present = await self.netlink.dump_routes(old.family, old.table)
+        if any(p.matches(old) for p in present):
+            return None
+        await self.carrier.discard(old)
+        server = ipaddress.ip_network(old.dst).network_address
+        new = route_around(present, server, tun)
+        if new is None:
+            self.log.warn(
+                "the route {route} to the server is gone and no other way is left",
+                route=old.describe(),
+            )
+            return None
+        await self.carrier.apply([new])
+        self.log.info(
+            "the way to the server changed: {old} is gone, {new} instead",
+            old=old.describe(),
+            new=new.describe(),
+        )
+        return new
 
     def drop_tunnel(self) -> Deferred[None]:
         """Remove the tunnel routes only (connection lost, no kill switch)."""

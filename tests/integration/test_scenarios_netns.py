@@ -200,12 +200,6 @@ def test_roaming_to_a_new_underlay_address_keeps_the_lease_and_an_idle_tcp_conne
     assert "Traceback" not in client.text() + server.text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the client keeps its record of the host route to the server after the kernel "
-    "dropped it with the old address, and never plans it again on a reconnect: with the kill "
-    "switch every SYN to the server goes into the client's own TUN",
-)
 def test_roaming_behind_a_router_with_the_kill_switch_reconnects(
     netns: Any, tmp_path: Path
 ) -> None:

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from cellvpn.net.clientroutes import plan_routes, split_routes
+from cellvpn.net.clientroutes import plan_routes, route_around, split_routes
 from cellvpn.net.dns import HEADER, choose_method, render
 from cellvpn.net.netlink import Route, RouteInfo
 
@@ -131,3 +131,44 @@ def test_render_writes_the_header_the_servers_and_keeps_search_and_options() -> 
         b"search lab.test",
         b"options ndots:2",
     ]
+
+
+# --- the way around the tunnel, after a roam ----------------------------------------------------
+
+AROUND_TABLE = [
+    Route("0.0.0.0/1", oif="cvpn0"),
+    Route("128.0.0.0/1", oif="cvpn0"),
+    Route("0.0.0.0/0", gateway="192.0.2.254", oif="eth0", metric=100),
+    Route("0.0.0.0/0", gateway="198.18.200.1", oif="wlan0", metric=600),
+    Route("192.0.2.0/24", oif="eth0"),
+    Route("198.19.0.0/16", gateway="192.0.2.253", oif="eth0"),
+    Route("198.19.9.0/24", kind="unreachable"),
+]
+
+
+@pytest.mark.parametrize(
+    ("server", "table", "expected"),
+    [
+        # the default route with the lowest metric, never the tunnel's more specific /1
+        ("198.18.3.3", AROUND_TABLE, "198.18.3.3/32 via 192.0.2.254 dev eth0"),
+        # a longer prefix wins over the default routes
+        ("198.19.1.1", AROUND_TABLE, "198.19.1.1/32 via 192.0.2.253 dev eth0"),
+        # on the link: a device route
+        ("192.0.2.1", AROUND_TABLE, "192.0.2.1/32 dev eth0"),
+        # an unreachable route is no way out: the next one is
+        ("198.19.9.9", AROUND_TABLE, "198.19.9.9/32 via 192.0.2.253 dev eth0"),
+        # nothing but the tunnel: no way
+        ("198.18.3.3", AROUND_TABLE[:2], None),
+    ],
+)
+def test_the_way_to_the_server_around_the_tunnel(
+    server: str, table: list[Route], expected: str | None
+) -> None:
+    found = route_around(table, IPv4Address(server), "cvpn0")
+    assert (found.describe() if found else None) == expected
+
+
+def test_the_way_around_keeps_to_the_servers_family() -> None:
+    table = [Route("::/0", gateway="2001:db8::fe", oif="eth0", family=6), *AROUND_TABLE]
+    found = route_around(table, IPv6Address("2001:db8:5::1"), "cvpn0")
+    assert found == Route("2001:db8:5::1/128", gateway="2001:db8::fe", oif="eth0", family=6)
