@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
@@ -35,9 +35,11 @@ from twisted.logger import Logger
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.interfaces import DepositRow, LedgerError, LedgerUnavailableError
 from cellvpn.billing.keys import KeyPair, account_of, signed_by
+from cellvpn.billing.meter import BillInput, BillState, Reading, decide, new_bill_machine
 from cellvpn.billing.proof import proven_key
 from cellvpn.billing.records import Order, SignedDeposit, SignedOrder, receipt_units_value_ok
 from cellvpn.config.schema import BillingSection
+from cellvpn.fsm import Machine
 from cellvpn.server.edge import Refusal
 from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.server.usage import UsageInput, UsageState
@@ -76,7 +78,8 @@ class Bill:
     client: bytes
     deposit_id: bytes
     unit: int = Unit.SEC
-    mode: str = "idle"  # idle, grace, paid, stopped
+    #: idle, grace, paid, stopped: the bill's life (``cellvpn.billing.meter``)
+    life: Machine[BillState, BillInput] = field(default_factory=new_bill_machine)
     #: units left (bytes or seconds) of what was paid for
     limit: float = 0
     #: the allowance handed to the forwarder when it was last armed (B)
@@ -120,6 +123,10 @@ class Bill:
     metered: bool = False
     #: ``limit`` as the ledger's saved limits have it (what the last save or redemption left)
     synced: float = 0.0
+
+    @property
+    def mode(self) -> str:
+        return self.life.state.value
 
 
 class ServerBilling:
@@ -279,7 +286,7 @@ class ServerBilling:
                 f"deposit not in the ledger and {host} already has {in_grace} grace session(s)",
             )
             return
-        bill.mode = "grace"
+        bill.life.fire(BillInput.GRACE)
         bill.grace_service = await self._grace_left(bill)
         if session.ended:
             return
@@ -687,7 +694,7 @@ class ServerBilling:
         if bill.grace_since is not None:  # resumed from saved limits during grace
             d = defer.Deferred.fromCoroutine(self._end_grace(session, bill))
             d.addErrback(self._failed, session, "booking grace")
-        bill.mode = "paid"
+        bill.life.fire(BillInput.PAID)
         bill.metered = True
         if session.usage.state is UsageState.IDLE:
             session.grant(UsageInput.PAID)
@@ -757,49 +764,51 @@ class ServerBilling:
         if bill.mode != "paid" or session.ended:
             return
         self._used_bytes_now(session, bill)  # what passed since the allowance was last set
-        units = self.order.order.units
-        half = units / 2
-        if bill.limit <= 0:
-            if bill.redeeming:
-                # the next receipt is signed (and its signature checked) and being redeemed:
-                # what passes meanwhile is paid from it, up to the credit; then traffic waits
-                credit = (
+        by_bytes = bill.unit == Unit.B
+        order = self.order.order
+        decision = decide(
+            Reading(
+                limit=bill.limit,
+                units=order.units,
+                price=order.price,
+                locked_left=bill.locked_left,
+                pending=bill.pending is not None,
+                next_failed=bill.next_failed is not None,
+                redeeming=bill.redeeming,
+                credit=(
                     self.config.redeem_credit_bytes
-                    if bill.unit == Unit.B
+                    if by_bytes
                     else self.config.redeem_credit_seconds
-                )
-                # never more than half a receipt: the debt must be paid by the one redeemed
-                room = min(credit, self.order.order.units / 2) + bill.limit
-                if room > 0 and bill.unit == Unit.B:
-                    session.allowance = bill.armed = max(1, int(room))
-                elif room <= 0 and not bill.held:
-                    bill.held = True
-                    session.hold(True)
-                    session.allowance = bill.armed = UNMETERED
-                return
+                ),
+                held=bill.held,
+                by_bytes=by_bytes,
+            )
+        )
+        if decision.stop:
             self._stop(session, bill)
             return
-        if bill.limit <= half and bill.pending is None and bill.next_failed is None:
-            if bill.locked_left >= self.order.order.price:
-                self.log.info(
-                    "session {sid}: {left} {unit} left of {units}: asking for the next receipt",
-                    sid=_sid(session),
-                    left=int(bill.limit),
-                    unit=_unit_name(bill.unit),
-                    units=units,
-                )
-                self._ask(session, bill, "next", bill.state_hash)
-            else:
-                bill.next_failed = ErrorCode.TX_COND_NOT_ENOUGH
-        if bill.unit == Unit.B:
-            mark = bill.limit - half if bill.limit > half and bill.pending is None else bill.limit
-            allowance = max(1, int(mark))
-            session.allowance = allowance
-            bill.armed = allowance
+        if decision.hold:
+            bill.held = True
+            session.hold(True)
+            session.allowance = bill.armed = UNMETERED
+            return
+        if decision.ask_next:
+            self.log.info(
+                "session {sid}: {left} {unit} left of {units}: asking for the next receipt",
+                sid=_sid(session),
+                left=int(bill.limit),
+                unit=_unit_name(bill.unit),
+                units=order.units,
+            )
+            self._ask(session, bill, "next", bill.state_hash)
+        if decision.cannot_pay:
+            bill.next_failed = ErrorCode.TX_COND_NOT_ENOUGH
+        if decision.allowance is not None:
+            session.allowance = bill.armed = decision.allowance
 
     def _stop(self, session: ServerSession, bill: Bill) -> None:
         """Limits used up without a signed next receipt: NOTIFY_STOPPED, no more packets."""
-        bill.mode = "stopped"
+        bill.life.fire(BillInput.USED_UP)
         bill.stopped_at = time.time()
         _stop_loop(bill.ticker)
         _cancel(bill.timer)
@@ -846,7 +855,7 @@ class ServerBilling:
             _stop_loop(bill.ticker)
             _cancel(bill.timer)
             _cancel(bill.grace_timer)
-            bill.mode = "stopped"
+            bill.life.fire(BillInput.REFUSED)
         session.refuse(code, why)
         session.flush()
         if close:

@@ -3,13 +3,15 @@
     python -m tests.billing.redeem_worker LEDGER JOBS GO_FILE
 
 JOBS holds one JSON object per line: ``{"deposit", "provider", "receipt"}`` in hex. The worker
-waits for GO_FILE to exist (so two workers start together), tries every job in order and
+says it is ready by creating GO_FILE.ready-PID, waits for GO_FILE to exist (so the workers
+start together, however long each took to start), tries every job in order and
 prints ``{"redeemed": [receipt hashes], "refused": {code name: count}}``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ def main(ledger_path: str, jobs_path: str, go_path: str) -> None:
     ledger = SqliteLedger(ledger_path, create=False)
     jobs = [json.loads(line) for line in Path(jobs_path).read_text().splitlines()]
     go = Path(go_path)
+    Path(f"{go_path}.ready-{os.getpid()}").touch()
     while not go.exists():
         time.sleep(0.001)
     redeemed: list[str] = []

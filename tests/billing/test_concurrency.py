@@ -67,6 +67,16 @@ def _worker(ledger: Path, jobs: Path, go: Path) -> subprocess.Popen[str]:
     )
 
 
+def _all_ready(folder: Path, workers: list[subprocess.Popen[str]]) -> None:
+    """Wait until every worker has its jobs loaded and waits for the go (a loaded machine
+    may take seconds to start one): only then do they overlap."""
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("go.ready-*"))) < len(workers):
+        assert time.monotonic() < deadline, "the workers did not start"
+        assert all(w.poll() is None for w in workers), "a worker ended before the go"
+        time.sleep(0.01)
+
+
 def test_processes_redeem_each_receipt_exactly_once(tmp_path: Path) -> None:
     ledger_path, chains = _setup(tmp_path, per_chain=60)
     deposits = list(chains)
@@ -77,7 +87,7 @@ def test_processes_redeem_each_receipt_exactly_once(tmp_path: Path) -> None:
         _worker(ledger_path, forward, go),
         _worker(ledger_path, _jobs(tmp_path, "backward", chains, deposits[::-1]), go),
     ]
-    time.sleep(0.5)  # all are importing and waiting
+    _all_ready(tmp_path, workers)
     go.touch()
     results = []
     for w in workers:
