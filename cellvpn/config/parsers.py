@@ -337,3 +337,31 @@ def choice(kind: type[E]) -> Parser[E]:
         return value.value
 
     return Parser(parse, "one of " + ", ".join(m.value for m in kind), render)
+
+
+_BITRATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(bit|kbit|mbit|gbit)?", re.IGNORECASE)
+_BIT_UNITS = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
+
+
+def _bitrate(text: str, base: Path) -> int:
+    match = _BITRATE.fullmatch(text)
+    if match is None:
+        raise ParseError
+    value = float(match.group(1)) * _BIT_UNITS[(match.group(2) or "bit").lower()]
+    if not math.isfinite(value) or value > 1_000_000_000_000:
+        raise ParseError
+    return int(value)
+
+
+def _render_bitrate(bits: int) -> str:
+    for unit in ("gbit", "mbit", "kbit"):
+        size = _BIT_UNITS[unit]
+        if bits and bits % size == 0:
+            return f"{bits // size}{unit}"
+    return str(bits)
+
+
+#: A rate in bits per second, as tc writes it: 0 (no limit), 800kbit, 20mbit, 1gbit.
+BITRATE: Parser[int] = Parser(
+    _bitrate, "bits per second, like 0 (no limit), 800kbit, 20mbit or 1gbit", _render_bitrate
+)

@@ -20,6 +20,7 @@ from typing import ClassVar, get_type_hints
 from cellvpn.config.endpoints import endpoint
 from cellvpn.config.fields import Check, ParseError, Parser, at_most_one, both_or_neither, option
 from cellvpn.config.parsers import (
+    BITRATE,
     BOOL,
     CONGESTION,
     FINGERPRINT,
@@ -199,6 +200,23 @@ class SrvVpnSection:
         _IPV4_LIST, (), "DNS servers offered to clients; empty = none offered."
     )
     isolate_clients: bool = option(BOOL, False, "Drop packets from one client to another.")
+    rate_up: int = option(
+        BITRATE,
+        0,
+        "Most a session may send through the tunnel (client to server), in bits per second; 0 ="
+        " no limit. Packets past it (and its burst) are dropped and counted.",
+    )
+    rate_down: int = option(
+        BITRATE,
+        0,
+        "Most the tunnel carries to one session (server to client), in bits per second; 0 = no"
+        " limit.",
+    )
+    rate_burst: int = option(
+        integer(1500, 1 << 30),
+        262144,
+        "Bytes a limited session may send at once above its rate (the token bucket's size).",
+    )
     to_host: tuple[str, ...] = option(
         _TO_HOST,
         ("icmp", "dns"),

@@ -33,6 +33,9 @@ class SessionCounters:
     dropped_to_host: int = 0
     #: IPv4 packets with header options (source routing and the like)
     dropped_ip_options: int = 0
+    #: past the session's rate limit (``rate_up``, ``rate_down``): client to TUN, TUN to client
+    dropped_rate_up: int = 0
+    dropped_rate_down: int = 0
     proxy_from_client_bytes: int = 0
     proxy_to_client_bytes: int = 0
 
@@ -47,11 +50,12 @@ class SessionCounters:
             + self.dropped_bad_offload
             + self.dropped_to_host
             + self.dropped_ip_options
+            + self.dropped_rate_up
         )
 
     @property
     def to_client_dropped(self) -> int:
-        return self.dropped_queue_full
+        return self.dropped_queue_full + self.dropped_rate_down
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -26,6 +26,7 @@ from cellvpn.device.counters import SessionCounters
 from cellvpn.device.gro import coalesce
 from cellvpn.device.packet import clamp_mss
 from cellvpn.device.tohost import ToHost
+from cellvpn.ratelimit import TokenBucket
 
 Packet = bytes | memoryview
 _PLAIN = vnet.PLAIN
@@ -41,6 +42,9 @@ class Peer(Protocol):
     allowance: int
     #: the session agreed to VPN_SEND_GSO / VPN_RECV_GSO
     offload: bool
+    #: byte buckets of its rate limits, client to TUN and TUN to client (None: no limit)
+    rate_up: TokenBucket | None
+    rate_down: TokenBucket | None
 
     def deliver(self, packet: Packet) -> bool:
         """Queue one IPv4 packet towards the client (VPN_RECV), sent at the next flush;
@@ -70,8 +74,11 @@ class Forwarder:
         isolate: bool = False,
         tun_writev: Callable[[Packet, Packet], bool] | None = None,
         to_host: ToHost | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.tun_write = tun_write
+        #: the time for rate limits (the reactor's seconds); read only for a limited session
+        self.clock = clock or (lambda: 0.0)
         #: what clients may reach on the host itself (None: no host addresses are known)
         self.to_host = to_host
         self.tun_writev = tun_writev
@@ -98,6 +105,24 @@ class Forwarder:
         if self.routes.get(peer.addr_key) is peer:
             del self.routes[peer.addr_key]
 
+    def _over_down(self, peer: Peer, size: int) -> bool:
+        """Past the session's rate towards the client: counted; the caller drops it."""
+        limit = peer.rate_down
+        if limit is None or limit.take(self.clock(), size):
+            return False
+        peer.counters.dropped_rate_down += 1
+        peer.counters.to_client_lost_bytes += size
+        return True
+
+    def _over_up(self, peer: Peer, packets: int, size: int) -> bool:
+        """Past the session's rate from the client: counted; the caller drops it."""
+        limit = peer.rate_up
+        if limit is None or limit.take(self.clock(), size):
+            return False
+        peer.counters.dropped_rate_up += packets
+        peer.counters.from_client_lost_bytes += size
+        return True
+
     # --- TUN -> sessions -------------------------------------------------------------------
 
     def from_tun(self, batch: list[bytes]) -> None:
@@ -115,6 +140,8 @@ class Forwarder:
             peer = routes.get(pkt[16:20])
             if peer is None:
                 self.dropped_no_route += 1
+                continue
+            if peer.rate_down is not None and self._over_down(peer, len(pkt)):
                 continue
             if pkt[9] == 6:
                 clamped = clamp_mss(pkt, max_mss)
@@ -147,6 +174,8 @@ class Forwarder:
             pkt: Packet = view[10:]
             counters = peer.counters
             if buf[0] == 0 and buf[1] == 0:  # a plain, complete packet
+                if peer.rate_down is not None and self._over_down(peer, len(pkt)):
+                    continue
                 if buf[19] == 6:
                     clamped = clamp_mss(pkt, max_mss)
                     if clamped is not None:
@@ -161,6 +190,8 @@ class Forwarder:
                 continue
             header = view[:10]
             if buf[1] == vnet.GSO_NONE and vnet.is_tcp_syn(pkt):
+                if peer.rate_down is not None and self._over_down(peer, len(pkt)):
+                    continue
                 # finish the checksum first: clamping must not meet a partial checksum
                 pkt = vnet.finish_checksum(header, pkt)
                 clamped = clamp_mss(pkt, max_mss)
@@ -173,6 +204,8 @@ class Forwarder:
                     touched[id(peer)] = peer
                 continue
             packets, size = vnet.ip_bytes(header, pkt)
+            if peer.rate_down is not None and self._over_down(peer, size):
+                continue
             if peer.offload:
                 if not peer.deliver_gso(buf):
                     continue
@@ -214,6 +247,8 @@ class Forwarder:
         if pkt[0] != 0x45:
             counters.dropped_ip_options += 1
             counters.from_client_lost_bytes += size
+            return None
+        if peer.rate_up is not None and self._over_up(peer, 1, size):
             return None
         to_host = self.to_host
         if to_host is not None and dst in to_host.addresses and not to_host.allows(pkt):
@@ -293,6 +328,8 @@ class Forwarder:
         if pkt[0] != 0x45:
             counters.dropped_ip_options += packets
             counters.from_client_lost_bytes += size
+            return
+        if peer.rate_up is not None and self._over_up(peer, packets, size):
             return
         to_host = self.to_host
         if (

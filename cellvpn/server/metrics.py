@@ -53,6 +53,9 @@ _FROM_CLIENT_DROPS = (
     ("isolated", "dropped_isolated"),
     ("tun_write", "dropped_tun_write"),
     ("bad_offload", "dropped_bad_offload"),
+    ("to_host", "dropped_to_host"),
+    ("ip_options", "dropped_ip_options"),
+    ("rate_limit", "dropped_rate_up"),
 )
 _DIRECTIONS = ("from_client", "to_client")
 #: TUN counters: metric name, TunStats field, help.
@@ -177,6 +180,7 @@ def exposition(server: VPNServerService) -> bytes:
     ]
     drops += [
         ({"direction": "to_client", "reason": "queue_full"}, t["dropped_queue_full"]),
+        ({"direction": "to_client", "reason": "rate_limit"}, t["dropped_rate_down"]),
         ({"direction": "to_client", "reason": "no_route"}, fwd.dropped_no_route),
         ({"direction": "to_client", "reason": "malformed"}, fwd.dropped_malformed),
     ]

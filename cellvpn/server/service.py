@@ -148,7 +148,11 @@ class VPNServerService(MultiService):
         self.pool = LeasePool(self.network, v.lease_hold)
         self.to_host = ToHost(ToHostRules.parse(v.to_host), self._fixed_host_addresses(), v.dns)
         self.forwarder = Forwarder(
-            self._tun_write, mss_for_mtu(v.mtu), v.isolate_clients, to_host=self.to_host
+            self._tun_write,
+            mss_for_mtu(v.mtu),
+            v.isolate_clients,
+            to_host=self.to_host,
+            clock=reactor.seconds,
         )
         #: the host's own addresses, read again while running (to_host and the proxy use them)
         self.host_addresses = HostAddresses(reactor)

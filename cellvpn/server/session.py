@@ -78,6 +78,11 @@ class ServerSession:
         self.counters = SessionCounters()
         #: both ends agreed to carry super-packets (VPN_SEND_GSO / VPN_RECV_GSO)
         self.offload = False
+        #: the rate limits of [srv_vpn] as byte buckets (None: no limit that way)
+        v = server.config.srv_vpn
+        now = server.reactor.seconds()
+        self.rate_up = TokenBucket(v.rate_up / 8, v.rate_burst, now) if v.rate_up else None
+        self.rate_down = TokenBucket(v.rate_down / 8, v.rate_burst, now) if v.rate_down else None
         #: bytes queued towards the client while its transport was full
         self.backlog = 0
         #: the session's billing state (None: free service or no REQUEST yet)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cellvpn.lab import Namespace, wait_for
+from cellvpn.lab import LAB_EDGE, NET_GW_IP, SERVER_IP, Namespace, Twistd, VpnLab, wait_for
 
 HERE = Path(__file__).resolve().parent
 TCPTOOL = str(HERE / "tcptool.py")
@@ -98,3 +98,38 @@ def wallet_section(
 
 def billing_section(price: int, unit: str, units: int, extra: str = "") -> str:
     return f"[billing]\nprice = {price}\nprice_unit = {unit}\nunits = {units}\n" + extra
+
+
+# --- a second server beside the lab's -----------------------------------------------------------
+
+
+def second_server(
+    lab: VpnLab, port: int, pool: str, extra: str = "", vpn_extra: str = ""
+) -> Twistd:
+    """Another ``twistd cellvpn`` in the lab's server host, on ``port`` with the pool
+    ``pool`` (a /24 of 198.18.0.0/15) and TUN cvpn-srv2, using the lab server's certificate
+    (so lab clients trust it) and a state_dir of its own; the net host routes the pool back.
+    ``extra`` is added at the end, ``vpn_extra`` into [srv_vpn]."""
+    work = lab.work
+    state = work / "state"
+    name = f"server{port}"
+    cfg = work / f"{name}.cfg"
+    network = pool.split("/")[0]
+    cfg.write_text(
+        "[server]\n"
+        f"listen = tcp:{port}:interface={SERVER_IP}\n"
+        f"state_dir = {work / (name + '-state')}\n"
+        "source_prefix_v4 = 32\n"
+        f"[edge]\n{LAB_EDGE}"
+        f"[tls]\ncertificate = {state / 'tls' / 'server.pem'}\n"
+        f"private_key = {state / 'tls' / 'server.key'}\n"
+        f"[srv_vpn]\nnetwork_address = {network}\nnetwork_mask = 255.255.255.0\n"
+        "tun_name = cvpn-srv2\nmtu = 1400\n"
+        + vpn_extra
+        + f"[control]\nsocket = {work / (name + '.sock')}\n"
+        + extra
+    )
+    lab.net.ip("route", "add", pool, "via", NET_GW_IP)
+    server = Twistd(lab.srv, "cellvpn", cfg, work / f"{name}.log")
+    server.wait_log(r"TUN cvpn-srv2 up")
+    return server

@@ -14,7 +14,6 @@ from typing import Any
 from cellvpn.billing.keys import load_key
 from cellvpn.billing.sqlite import SqliteLedger
 from cellvpn.lab import (
-    LAB_EDGE,
     NET_HOST_IP,
     SERVER_IP,
     VENV_BIN,
@@ -29,6 +28,7 @@ from tests.integration.helpers import (
     billing_section,
     last_json,
     ledger_ctl,
+    second_server,
     tool,
     wallet,
     wallet_section,
@@ -296,22 +296,13 @@ def test_two_servers_on_one_ledger_and_key_keep_their_own_marks(netns: Any, tmp_
     )
     first = bytes.fromhex(ctl_json(cli, lab.socket("client"), "status")["billing"]["deposit"])
     state = tmp_path / "state"
-    second_cfg = tmp_path / "server2.cfg"
-    second_cfg.write_text(
-        "[server]\n"
-        "listen = tcp:8090:interface=192.0.2.1\n"
-        f"state_dir = {tmp_path / 'state2'}\n"
-        "source_prefix_v4 = 32\n"
-        f"[edge]\n{LAB_EDGE}"
-        f"[tls]\ncertificate = {state / 'tls' / 'server.pem'}\n"
-        f"private_key = {state / 'tls' / 'server.key'}\n"
-        "[srv_vpn]\nnetwork_address = 198.18.6.0\nnetwork_mask = 255.255.255.0\n"
-        "tun_name = cvpn-srv2\nmtu = 1400\n"
-        f"[control]\nsocket = {tmp_path / 'server2.sock'}\n"
-        + billing_section(1000, "B", UNITS, f"key = {state / 'provider.key'}\n")
-        + f"[ledger]\nurl = sqlite:///{state / 'ledger.db'}\n"
+    second = second_server(
+        lab,
+        8090,
+        "198.18.6.0/24",
+        billing_section(1000, "B", UNITS, f"key = {state / 'provider.key'}\n")
+        + f"[ledger]\nurl = sqlite:///{state / 'ledger.db'}\n",
     )
-    second = Twistd(lab.srv, "cellvpn", second_cfg, tmp_path / "second.log")
     second.wait_log(r"billing: order [0-9a-f]{16}")
     assert "marked in use by an earlier run" not in second.text()
 

@@ -96,7 +96,7 @@ def test_exposition_parses_and_sums_live_and_ended_sessions(tmp_path: Path) -> N
     reasons = {dict(k)["reason"] for k in drops}
     assert reasons == {
         "spoofed", "malformed", "not_active", "isolated", "tun_write", "queue_full",
-        "bad_offload", "no_route",
+        "bad_offload", "no_route", "to_host", "ip_options", "rate_limit",
     }  # fmt: skip
     assert {frozenset(dict(k)) for k in drops} == {frozenset({"direction", "reason"})}
     assert value(families, "cellvpn_dropped_packets_total", direction="from_client",

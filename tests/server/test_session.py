@@ -6,12 +6,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from cellvpn.config import load_server_config
+from cellvpn.config.errors import ConfigError
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.server.service import VPNServerService
 from cellvpn.server.session import ServerSession
@@ -338,3 +340,76 @@ def test_packets_to_the_host_and_with_ip_options_are_dropped_and_counted(tmp_pat
     assert written == [echo]
     counters = c.session.counters
     assert counters.dropped_to_host == 2 and counters.dropped_ip_options == 1
+
+
+# --- per-session rate limits -------------------------------------------------------------------
+
+
+def test_a_limited_session_carries_its_burst_then_its_rate_each_way(tmp_path: Path) -> None:
+    """rate 80 kbit (10,000 bytes/s), burst 3,000 bytes: at first the burst passes, then the
+    rate as the clock moves; what is over is dropped and counted, each way on its own, and
+    each session has buckets of its own."""
+    server, clock, written = make_server(
+        tmp_path, **{"srv_vpn.rate_up": "80kbit", "srv_vpn.rate_down": "80kbit",
+                     "srv_vpn.rate_burst": "3000"}
+    )  # fmt: skip
+    a, b = Client(server, clock), Client(server, clock)
+    for c in (a, b):
+        c.request()
+        c.addr_request()
+    up = ipv4("198.18.9.2", "198.19.0.10", b"u" * 980)  # 1,000 bytes
+    for _ in range(5):
+        a.send_ip(up)
+    assert len(written) == 3  # the burst
+    counters = a.session.counters
+    assert (counters.dropped_rate_up, counters.from_client_lost_bytes) == (2, 2000)
+    assert counters.from_client_dropped == 2
+    b.send_ip(ipv4("198.18.9.3", "198.19.0.10", b"u" * 980))
+    assert len(written) == 4  # b's bucket is its own
+    clock.advance(0.2)  # 2,000 bytes of rate
+    for _ in range(3):
+        a.send_ip(up)
+    assert len(written) == 6 and counters.dropped_rate_up == 3
+
+    down = ipv4("198.19.0.10", "198.18.9.2", b"d" * 980)
+    server.forwarder.from_tun([down] * 5)
+    a.pump()
+    received = [p for p in a.s if p.op_code == vpn.OpCode.VPN_RECV]
+    assert len(received) == 3
+    assert (counters.dropped_rate_down, counters.to_client_lost_bytes) == (2, 2000)
+    assert counters.to_client_dropped == 2
+    clock.advance(1.0)  # refilled to the burst, no further
+    server.forwarder.from_tun([down] * 5)
+    a.pump()
+    assert len([p for p in a.s if p.op_code == vpn.OpCode.VPN_RECV]) == 6
+    assert counters.dropped_rate_down == 4
+
+
+def test_without_a_rate_nothing_is_limited(tmp_path: Path) -> None:
+    """The default: no bucket at all, so the packet path does not even read the clock."""
+    server, clock, written = make_server(tmp_path)
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+    assert c.session.rate_up is None and c.session.rate_down is None
+    packet = ipv4("198.18.9.2", "198.19.0.10", b"u" * 1372)
+    for _ in range(1000):
+        c.send_ip(packet)
+    assert len(written) == 1000 and c.session.counters.dropped_rate_up == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "bits"),
+    [("0", 0), ("800kbit", 800_000), ("20mbit", 20_000_000), ("1.5mbit", 1_500_000),
+     ("1gbit", 10**9), ("12345", 12345), ("20MBIT", 20_000_000)],
+)  # fmt: skip
+def test_rates_are_written_as_tc_writes_them(tmp_path: Path, text: str, bits: int) -> None:
+    server, _, _ = make_server(tmp_path, **{"srv_vpn.rate_up": text})
+    assert server.config.srv_vpn.rate_up == bits
+
+
+@pytest.mark.parametrize("text", ["fast", "-1mbit", "20 mb", "1e9", "2000gbit"])
+def test_a_bad_rate_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        make_server(tmp_path, **{"srv_vpn.rate_up": text})
+    assert "[srv_vpn] rate_up" in str(e.value) and "bits per second" in str(e.value)
