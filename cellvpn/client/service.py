@@ -385,6 +385,9 @@ class VPNClientService(MultiService):
             list(c.dns),
             offload=stream.offload,
             widest_prefix=c.widest_overlay_prefix,
+            include=c.routes,
+            exclude=c.exclude,
+            accept_routes=c.accept_routes,
         )
         self._up(stream, f"address {reply.client} on {self.tunnel.name}")
 

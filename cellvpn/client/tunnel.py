@@ -36,6 +36,7 @@ from cellvpn.net.routepolicy import (
     OwnAddress,
     Refused,
     check_offer,
+    check_route,
 )
 from cellvpn.tun.device import (
     TUN_F_CSUM,
@@ -116,6 +117,9 @@ class ClientTunnel:
         dns: list[ipaddress.IPv4Address],
         offload: bool = False,
         widest_prefix: int = DEFAULT_WIDEST_PREFIX,
+        include: tuple[ipaddress.IPv4Network, ...] = (),
+        exclude: tuple[ipaddress.IPv4Network, ...] = (),
+        accept_routes: bool = False,
     ) -> None:
         """Bring the tunnel up for ``reply``'s address (again, after a reconnect).
 
@@ -128,7 +132,8 @@ class ClientTunnel:
         """
         offer = Offer(reply.client, reply.gateway, reply.netmask)
         v4_server = server if isinstance(server, ipaddress.IPv4Address) else None
-        verdict = check_offer(offer, await self.host_view(), v4_server, widest_prefix)
+        host = await self.host_view()
+        verdict = check_offer(offer, host, v4_server, widest_prefix)
         if isinstance(verdict, Refused):
             raise AddressRefusedError(offer, verdict)
         if self.port is None:
@@ -151,7 +156,15 @@ class ClientTunnel:
         if verdict.route is not None:
             await self.overlay.apply([Route(str(verdict.route), oif=self.name)])
         if not (self.routes.carrier.routes or self.routes.tunnel.routes):
-            await self.routes.setup(server, self.name, default_route, ipv6_guard=True)
+            pushed = self._pushed_routes(reply, host, v4_server) if accept_routes else []
+            await self.routes.setup(
+                server,
+                self.name,
+                default_route,
+                ipv6_guard=True,
+                include=[*include, *pushed],
+                exclude=exclude,
+            )
         elif not self.tunnel_routes_up:
             await self.routes.restore_tunnel()
         self.tunnel_routes_up = True
@@ -159,6 +172,22 @@ class ClientTunnel:
         if servers and self.dns.method is None:
             await self.dns.apply(servers, self.name)
             self.dns_servers = servers
+
+    def _pushed_routes(
+        self, reply: AddrReply, host: HostView, server: ipaddress.IPv4Address | None
+    ) -> list[ipaddress.IPv4Network]:
+        """The networks the server offers that the route policy lets into the tunnel; each
+        refusal said once, with its reason."""
+        taken = []
+        for network in reply.routes:
+            refused = check_route(network, host, server)
+            if refused is None:
+                taken.append(network)
+            else:
+                self.log.warn(
+                    "refused the server's route {route}: {why}", route=str(network), why=refused
+                )
+        return taken
 
     def host_view(self) -> Deferred[HostView]:
         """The host's IPv4 addresses and non-default routes, leaving out the TUN's own.

@@ -44,6 +44,20 @@ from cellvpn.config.parsers import (
 from cellvpn.device.tohost import RuleError, ToHostRules
 
 _OPTIONAL_PATH = optional(PATH)
+
+
+def _ipv4_network(text: str, base: Path) -> IPv4Network:
+    network = NETWORK.parse(text, base)
+    if not isinstance(network, IPv4Network):
+        raise ParseError
+    return network
+
+
+#: Prefixes for split tunnels and pushed routes (the tunnel carries IPv4).
+_IPV4_NETWORKS = list_of(
+    Parser(_ipv4_network, "an IPv4 network without host bits, such as 198.18.0.0/15"),
+    "IPv4 networks",
+)
 _IPV4_LIST = list_of(IPV4, "IPv4 addresses")
 
 
@@ -217,6 +231,12 @@ class SrvVpnSection:
         262144,
         "Bytes a limited session may send at once above its rate (the token bucket's size).",
     )
+    routes: tuple[IPv4Network, ...] = option(
+        _IPV4_NETWORKS,
+        (),
+        "Networks behind this server offered to clients in ADDR_REPLY (a client takes them"
+        " only with [client] accept_routes and when its route policy agrees); empty = none.",
+    )
     to_host: tuple[str, ...] = option(
         _TO_HOST,
         ("icmp", "dns"),
@@ -335,6 +355,24 @@ class ClientSection:
     )
     default_route: bool = option(
         BOOL, True, "Send all traffic through the tunnel (the server stays reachable directly)."
+    )
+    routes: tuple[IPv4Network, ...] = option(
+        _IPV4_NETWORKS,
+        (),
+        "Networks that go through the tunnel besides the overlay (a split tunnel with"
+        " default_route = false); a route that holds the server gets a host route around it.",
+    )
+    exclude: tuple[IPv4Network, ...] = option(
+        _IPV4_NETWORKS,
+        (),
+        "Networks that never go through the tunnel: routed the way the host routes them before"
+        " the tunnel is up, more specific than default_route's halves and than wider routes.",
+    )
+    accept_routes: bool = option(
+        BOOL,
+        False,
+        "Take the networks the server offers (its [srv_vpn] routes) into the tunnel; each is"
+        " checked like the overlay (no own network, no route of this host, not the server).",
     )
     widest_overlay_prefix: int = option(
         integer(8, 30),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -41,23 +41,39 @@ def plan_routes(
     tun: str,
     default_route: bool,
     ipv6_guard: bool,
+    include: Sequence[IPv4Network] = (),
+    exclude: Sequence[tuple[IPv4Network, RouteInfo]] = (),
 ) -> list[Route]:
-    """The routes to add, in order: the server's host route first, then the tunnel's.
+    """The routes to add, in order: the ways around the tunnel first (the server's host
+    route, the excluded networks), then the tunnel's.
 
     ``to_server`` is what the kernel uses now to reach the server (``Netlink.route_get``).
-    Without ``default_route`` nothing more is needed: the overlay route that the route policy
-    accepted (:mod:`cellvpn.net.routepolicy`) carries the overlay.
+    Without ``default_route`` only ``include`` (a split tunnel) goes into the tunnel: the
+    overlay route that the route policy accepted (:mod:`cellvpn.net.routepolicy`) carries the
+    overlay. Each of ``exclude`` goes the way the kernel routes its first address now; a
+    network both included and excluded is excluded.
     """
-    if not default_route:
+    excluded = {str(net) for net, _ in exclude}
+    into_tunnel = list(IPV4_HALVES) if default_route else []
+    into_tunnel += [
+        str(net) for net in include if str(net) not in into_tunnel and str(net) not in excluded
+    ]
+    if not into_tunnel:
         return []
     if to_server.ifname == tun:
         raise ValueError(
             f"the server {server} is routed through {tun} itself; "
             "remove the leftover routes into the tunnel first"
         )
-    routes = [host_route(server, to_server)]
-    routes += [Route(dst, oif=tun) for dst in IPV4_HALVES]
-    if ipv6_guard:
+    routes: list[Route] = []
+    if default_route or any(server in net for net in include):
+        routes.append(host_route(server, to_server))
+    for net, way in exclude:
+        if way.ifname == tun:
+            raise ValueError(f"the excluded {net} is routed through {tun} itself")
+        routes.append(Route(str(net), gateway=way.gateway, oif=way.ifname))
+    routes += [Route(dst, oif=tun) for dst in into_tunnel]
+    if ipv6_guard and default_route:
         routes += [Route(dst, kind="unreachable", family=6) for dst in IPV6_HALVES]
     return routes
 
@@ -101,10 +117,10 @@ def _host_dst(server: ServerAddress) -> str:
     return f"{server}/{server.max_prefixlen}"
 
 
-def split_routes(routes: Sequence[Route], server: ServerAddress) -> tuple[list[Route], list[Route]]:
-    """(the server's host route, the tunnel routes) of a plan."""
-    carrier = [r for r in routes if r.dst == _host_dst(server)]
-    return carrier, [r for r in routes if r not in carrier]
+def split_routes(routes: Sequence[Route], tun: str) -> tuple[list[Route], list[Route]]:
+    """(the ways around the tunnel, the tunnel routes) of a plan."""
+    around = [r for r in routes if r.kind == "unicast" and r.oif != tun]
+    return around, [r for r in routes if r not in around]
 
 
 class RouteSet:
@@ -209,7 +225,13 @@ class ClientRoutes:
         self._tunnel_plan: list[Route] = []
 
     def setup(
-        self, server: ServerAddress, tun: str, default_route: bool, ipv6_guard: bool
+        self,
+        server: ServerAddress,
+        tun: str,
+        default_route: bool,
+        ipv6_guard: bool,
+        include: Sequence[IPv4Network] = (),
+        exclude: Sequence[IPv4Network] = (),
     ) -> Deferred[list[Route]]:
         """Look at the routes now, plan, and add; fires with the plan.
 
@@ -217,17 +239,26 @@ class ClientRoutes:
         """
         if self.carrier.routes or self.tunnel.routes:
             raise RuntimeError("the client's routes are set up already; remove() them first")
-        return Deferred.fromCoroutine(self._setup(server, tun, default_route, ipv6_guard))
+        return Deferred.fromCoroutine(
+            self._setup(server, tun, default_route, ipv6_guard, include, exclude)
+        )
 
     async def _setup(
-        self, server: ServerAddress, tun: str, default_route: bool, ipv6_guard: bool
+        self,
+        server: ServerAddress,
+        tun: str,
+        default_route: bool,
+        ipv6_guard: bool,
+        include: Sequence[IPv4Network],
+        exclude: Sequence[IPv4Network],
     ) -> list[Route]:
-        if not default_route:
+        if not default_route and not include:
             return []
         to_server = await self.netlink.route_get(server)
+        ways = [(net, await self.netlink.route_get(net.network_address)) for net in exclude]
         guard = ipv6_guard and await self.netlink.ipv6_enabled()
-        routes = plan_routes(server, to_server, tun, default_route, guard)
-        carrier, tunnel = split_routes(routes, server)
+        routes = plan_routes(server, to_server, tun, default_route, guard, include, ways)
+        carrier, tunnel = split_routes(routes, tun)
         await self.carrier.apply(carrier)
         self._tunnel_plan = tunnel
         try:
@@ -244,9 +275,10 @@ class ClientRoutes:
         return Deferred.fromCoroutine(self._refresh_carrier(tun))
 
     async def _refresh_carrier(self, tun: str) -> Route | None:
-        if len(self.carrier.routes) != 1:
+        hosts = [r for r in self.carrier.routes if ipaddress.ip_network(r.dst).num_addresses == 1]
+        if len(hosts) != 1:
             return None
-        (old,) = self.carrier.routes
+        (old,) = hosts
         present = await self.netlink.dump_routes(old.family, old.table)
         if any(p.matches(old) for p in present):
             return None

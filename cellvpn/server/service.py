@@ -438,7 +438,9 @@ class VPNServerService(MultiService):
         v = self.config.srv_vpn
         if not with_options:
             return AddrReply(address, self.pool.gateway)
-        return AddrReply(address, self.pool.gateway, self.network.netmask, v.mtu, tuple(v.dns))
+        return AddrReply(
+            address, self.pool.gateway, self.network.netmask, v.mtu, tuple(v.dns), v.routes
+        )
 
     # --- control -----------------------------------------------------------------------------
 

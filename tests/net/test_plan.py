@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 
@@ -43,7 +43,7 @@ def test_ipv6_guard_makes_all_of_ipv6_unreachable() -> None:
 
 def test_split_separates_the_carrier_from_the_tunnel() -> None:
     routes = plan_routes(SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=True)
-    carrier, tunnel = split_routes(routes, SERVER)
+    carrier, tunnel = split_routes(routes, "cvpn0")
     assert carrier == routes[:1]
     assert tunnel == [*TUNNEL, *GUARD]
 
@@ -56,7 +56,7 @@ def test_an_ipv6_server_gets_a_128_in_its_own_family_before_the_guard() -> None:
     host = Route("2001:db8::1/128", gateway="fe80::1", oif="veth1", family=6)
     assert routes == [host, *TUNNEL, *GUARD]
     assert host.describe() == "2001:db8::1/128 via fe80::1 dev veth1"
-    assert split_routes(routes, server) == ([host], [*TUNNEL, *GUARD])
+    assert split_routes(routes, "cvpn0") == ([host], [*TUNNEL, *GUARD])
     on_link = RouteInfo(gateway=None, oif=3, ifname="veth1", prefsrc=None)
     assert plan_routes(server, on_link, "cvpn0", True, False)[0] == Route(
         "2001:db8::1/128", oif="veth1", family=6
@@ -172,3 +172,54 @@ def test_the_way_around_keeps_to_the_servers_family() -> None:
     table = [Route("::/0", gateway="2001:db8::fe", oif="eth0", family=6), *AROUND_TABLE]
     found = route_around(table, IPv6Address("2001:db8:5::1"), "cvpn0")
     assert found == Route("2001:db8:5::1/128", gateway="2001:db8::fe", oif="eth0", family=6)
+
+
+# --- split tunnels: routes in, networks out -----------------------------------------------------
+
+NETS = {name: IPv4Network(name) for name in ("198.19.0.0/16", "198.19.9.0/24", "198.18.7.0/24")}
+
+
+def test_a_split_tunnel_routes_only_its_networks_and_no_host_route_it_does_not_need() -> None:
+    routes = plan_routes(
+        SERVER, VIA_GATEWAY, "cvpn0", default_route=False, ipv6_guard=True,
+        include=[NETS["198.18.7.0/24"]],
+    )  # fmt: skip
+    assert [r.describe() for r in routes] == ["198.18.7.0/24 dev cvpn0"]
+
+
+def test_a_split_tunnel_network_that_holds_the_server_keeps_the_server_around_it() -> None:
+    routes = plan_routes(
+        SERVER, VIA_GATEWAY, "cvpn0", default_route=False, ipv6_guard=True,
+        include=[NETS["198.19.0.0/16"]],
+    )  # fmt: skip
+    assert [r.describe() for r in routes] == [
+        "198.19.9.9/32 via 192.0.2.254 dev veth1",
+        "198.19.0.0/16 dev cvpn0",
+    ]
+    assert split_routes(routes, "cvpn0") == (routes[:1], routes[1:])
+
+
+def test_excluded_networks_go_the_way_they_went_before_the_tunnel() -> None:
+    routes = plan_routes(
+        SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=False,
+        include=[NETS["198.18.7.0/24"]],
+        exclude=[(NETS["198.19.9.0/24"], ON_LINK), (NETS["198.18.7.0/24"], VIA_GATEWAY)],
+    )  # fmt: skip
+    assert [r.describe() for r in routes] == [
+        "198.19.9.9/32 via 192.0.2.254 dev veth1",
+        "198.19.9.0/24 dev veth1",
+        "198.18.7.0/24 via 192.0.2.254 dev veth1",
+        "0.0.0.0/1 dev cvpn0",
+        "128.0.0.0/1 dev cvpn0",
+    ]  # excluded and included: excluded
+    around, tunnel = split_routes(routes, "cvpn0")
+    assert len(around) == 3 and len(tunnel) == 2
+
+
+def test_an_excluded_network_already_in_the_tunnel_is_refused() -> None:
+    into_tun = RouteInfo(gateway=None, oif=9, ifname="cvpn0", prefsrc=None)
+    with pytest.raises(ValueError, match=r"the excluded 198\.19\.9\.0/24 is routed through"):
+        plan_routes(
+            SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=False,
+            exclude=[(NETS["198.19.9.0/24"], into_tun)],
+        )  # fmt: skip
