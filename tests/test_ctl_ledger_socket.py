@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from cellvpn.billing.keys import KeyPair, load_key
-from cellvpn.billing.viasocket import NO_LEDGER
+from cellvpn.cli.viasocket import NO_LEDGER
 from cellvpn.client.receipts import ReceiptBook
 from cellvpn.config import load_client_config, load_server_config
 from cellvpn.control.service import ControlService

@@ -31,7 +31,6 @@ from twisted.logger import Logger
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.keys import KeyFileError, load_or_create_key
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
-from cellvpn.billing.viasocket import run_in_server
 from cellvpn.config import ServerConfig
 from cellvpn.config.schema import Offload
 from cellvpn.conn import pki
@@ -466,7 +465,12 @@ class VPNServerService(MultiService):
         }
 
     def control_ledger(self, argv: list[str]) -> Deferred[dict[str, Any]]:
-        """``cellvpn-ctl ledger --socket``: a ledger command on this server's own ledger."""
+        """``cellvpn-ctl ledger --socket``: a ledger command on this server's own ledger.
+
+        The ledger commands are the CLI's: loaded on the first such call, not at start.
+        """
+        from cellvpn.cli.viasocket import run_in_server
+
         return run_in_server(self.ledger, argv)
 
     def status(self) -> dict[str, Any]:
