@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cellvpn import __version__
+from cellvpn.cli.configcheck import add_config_commands
 from cellvpn.cli.control import CtlError, call
 from cellvpn.cli.ledger import add_ledger_commands
 from cellvpn.control import text
@@ -107,19 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cellvpn {__version__}")
     parser.add_argument("--socket", help="control socket of the service to talk to")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    # The same two options after the command too (``vpn_stat --json``); SUPPRESS keeps a
+    # value given before the command when the command's parser does not see the option.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the answer as JSON"
+    )
+    common.add_argument(
+        "--socket", default=argparse.SUPPRESS, help="control socket of the service to talk to"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("status", help="the service's stream status")
+    p = sub.add_parser("status", help="the service's stream status", parents=[common])
     p.set_defaults(handler=_status)
-    p = sub.add_parser("vpn_client", help="start, stop or ask the VPN client")
+    p = sub.add_parser("vpn_client", help="start, stop or ask the VPN client", parents=[common])
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("-addr", help="server address (start)")
     p.add_argument("-port", type=int, help="server port (start)")
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_client)
-    p = sub.add_parser("vpn_stat", help="the server's VPN sessions")
+    p = sub.add_parser("vpn_stat", help="the server's VPN sessions", parents=[common])
     p.add_argument("-full", action="store_true", help="more per session, and ended sessions")
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_stat)
+    add_config_commands(sub, common)
     add_ledger_commands(sub)
     return parser
 

@@ -18,13 +18,14 @@ STOP_TEXT = {0: "VPN client stopped successfully", -1: "VPN client not stopped"}
 
 
 def human_bytes(value: int) -> str:
-    """``N bytes`` below 2048, then ``%.2f Kb/Mb/Gb/Tb`` in steps of 1024, as the original."""
+    """``N bytes`` below 2048, then ``%.2f KiB/MiB/GiB/TiB`` in steps of 1024 (the original
+    printed the same figures as Kb, Mb, ...: they are binary multiples of bytes, not bits)."""
     if value < 2048:
         return f"{value} bytes"
     size = float(value)
-    for unit in ("Kb", "Mb", "Gb", "Tb"):
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         size /= 1024
-        if size < 2048 or unit == "Tb":
+        if size < 2048 or unit == "TiB":
             return f"{size:.2f} {unit}"
     raise AssertionError("unreachable")
 
@@ -68,8 +69,8 @@ def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
             _line("packets send", c["from_client_packets"]),
             _line("packets send lost", send_lost),
             _line(
-                "average bitrate",
-                f"{(c['to_client_bytes'] + c['from_client_bytes']) / seconds / 1024:.2f} kbps",
+                "average rate",
+                f"{(c['to_client_bytes'] + c['from_client_bytes']) / seconds / 1024:.2f} KiB/s",
             ),
         ]
         if full:
