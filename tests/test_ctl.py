@@ -90,14 +90,25 @@ def test_config_check_passes_a_good_server_file(tmp_path: Path) -> None:
     assert done.stderr == ""
 
 
-def test_config_check_passes_the_shipped_files() -> None:
-    """The example files in tap-configs load as they are (the client's names no CA file)."""
+def test_config_check_of_the_shipped_files() -> None:
+    """The example server file is good as it is; the client's names no way to trust a server
+    (all commented out), which would stop the client: the check says so."""
     root = Path(__file__).parent.parent / "tap-configs"
     done = ctl("config", "check", str(root / "server.cfg"))
     assert done.returncode == 0, done.stderr
     done = ctl("config", "check", str(root / "client.cfg"))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.endswith("(client)\n")
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"cellvpn-ctl: {root / 'client.cfg'}: [client] needs ca (the server's CA certificate)"
+        " or fingerprint (the server certificate's SHA-256) to trust the server\n"
+    )
+
+
+def test_config_check_passes_a_client_with_a_pin(tmp_path: Path) -> None:
+    cfg = tmp_path / "client.cfg"
+    cfg.write_text("[client]\nserver = 192.0.2.1:8089\nfingerprint = " + "ab" * 32 + "\n")
+    done = ctl("config", "check", str(cfg))
+    assert (done.returncode, done.stdout) == (0, f"config OK: {cfg} (client)\n"), done.stderr
 
 
 def test_config_check_names_each_bad_key_and_fails(tmp_path: Path) -> None:

@@ -53,6 +53,12 @@ def check(path: Path, kind: str | None) -> tuple[str, list[str], list[str]]:
     except ConfigError as e:
         return kind, list(e.warnings), list(e.messages)
     errors = []
+    c = config.client if isinstance(config, ClientConfig) else None
+    if c is not None and c.ca is None and c.fingerprint is None:
+        errors.append(
+            f"{path}: [client] needs ca (the server's CA certificate) or fingerprint "
+            "(the server certificate's SHA-256) to trust the server"
+        )
     for what, named in files_read_at_start(config):
         if not named.is_file():
             errors.append(f"{path}: {what} = {named}: no such file")

@@ -34,6 +34,7 @@ from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
 from cellvpn.client.tunnel import AddressRefusedError, ClientTunnel
 from cellvpn.config import ClientConfig
+from cellvpn.config.reload import describe, plan_reload
 from cellvpn.config.schema import Offload
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, client_tls
@@ -57,6 +58,13 @@ NO_ANSWER = -3
 
 #: Seconds to wait for TCP, TLS, the session setup, the grant and the address.
 CONNECT_TIMEOUT = 15.0
+
+#: What a reload applies while the client runs, by section.
+CLIENT_RELOADABLE: dict[str, frozenset[str]] = {
+    "client": frozenset(
+        {"kill_switch", "reconnect", "keepalive", "congestion", "congestion_lan_rtt", "log_level"}
+    ),
+}
 
 
 class _Factory(Factory):
@@ -153,6 +161,17 @@ class VPNClientService(MultiService):
 
     def _unexpected(self, failure: Failure, what: str) -> None:
         self.log.failure("unexpected failure during {what}", failure, what=what)
+
+    def reload(self, config: ClientConfig) -> defer.Deferred[list[str]]:
+        """Apply what can change of a config read again (SIGHUP), keeping the tunnel.
+
+        ``kill_switch`` and ``reconnect`` hold from the next lost link, ``keepalive`` and the
+        congestion keys from the next connection, ``log_level`` at once; the rest (the
+        server, trust, the TUN, routes, DNS, the wallet) waits for a restart and is named.
+        """
+        plan = plan_reload(self.config, config, CLIENT_RELOADABLE)
+        self.config = plan.config
+        return defer.succeed(describe(plan))
 
     # --- the original's API ----------------------------------------------------------------
 

@@ -76,6 +76,8 @@ class Bill:
     client: bytes
     deposit_id: bytes
     unit: int = Unit.SEC
+    #: the order this session pays by: the one it was offered, kept when a reload changes it
+    order: Order | None = None
     mode: str = "idle"  # idle, grace, paid, stopped
     #: units left (bytes or seconds) of what was paid for
     limit: float = 0
@@ -147,18 +149,7 @@ class ServerBilling:
         self.grace_refused = 0
         self.banned = 0
         self.save_failures = 0
-        self.unit = Unit.SEC if config.price_unit.value == "SEC" else Unit.B
-        self.order = SignedOrder.sign(
-            Order(
-                unit=self.unit,
-                units=config.units,
-                price=config.price,
-                token=config.token,
-                provider=key.public,
-                expires=int(time.time()) + ORDER_LIFETIME,
-            ),
-            key,
-        )
+        self.order = self._sign(config)
         #: marks name the provider and this server instance (``instance``, kept in
         #: state_dir), so a restarted server knows its own and two servers never share them
         self.prefix = f"{key.account_hex}:{instance}:"
@@ -188,14 +179,53 @@ class ServerBilling:
             account=self.key.account_hex,
         )
 
+    def _sign(self, config: BillingSection) -> SignedOrder:
+        unit = Unit.SEC if config.price_unit.value == "SEC" else Unit.B
+        order = Order(
+            unit=unit,
+            units=config.units,
+            price=config.price,
+            token=config.token,
+            provider=self.key.public,
+            expires=int(time.time()) + ORDER_LIFETIME,
+        )
+        return SignedOrder.sign(order, self.key)
+
+    async def reconfigure(self, config: BillingSection) -> bool:
+        """A reload's [billing]: its other keys at once, a new order (price, units, unit,
+        token) for the sessions that come after it. A session keeps the order it was offered,
+        so what a client agreed to never changes under it. True when the order changed."""
+        self.config = config
+        order = self._sign(config)
+        if _terms(order.order) == _terms(self.order.order):
+            return False
+        await self.ledger.put_order(order)  # in the ledger before any client is offered it
+        self.order = order
+        self.log.info(
+            "billing: order {order} = {price} {token} per {units} {unit} for new sessions",
+            order=order.hash.hex()[:16],
+            price=config.price,
+            token=config.token,
+            units=config.units,
+            unit=config.price_unit.value,
+        )
+        return True
+
     async def stop(self) -> None:
         if self._saver is not None and self._saver.running:
             self._saver.stop()
         for session in self.server.sessions:
             await self._finish(session)
 
-    def welcome_order(self) -> bytes:
+    def welcome_order(self, session: ServerSession | None = None) -> bytes:
+        """The order WELCOME offers; ``session`` is held to it (a reload changes only the
+        order of sessions welcomed after it)."""
+        if session is not None:
+            session.order_offered = self.order
         return self.order.encode()
+
+    def _order(self, bill: Bill) -> Order:
+        return bill.order if bill.order is not None else self.order.order
 
     # --- REQUEST ------------------------------------------------------------------------------
 
@@ -217,7 +247,8 @@ class ServerBilling:
         if request.tx_cond == bytes(32):
             self._refuse(session, ErrorCode.NO_TX_HASH, "REQUEST names no deposit")
             return
-        if request.order_hash != self.order.hash:
+        offered = session.order_offered or self.order
+        if request.order_hash != offered.hash:
             self._refuse(session, ErrorCode.PRICE_ERROR, "REQUEST names another order")
             return
         if request.srv_uid != SRV_UID_VPN:
@@ -248,6 +279,7 @@ class ServerBilling:
             client_public=public,
             client=client,
             deposit_id=request.tx_cond,
+            order=offered.order,
             started=self.clock.seconds(),
             subjects=(f"key:{client.hex()}", f"net:{prefix}"),
         )
@@ -376,7 +408,7 @@ class ServerBilling:
     # --- paying -------------------------------------------------------------------------------
 
     def _check_deposit(self, bill: Bill, deposit: DepositRow) -> tuple[ErrorCode, str] | None:
-        order = self.order.order
+        order = self._order(bill)
         if deposit.owner != bill.client:
             return ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"
         if deposit.srv_uid != SRV_UID_VPN:
@@ -426,7 +458,7 @@ class ServerBilling:
             )
             self._paid(session, bill)
             return
-        if bill.locked_left < self.order.order.price:
+        if bill.locked_left < self._order(bill).price:
             if bill.mode == "grace":
                 self._ban(session, bill, self.grace_period * 50)
             self._refuse(
@@ -479,7 +511,7 @@ class ServerBilling:
 
     def _ask(self, session: ServerSession, bill: Bill, kind: str, prev: bytes) -> None:
         """Issue a receipt signed by the provider: SIGN_REQUEST."""
-        order = self.order.order
+        order = self._order(bill)
         info = ReceiptInfo(
             srv_uid=SRV_UID_VPN,
             units_type=order.unit,
@@ -757,7 +789,8 @@ class ServerBilling:
         if bill.mode != "paid" or session.ended:
             return
         self._used_bytes_now(session, bill)  # what passed since the allowance was last set
-        units = self.order.order.units
+        order = self._order(bill)
+        units = order.units
         half = units / 2
         if bill.limit <= 0:
             if bill.redeeming:
@@ -769,7 +802,7 @@ class ServerBilling:
                     else self.config.redeem_credit_seconds
                 )
                 # never more than half a receipt: the debt must be paid by the one redeemed
-                room = min(credit, self.order.order.units / 2) + bill.limit
+                room = min(credit, units / 2) + bill.limit
                 if room > 0 and bill.unit == Unit.B:
                     session.allowance = bill.armed = max(1, int(room))
                 elif room <= 0 and not bill.held:
@@ -780,7 +813,7 @@ class ServerBilling:
             self._stop(session, bill)
             return
         if bill.limit <= half and bill.pending is None and bill.next_failed is None:
-            if bill.locked_left >= self.order.order.price:
+            if bill.locked_left >= order.price:
                 self.log.info(
                     "session {sid}: {left} {unit} left of {units}: asking for the next receipt",
                     sid=_sid(session),
@@ -956,6 +989,10 @@ class ServerBilling:
             "locked_left": str(bill.locked_left),
             "stopped_at": bill.stopped_at,
         }
+
+
+def _terms(order: Order) -> tuple[int, int, int, str]:
+    return order.unit, order.units, order.price, order.token
 
 
 def _unit_name(unit: int) -> str:
