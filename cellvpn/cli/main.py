@@ -77,10 +77,30 @@ def _vpn_client(ns: argparse.Namespace) -> int:
             words += f"\n{reason}"
         _emit(ns, {"code": code, "text": words, **answer}, words)
         return _exit_code(code)
+    if ns.action == "check":
+        return _vpn_client_check(ns, sock)
     answer = call(sock, "vpn_client_stop", {}, timeout=60)
     code = int(answer["code"])
     words = text.STOP_TEXT.get(code, "VPN client not stopped")
     _emit(ns, {"code": code, "text": words, **answer}, words)
+    return _exit_code(code)
+
+
+def _vpn_client_check(ns: argparse.Namespace, sock: str) -> int:
+    """``vpn_client check -addr A -port P``: run by the client, which times the answer."""
+    if ns.addr is None:
+        raise CtlError("VPN server address not defined, use -addr <server_address>", 255)
+    if ns.port is None:
+        raise CtlError("VPN server port not defined, use -port <server_port>", 255)
+    args = {"addr": ns.addr, "port": ns.port, "size": ns.size, "timeout": ns.timeout}
+    answer = call(sock, "vpn_client_check", args, timeout=ns.timeout + 30)
+    code = int(answer["code"])
+    words = text.CHECK_TEXT.get(code, "Can't check VPN server")
+    if code == 0:
+        words += "\n" + text.check_figures(answer)
+    elif answer.get("reason"):
+        words += f"\n{answer['reason']}"
+    _emit(ns, {"text": words, **answer}, words)
     return _exit_code(code)
 
 
@@ -121,9 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the service's stream status", parents=[common])
     p.set_defaults(handler=_status)
     p = sub.add_parser("vpn_client", help="start, stop or ask the VPN client", parents=[common])
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("-addr", help="server address (start)")
-    p.add_argument("-port", type=int, help="server port (start)")
+    p.add_argument("action", choices=["start", "stop", "status", "check"])
+    p.add_argument("-addr", help="server address (start, check)")
+    p.add_argument("-port", type=int, help="server port (start, check)")
+    p.add_argument(
+        "-size", type=int, default=10240, help="check: bytes sent and asked for (at most 10240)"
+    )
+    p.add_argument(
+        "-timeout", type=float, default=10.0, help="check: seconds to wait for the answer"
+    )
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_client)
     p = sub.add_parser("vpn_stat", help="the server's VPN sessions", parents=[common])

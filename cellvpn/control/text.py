@@ -15,6 +15,23 @@ START_TEXT = {
     -3: "Can't connect to VPN server",
 }
 STOP_TEXT = {0: "VPN client stopped successfully", -1: "VPN client not stopped"}
+CHECK_TEXT = {
+    0: "VPN server checked successfully",
+    -1: "Can't check VPN server: bad parameters",
+    -2: "Can't connect to VPN server",
+    -3: "No answer from VPN server",
+}
+
+
+def check_figures(answer: Mapping[str, Any]) -> str:
+    """``vpn_client check``'s figures: connect time, round trip, bytes and their rate."""
+    rate = float(answer["bytes_per_second"]) / 1024
+    return (
+        f"connect {float(answer['connect_ms']):.2f} ms, rtt {float(answer['rtt_ms']):.2f} ms, "
+        f"sent {human_bytes(int(answer['sent_bytes']))}, "
+        f"received {human_bytes(int(answer['received_bytes']))}, {rate:.2f} KiB/s"
+        + (f"; the server saw us as {answer['seen_as']}" if answer.get("seen_as") else "")
+    )
 
 
 def human_bytes(value: int) -> str:
