@@ -33,9 +33,13 @@ def test_check_measures_a_server_and_says_why_when_it_cannot(netns: Any, tmp_pat
     assert answer["bytes_per_second"] > 0 and answer["seen_as"] == "192.0.2.2"
     assert answer["text"].startswith("VPN server checked successfully\nconnect ")
     text = ctl(cli, lab.socket("client"), "vpn_client", "check", "-addr", SERVER_IP,
-               "-port", "8089", "-size", "100").stdout  # fmt: skip
+               "-port", "8089").stdout  # fmt: skip
+    print(text)  # the figures (-s shows them)
     assert text.startswith("VPN server checked successfully\nconnect ")
-    assert "sent 100 bytes, received 100 bytes" in text
+    assert "sent 10.00 KiB, received 10.00 KiB" in text
+    small = ctl(cli, lab.socket("client"), "--json", "vpn_client", "check", "-addr", SERVER_IP,
+                "-port", "8089", "-size", "100").stdout  # fmt: skip
+    assert json.loads(small)["sent_bytes"] == json.loads(small)["received_bytes"] == 100
 
     code, answer, _ = check(lab, cli, "-addr", SERVER_IP, "-port", "8090", "-timeout", "5")
     assert (code, answer["code"]) == (254, -2) and "refused" in answer["reason"].lower()
