@@ -134,6 +134,8 @@ class ExitOnStartupError(MultiService):
         reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[attr-defined]
         if reactor.running:  # type: ignore[attr-defined]
             reactor.stop()  # type: ignore[attr-defined]
+        else:  # twist starts the service before it runs the reactor
+            reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
 
     def privilegedStartService(self) -> None:
         self._privileged = True
@@ -144,7 +146,7 @@ class ExitOnStartupError(MultiService):
             raise SystemExit(1) from None
 
     def startService(self) -> None:
-        if not self._privileged:  # twist: the reactor runs already, SystemExit would be lost
+        if not self._privileged:  # twist: a failure ends the process through fatal()
             self._privileged = True
             try:
                 MultiService.privilegedStartService(self)

@@ -92,3 +92,27 @@ def test_json_log_sighup_reload_and_notify(tmp_path: Path) -> None:
             proc.wait()
         listener.close()
     assert all("Traceback" not in line for line in lines(log))
+
+
+def test_twist_that_cannot_start_says_why_and_exits_1(tmp_path: Path) -> None:
+    """Under twist the privileged start runs in startService, before twist runs the reactor:
+    a start-up error is one line and exit status 1, not a process left running."""
+    cfg = tmp_path / "server.cfg"
+    cfg.write_text(
+        CONFIG.format(more="", state=tmp_path / "state", sock=tmp_path / "s.sock").replace(
+            "log_format = json\n", ""
+        )
+        + "[tls]\ncertificate = nope.pem\nprivate_key = nope.key\n"
+    )
+    done = subprocess.run(
+        [str(VENV_BIN / "twist"), "--log-format", "text", "cellvpn", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert f"cellvpn cannot go on: cannot start: certificate file {tmp_path}/nope.pem" in (
+        done.stdout + done.stderr
+    )
+    assert "Traceback" not in done.stdout + done.stderr
