@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from cellvpn.billing.keys import KeyPair, load_key
-from cellvpn.billing.viasocket import NO_LEDGER
+from cellvpn.cli.viasocket import NO_LEDGER
 from cellvpn.client.receipts import ReceiptBook
 from cellvpn.config import load_client_config, load_server_config
 from cellvpn.control.service import ControlService
@@ -207,8 +207,9 @@ async def test_metrics_over_http(server: Running, reactor: Any) -> None:
     assert code == 200 and ctype == "text/plain; version=0.0.4; charset=utf-8"
     text = body.decode()
     assert "# TYPE cellvpn_billing_receipts_redeemed_total counter\n" in text
-    assert "\ncellvpn_billing_receipts_redeemed_total 0\n" in text
-    assert "\ncellvpn_sessions_active 0\n" in text
+    assert "\ncellvpn_billing_receipts_redeemed_total 0.0\n" in text
+    assert "\ncellvpn_sessions_active 0.0\n" in text
+    assert "\nprocess_open_fds " in text
     code, _, body = await http_get(server.metrics_url("/nothing"))
     assert code == 404 and b"Traceback" not in body
 

@@ -28,19 +28,28 @@ from twisted.python.failure import Failure
 from cellvpn.billing.keys import KeyFileError
 from cellvpn.client.backoff import Backoff
 from cellvpn.client.billing import ClientBilling
+from cellvpn.client.check import (
+    CHECK_BAD_PARAMETERS,
+    CHECK_TIMEOUT,
+    CheckStream,
+    check_parameters,
+)
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
 from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
 from cellvpn.client.tunnel import AddressRefusedError, ClientTunnel
 from cellvpn.config import ClientConfig
+from cellvpn.config.reload import describe, plan_reload
 from cellvpn.config.schema import Offload
 from cellvpn.conn.protocol import StreamProtocol
 from cellvpn.conn.tls import TLSConfigError, client_tls
 from cellvpn.conn.tlsbulk import bulk_tls_factory
 from cellvpn.control.service import ControlService
+from cellvpn.control.text import CHECK_TEXT
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import NetConfigError
+from cellvpn.server.check import MAX_CHECK_DATA
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.tun.device import TunError
@@ -57,6 +66,13 @@ NO_ANSWER = -3
 
 #: Seconds to wait for TCP, TLS, the session setup, the grant and the address.
 CONNECT_TIMEOUT = 15.0
+
+#: What a reload applies while the client runs, by section.
+CLIENT_RELOADABLE: dict[str, frozenset[str]] = {
+    "client": frozenset(
+        {"kill_switch", "reconnect", "keepalive", "congestion", "congestion_lan_rtt", "log_level"}
+    ),
+}
 
 
 class _Factory(Factory):
@@ -153,6 +169,17 @@ class VPNClientService(MultiService):
 
     def _unexpected(self, failure: Failure, what: str) -> None:
         self.log.failure("unexpected failure during {what}", failure, what=what)
+
+    def reload(self, config: ClientConfig) -> defer.Deferred[list[str]]:
+        """Apply what can change of a config read again (SIGHUP), keeping the tunnel.
+
+        ``kill_switch`` and ``reconnect`` hold from the next lost link, ``keepalive`` and the
+        congestion keys from the next connection, ``log_level`` at once; the rest (the
+        server, trust, the TUN, routes, DNS, the wallet) waits for a restart and is named.
+        """
+        plan = plan_reload(self.config, config, CLIENT_RELOADABLE)
+        self.config = plan.config
+        return defer.succeed(describe(plan))
 
     # --- the original's API ----------------------------------------------------------------
 
@@ -275,6 +302,50 @@ class VPNClientService(MultiService):
 
     def control_vpn_client_stop(self) -> defer.Deferred[dict[str, Any]]:
         return self.stop().addCallback(self._answer)
+
+    def control_vpn_client_check(
+        self, addr: str, port: int, size: int = MAX_CHECK_DATA, timeout: float = CHECK_TIMEOUT
+    ) -> defer.Deferred[dict[str, Any]]:
+        """``vpn_client check``: CHECK_REQUEST/CHECK_RESPONSE to ``addr:port`` on a stream of
+        its own (the tunnel, if up, is not touched); ``code`` as the original's."""
+        why = check_parameters(addr, port, size, timeout)
+        tls = None
+        if why is None:
+            try:
+                tls = self._client_tls(addr.strip())
+            except (StartupError, TLSConfigError) as e:
+                why = str(e)
+        if why is not None or tls is None:
+            return defer.succeed({"code": CHECK_BAD_PARAMETERS, "reason": why})
+        host = addr.strip()
+        check = CheckStream(self.reactor, size, float(timeout))
+        c = self.config.client
+
+        def build() -> Protocol:
+            return StreamProtocol(
+                StreamConnection(Role.CLIENT, self.stream_settings),
+                check,
+                self.reactor,
+                c.congestion,
+                c.congestion_lan_rtt,
+            )
+
+        tcp = HostnameEndpoint(self.reactor, host, port, timeout=min(timeout, CONNECT_TIMEOUT))
+        d = tcp.connect(bulk_tls_factory(tls, True, _Factory(build)))
+        d.addErrback(lambda f: check.failed_to_connect(f.getErrorMessage()))
+        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+        def answer(outcome: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+            code, facts = outcome
+            self.log.info(
+                "check of {server}: {text}{why}",
+                server=server,
+                text=CHECK_TEXT[code],
+                why=f" ({facts['reason']})" if facts.get("reason") else "",
+            )
+            return {"code": code, "server": server, **facts}
+
+        return check.done.addCallback(answer)
 
     def control_local_receipts(self) -> list[dict[str, Any]]:
         """``cellvpn-ctl ledger receipts --local --socket``: every receipt this client signed."""

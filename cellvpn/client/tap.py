@@ -6,7 +6,8 @@ from typing import Any, ClassVar
 
 from twisted.application.service import IService
 
-from cellvpn.config import load_client_config
+from cellvpn.config import ClientConfig, load_client_config
+from cellvpn.logsetup import twistd_log
 from cellvpn.tapsupport import (
     BaseOptions,
     ExitOnStartupError,
@@ -38,4 +39,18 @@ def makeService(options: Options) -> IService:
 
     config = load_or_exit(load_client_config, options)
     log_warnings(config.warnings)
-    return ExitOnStartupError(VPNClientService(config))
+    section = config.client
+    overrides = dict(options.overrides)
+
+    def load() -> ClientConfig:
+        """The same file (by its absolute path) and overrides, for a reload."""
+        return load_client_config(config.source, overrides)
+
+    return ExitOnStartupError(
+        VPNClientService(config),
+        load=load,
+        service_log=twistd_log(
+            getattr(options, "parent", None), section.log_format, section.log_level
+        ),
+        level_of=lambda c: c.client.log_level,
+    )

@@ -82,6 +82,33 @@ def _idle_after_keepalive(keepalive: float, idle_timeout: float) -> str | None:
     return None
 
 
+class LogLevelName(StrEnum):
+    """The least severe log events written."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class LogFormat(StrEnum):
+    """How log events are written: a line of text each, or one JSON object each."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+_LOG_LEVEL_DOC = (
+    "Least severe events logged: debug, info, warn, error or critical; SIGHUP applies a change."
+)
+_LOG_FORMAT_DOC = (
+    "text = a line per event; json = one JSON object per event (twisted.logger's format, as"
+    " eventsFromJSONLogFile reads it), for log shippers. Under twistd only (twist has"
+    " --log-format)."
+)
+
+
 @dataclass(frozen=True)
 class ServerSection:
     """Where the server listens for client streams, and how it keeps them alive."""
@@ -132,6 +159,8 @@ class ServerSection:
         64,
         "Prefix length that makes IPv6 client addresses one source (as source_prefix_v4).",
     )
+    log_level: LogLevelName = option(choice(LogLevelName), LogLevelName.INFO, _LOG_LEVEL_DOC)
+    log_format: LogFormat = option(choice(LogFormat), LogFormat.TEXT, _LOG_FORMAT_DOC)
 
     checks: ClassVar[tuple[Check, ...]] = (
         Check(("keepalive", "idle_timeout"), _idle_after_keepalive),
@@ -209,7 +238,6 @@ class SrvVpnSection:
         "Seconds of service before a payment must show up; a client that never pays is banned"
         " for 50 times this.",
     )
-    debug_more: bool = option(BOOL, False, "Log every packet (verbose, for debugging).")
     dns: tuple[IPv4Address, ...] = option(
         _IPV4_LIST, (), "DNS servers offered to clients; empty = none offered."
     )
@@ -326,7 +354,8 @@ class ClientSection:
     ca: Path | None = option(
         _OPTIONAL_PATH,
         None,
-        "PEM CA certificates to verify the server with; empty = the system's trusted CAs.",
+        "PEM CA certificates to verify the server with (the server's state_dir/tls/ca.pem);"
+        " the client needs this or fingerprint: it never falls back to the system's CAs.",
     )
     fingerprint: str | None = option(
         optional(FINGERPRINT),
@@ -413,6 +442,8 @@ class ClientSection:
     state_dir: Path = option(
         PATH, Path("/var/lib/cellvpn-client"), "Folder for the client's state."
     )
+    log_level: LogLevelName = option(choice(LogLevelName), LogLevelName.INFO, _LOG_LEVEL_DOC)
+    log_format: LogFormat = option(choice(LogFormat), LogFormat.TEXT, _LOG_FORMAT_DOC)
 
     checks: ClassVar[tuple[Check, ...]] = (
         at_most_one("ca", "fingerprint"),

@@ -15,16 +15,34 @@ START_TEXT = {
     -3: "Can't connect to VPN server",
 }
 STOP_TEXT = {0: "VPN client stopped successfully", -1: "VPN client not stopped"}
+CHECK_TEXT = {
+    0: "VPN server checked successfully",
+    -1: "Can't check VPN server: bad parameters",
+    -2: "Can't connect to VPN server",
+    -3: "No answer from VPN server",
+}
+
+
+def check_figures(answer: Mapping[str, Any]) -> str:
+    """``vpn_client check``'s figures: connect time, round trip, bytes and their rate."""
+    rate = float(answer["bytes_per_second"]) / 1024
+    return (
+        f"connect {float(answer['connect_ms']):.2f} ms, rtt {float(answer['rtt_ms']):.2f} ms, "
+        f"sent {human_bytes(int(answer['sent_bytes']))}, "
+        f"received {human_bytes(int(answer['received_bytes']))}, {rate:.2f} KiB/s"
+        + (f"; the server saw us as {answer['seen_as']}" if answer.get("seen_as") else "")
+    )
 
 
 def human_bytes(value: int) -> str:
-    """``N bytes`` below 2048, then ``%.2f Kb/Mb/Gb/Tb`` in steps of 1024, as the original."""
+    """``N bytes`` below 2048, then ``%.2f KiB/MiB/GiB/TiB`` in steps of 1024 (the original
+    printed the same figures as Kb, Mb, ...: they are binary multiples of bytes, not bits)."""
     if value < 2048:
         return f"{value} bytes"
     size = float(value)
-    for unit in ("Kb", "Mb", "Gb", "Tb"):
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         size /= 1024
-        if size < 2048 or unit == "Tb":
+        if size < 2048 or unit == "TiB":
             return f"{size:.2f} {unit}"
     raise AssertionError("unreachable")
 
@@ -68,8 +86,8 @@ def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
             _line("packets send", c["from_client_packets"]),
             _line("packets send lost", send_lost),
             _line(
-                "average bitrate",
-                f"{(c['to_client_bytes'] + c['from_client_bytes']) / seconds / 1024:.2f} kbps",
+                "average rate",
+                f"{(c['to_client_bytes'] + c['from_client_bytes']) / seconds / 1024:.2f} KiB/s",
             ),
         ]
         if full:

@@ -78,6 +78,8 @@ class Bill:
     client: bytes
     deposit_id: bytes
     unit: int = Unit.SEC
+    #: the order this session pays by: the one it was offered, kept when a reload changes it
+    order: Order | None = None
     #: idle, grace, paid, stopped: the bill's life (``cellvpn.billing.meter``)
     life: Machine[BillState, BillInput] = field(default_factory=new_bill_machine)
     #: units left (bytes or seconds) of what was paid for
@@ -154,18 +156,7 @@ class ServerBilling:
         self.grace_refused = 0
         self.banned = 0
         self.save_failures = 0
-        self.unit = Unit.SEC if config.price_unit.value == "SEC" else Unit.B
-        self.order = SignedOrder.sign(
-            Order(
-                unit=self.unit,
-                units=config.units,
-                price=config.price,
-                token=config.token,
-                provider=key.public,
-                expires=int(time.time()) + ORDER_LIFETIME,
-            ),
-            key,
-        )
+        self.order = self._sign(config)
         #: marks name the provider and this server instance (``instance``, kept in
         #: state_dir), so a restarted server knows its own and two servers never share them
         self.prefix = f"{key.account_hex}:{instance}:"
@@ -195,14 +186,53 @@ class ServerBilling:
             account=self.key.account_hex,
         )
 
+    def _sign(self, config: BillingSection) -> SignedOrder:
+        unit = Unit.SEC if config.price_unit.value == "SEC" else Unit.B
+        order = Order(
+            unit=unit,
+            units=config.units,
+            price=config.price,
+            token=config.token,
+            provider=self.key.public,
+            expires=int(time.time()) + ORDER_LIFETIME,
+        )
+        return SignedOrder.sign(order, self.key)
+
+    async def reconfigure(self, config: BillingSection) -> bool:
+        """A reload's [billing]: its other keys at once, a new order (price, units, unit,
+        token) for the sessions that come after it. A session keeps the order it was offered,
+        so what a client agreed to never changes under it. True when the order changed."""
+        self.config = config
+        order = self._sign(config)
+        if _terms(order.order) == _terms(self.order.order):
+            return False
+        await self.ledger.put_order(order)  # in the ledger before any client is offered it
+        self.order = order
+        self.log.info(
+            "billing: order {order} = {price} {token} per {units} {unit} for new sessions",
+            order=order.hash.hex()[:16],
+            price=config.price,
+            token=config.token,
+            units=config.units,
+            unit=config.price_unit.value,
+        )
+        return True
+
     async def stop(self) -> None:
         if self._saver is not None and self._saver.running:
             self._saver.stop()
         for session in self.server.sessions:
             await self._finish(session)
 
-    def welcome_order(self) -> bytes:
+    def welcome_order(self, session: ServerSession | None = None) -> bytes:
+        """The order WELCOME offers; ``session`` is held to it (a reload changes only the
+        order of sessions welcomed after it)."""
+        if session is not None:
+            session.order_offered = self.order
         return self.order.encode()
+
+    def _order(self, bill: Bill) -> Order:
+        return bill.order if bill.order is not None else self.order.order
 
     # --- REQUEST ------------------------------------------------------------------------------
 
@@ -224,7 +254,8 @@ class ServerBilling:
         if request.tx_cond == bytes(32):
             self._refuse(session, ErrorCode.NO_TX_HASH, "REQUEST names no deposit")
             return
-        if request.order_hash != self.order.hash:
+        offered = session.order_offered or self.order
+        if request.order_hash != offered.hash:
             self._refuse(session, ErrorCode.PRICE_ERROR, "REQUEST names another order")
             return
         if request.srv_uid != SRV_UID_VPN:
@@ -255,6 +286,7 @@ class ServerBilling:
             client_public=public,
             client=client,
             deposit_id=request.tx_cond,
+            order=offered.order,
             started=self.clock.seconds(),
             subjects=(f"key:{client.hex()}", f"net:{prefix}"),
         )
@@ -383,7 +415,7 @@ class ServerBilling:
     # --- paying -------------------------------------------------------------------------------
 
     def _check_deposit(self, bill: Bill, deposit: DepositRow) -> tuple[ErrorCode, str] | None:
-        order = self.order.order
+        order = self._order(bill)
         if deposit.owner != bill.client:
             return ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"
         if deposit.srv_uid != SRV_UID_VPN:
@@ -433,7 +465,7 @@ class ServerBilling:
             )
             self._paid(session, bill)
             return
-        if bill.locked_left < self.order.order.price:
+        if bill.locked_left < self._order(bill).price:
             if bill.mode == "grace":
                 self._ban(session, bill, self.grace_period * 50)
             self._refuse(
@@ -486,7 +518,7 @@ class ServerBilling:
 
     def _ask(self, session: ServerSession, bill: Bill, kind: str, prev: bytes) -> None:
         """Issue a receipt signed by the provider: SIGN_REQUEST."""
-        order = self.order.order
+        order = self._order(bill)
         info = ReceiptInfo(
             srv_uid=SRV_UID_VPN,
             units_type=order.unit,
@@ -765,7 +797,7 @@ class ServerBilling:
             return
         self._used_bytes_now(session, bill)  # what passed since the allowance was last set
         by_bytes = bill.unit == Unit.B
-        order = self.order.order
+        order = self._order(bill)
         decision = decide(
             Reading(
                 limit=bill.limit,
@@ -966,6 +998,10 @@ class ServerBilling:
             "locked_left": str(bill.locked_left),
             "stopped_at": bill.stopped_at,
         }
+
+
+def _terms(order: Order) -> tuple[int, int, int, str]:
+    return order.unit, order.units, order.price, order.token
 
 
 def _unit_name(unit: int) -> str:

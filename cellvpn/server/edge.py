@@ -133,7 +133,7 @@ class Refusals:
         self.counts: dict[str, int] = {}
         self._say = say
         self._clock = clock
-        self._interval = interval
+        self.interval = interval
         self._said_at: dict[Refusal, float] = {}
         self._since: dict[Refusal, int] = {}
 
@@ -142,7 +142,7 @@ class Refusals:
         self.counts[kind.value] = self.counts.get(kind.value, 0) + 1
         self._since[kind] = self._since.get(kind, 0) + 1
         now = self._clock()
-        if now - self._said_at.get(kind, float("-inf")) >= self._interval:
+        if now - self._said_at.get(kind, float("-inf")) >= self.interval:
             self._said_at[kind] = now
             self._say(kind, self._since.pop(kind), example)
 

@@ -4,9 +4,11 @@ Served on ``[metrics] listen`` (a Twisted endpoint string; empty = off). Nothing
 any state; the ledger is read on its own thread (never on the reactor's), and an error reaches
 the HTTP client as a status and one line of JSON or text, never as a traceback.
 
-- ``GET /metrics``: the Prometheus text exposition format, version 0.0.4. Traffic is summed over
-  live sessions and every session that ended, labelled only by direction and drop reason, so the
-  number of series does not grow with the number of clients.
+- ``GET /metrics``: the Prometheus text exposition format, version 0.0.4, written by
+  prometheus_client from a collector that reads the server's counters at scrape time, plus the
+  process's own metrics. Traffic is summed over live sessions and every session that ended,
+  labelled only by direction and drop reason, so the number of series does not grow with the
+  number of clients.
 - ``GET /remain_limits_vpn?net_id=<dec>&user_pkey_hash=<hex>``: what a client has left with this
   provider, as the original's JSON ``{net_id, srv_uid, user_pkey_hash, server_pkey_hash,
   limit_bytes, limit_sec}``.
@@ -17,10 +19,20 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -41,7 +53,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
 JSON_TYPE = b"application/json"
 
 _COUNTER_NAMES = tuple(f.name for f in fields(SessionCounters))
@@ -81,47 +93,159 @@ Sample = tuple[Mapping[str, str], int | float]
 # --- /metrics ------------------------------------------------------------------------------
 
 
-class Exposition:
-    """Metric families written as the text format wants: HELP, TYPE, then the samples."""
-
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
-        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
-        self._lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
-
-    def one(self, name: str, kind: str, help_text: str, value: int | float) -> None:
-        self.family(name, kind, help_text, [({}, value)])
-
-    def render(self) -> bytes:
-        return ("\n".join(self._lines) + "\n").encode()
+def _family(
+    kind: str, name: str, help_text: str, samples: Iterable[Sample]
+) -> CounterMetricFamily | GaugeMetricFamily:
+    """One family from ``(labels, value)`` samples; every sample has the same label names."""
+    rows = list(samples)
+    names = list(rows[0][0]) if rows else []
+    family: CounterMetricFamily | GaugeMetricFamily
+    if kind == "counter":
+        family = CounterMetricFamily(name, help_text, labels=names)
+    else:
+        family = GaugeMetricFamily(name, help_text, labels=names)
+    for labels, number in rows:
+        family.add_metric([labels[n] for n in names], number)
+    return family
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def _one(kind: str, name: str, help_text: str, number: int | float) -> Metric:
+    return _family(kind, name, help_text, [({}, number)])
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class ServerCollector(Collector):
+    """The server's counters, read at scrape time (nothing is kept twice or updated per
+    packet): a custom collector over what the sessions, the forwarder, the pool, the TUN and
+    billing count anyway."""
 
+    def __init__(self, server: VPNServerService) -> None:
+        self.vpn = server
 
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items()) + "}"
+    def describe(self) -> list[Metric]:
+        """Nothing: the registry then does not collect at registration (the TUN and billing
+        families come and go with the server's state)."""
+        return []
 
-
-def _number(value: int | float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+    def collect(self) -> Iterator[Metric]:
+        server = self.vpn
+        t = session_totals(server)
+        yield _family(
+            "gauge",
+            "cellvpn_build_info",
+            "The running cellvpn version, as a label (the value is always 1).",
+            [({"version": __version__}, 1)],
+        )
+        yield _one(
+            "gauge", "cellvpn_sessions_active", "Live client sessions.", len(server.sessions)
+        )
+        yield _one(
+            "counter",
+            "cellvpn_sessions_ended_total",
+            "Client sessions ended since the server started.",
+            server.finished.ended,
+        )
+        yield _family(
+            "counter",
+            "cellvpn_ip_packets_total",
+            "IPv4 packets carried between clients and the TUN (offload super-packets count as the "
+            "packets they stand for).",
+            [({"direction": d}, t[f"{d}_packets"]) for d in _DIRECTIONS],
+        )
+        yield _family(
+            "counter",
+            "cellvpn_ip_bytes_total",
+            "IP bytes carried between clients and the TUN: whole IPv4 packets, header included, "
+            "stream and TLS overhead excluded.",
+            [({"direction": d}, t[f"{d}_bytes"]) for d in _DIRECTIONS],
+        )
+        yield _family(
+            "counter",
+            "cellvpn_ip_lost_bytes_total",
+            "IP bytes of packets dropped on their way between a client and the TUN.",
+            [({"direction": d}, t[f"{d}_lost_bytes"]) for d in _DIRECTIONS],
+        )
+        fwd = server.forwarder
+        drops: list[Sample] = [
+            ({"direction": "from_client", "reason": reason}, t[field])
+            for reason, field in _FROM_CLIENT_DROPS
+        ]
+        drops += [
+            ({"direction": "to_client", "reason": "queue_full"}, t["dropped_queue_full"]),
+            ({"direction": "to_client", "reason": "rate_limit"}, t["dropped_rate_down"]),
+            ({"direction": "to_client", "reason": "no_route"}, fwd.dropped_no_route),
+            ({"direction": "to_client", "reason": "malformed"}, fwd.dropped_malformed),
+        ]
+        yield _family(
+            "counter",
+            "cellvpn_dropped_packets_total",
+            "Packets dropped, by direction and reason.",
+            drops,
+        )
+        yield _family(
+            "counter",
+            "cellvpn_proxy_bytes_total",
+            "TCP payload bytes carried by the L4 proxy.",
+            [({"direction": d}, t[f"proxy_{d}_bytes"]) for d in _DIRECTIONS],
+        )
+        yield _family(
+            "counter",
+            "cellvpn_refused_total",
+            "Connections, sessions and packets refused or cut off at the edge, by kind.",
+            [({"kind": kind.value}, server.refusals.counts.get(kind.value, 0)) for kind in Refusal],
+        )
+        edge = server.edge_stats()
+        yield _one("gauge", "cellvpn_streams", "Streams (TCP connections) open.", edge["streams"])
+        yield _one("gauge", "cellvpn_handshakes", "TLS handshakes in flight.", edge["handshakes"])
+        yield _one(
+            "gauge",
+            "cellvpn_ledger_queued",
+            "Ledger calls queued or running.",
+            edge["ledger_queued"],
+        )
+        pool = server.pool.stats()
+        yield _one("gauge", "cellvpn_pool_leased", "Addresses leased to sessions.", pool["leased"])
+        yield _one(
+            "gauge",
+            "cellvpn_pool_held",
+            "Addresses kept for clients that left, until lease_hold passes.",
+            pool["held"],
+        )
+        yield _one(
+            "gauge", "cellvpn_pool_capacity", "Addresses the pool can lease.", pool["capacity"]
+        )
+        yield _one(
+            "gauge", "cellvpn_tun_up", "1 when the TUN is configured and up.", int(server.tun_ready)
+        )
+        tun = server.tun
+        if tun is not None:
+            for name, attr, help_text in _TUN_COUNTERS:
+                yield _one("counter", name, help_text, getattr(tun.stats, attr))
+            s = tun.stats
+            yield _family(
+                "counter",
+                "cellvpn_tun_errors_total",
+                "TUN errors: writes the device refused (eio, invalid, other), failed reads (read).",
+                [
+                    ({"kind": "eio"}, s.errors_eio),
+                    ({"kind": "invalid"}, s.errors_invalid),
+                    ({"kind": "other"}, s.errors_other),
+                    ({"kind": "read"}, s.read_errors),
+                ],
+            )
+        billing = server.billing
+        if billing is not None:
+            yield _one(
+                "counter",
+                "cellvpn_billing_receipts_redeemed_total",
+                "Signed receipts redeemed in the ledger.",
+                billing.redeemed,
+            )
+            yield _one(
+                "counter",
+                "cellvpn_billing_receipts_refused_total",
+                "Signed receipts refused (bad client signature, or by the ledger).",
+                billing.refused,
+            )
 
 
 def session_totals(server: VPNServerService) -> Counter[str]:
@@ -136,121 +260,22 @@ def session_totals(server: VPNServerService) -> Counter[str]:
     return totals
 
 
-def exposition(server: VPNServerService) -> bytes:
+def registry_for(server: VPNServerService, process: bool = True) -> CollectorRegistry:
+    """The server's own registry (never prometheus_client's global one, so two servers in one
+    process never mix): its collector and, with ``process``, the process's CPU, memory, file
+    descriptors and start time, the Python version and the garbage collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(server))
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+def exposition(server: VPNServerService, registry: CollectorRegistry | None = None) -> bytes:
     """The server's metrics now, in the Prometheus text format 0.0.4."""
-    out = Exposition()
-    t = session_totals(server)
-    out.family(
-        "cellvpn_build_info",
-        "gauge",
-        "The running cellvpn version, as a label (the value is always 1).",
-        [({"version": __version__}, 1)],
-    )
-    out.one("cellvpn_sessions_active", "gauge", "Live client sessions.", len(server.sessions))
-    out.one(
-        "cellvpn_sessions_ended_total",
-        "counter",
-        "Client sessions ended since the server started.",
-        server.finished.ended,
-    )
-    out.family(
-        "cellvpn_ip_packets_total",
-        "counter",
-        "IPv4 packets carried between clients and the TUN (offload super-packets count as the "
-        "packets they stand for).",
-        [({"direction": d}, t[f"{d}_packets"]) for d in _DIRECTIONS],
-    )
-    out.family(
-        "cellvpn_ip_bytes_total",
-        "counter",
-        "IP bytes carried between clients and the TUN: whole IPv4 packets, header included, "
-        "stream and TLS overhead excluded.",
-        [({"direction": d}, t[f"{d}_bytes"]) for d in _DIRECTIONS],
-    )
-    out.family(
-        "cellvpn_ip_lost_bytes_total",
-        "counter",
-        "IP bytes of packets dropped on their way between a client and the TUN.",
-        [({"direction": d}, t[f"{d}_lost_bytes"]) for d in _DIRECTIONS],
-    )
-    fwd = server.forwarder
-    drops: list[Sample] = [
-        ({"direction": "from_client", "reason": reason}, t[field])
-        for reason, field in _FROM_CLIENT_DROPS
-    ]
-    drops += [
-        ({"direction": "to_client", "reason": "queue_full"}, t["dropped_queue_full"]),
-        ({"direction": "to_client", "reason": "rate_limit"}, t["dropped_rate_down"]),
-        ({"direction": "to_client", "reason": "no_route"}, fwd.dropped_no_route),
-        ({"direction": "to_client", "reason": "malformed"}, fwd.dropped_malformed),
-    ]
-    out.family(
-        "cellvpn_dropped_packets_total",
-        "counter",
-        "Packets dropped, by direction and reason.",
-        drops,
-    )
-    out.family(
-        "cellvpn_proxy_bytes_total",
-        "counter",
-        "TCP payload bytes carried by the L4 proxy.",
-        [({"direction": d}, t[f"proxy_{d}_bytes"]) for d in _DIRECTIONS],
-    )
-    out.family(
-        "cellvpn_refused_total",
-        "counter",
-        "Connections, sessions and packets refused or cut off at the edge, by kind.",
-        [({"kind": kind.value}, server.refusals.counts.get(kind.value, 0)) for kind in Refusal],
-    )
-    edge = server.edge_stats()
-    out.one("cellvpn_streams", "gauge", "Streams (TCP connections) open.", edge["streams"])
-    out.one("cellvpn_handshakes", "gauge", "TLS handshakes in flight.", edge["handshakes"])
-    out.one(
-        "cellvpn_ledger_queued", "gauge", "Ledger calls queued or running.", edge["ledger_queued"]
-    )
-    pool = server.pool.stats()
-    out.one("cellvpn_pool_leased", "gauge", "Addresses leased to sessions.", pool["leased"])
-    out.one(
-        "cellvpn_pool_held",
-        "gauge",
-        "Addresses kept for clients that left, until lease_hold passes.",
-        pool["held"],
-    )
-    out.one("cellvpn_pool_capacity", "gauge", "Addresses the pool can lease.", pool["capacity"])
-    out.one(
-        "cellvpn_tun_up", "gauge", "1 when the TUN is configured and up.", int(server.tun_ready)
-    )
-    tun = server.tun
-    if tun is not None:
-        for name, attr, help_text in _TUN_COUNTERS:
-            out.one(name, "counter", help_text, getattr(tun.stats, attr))
-        s = tun.stats
-        out.family(
-            "cellvpn_tun_errors_total",
-            "counter",
-            "TUN errors: writes the device refused (eio, invalid, other), failed reads (read).",
-            [
-                ({"kind": "eio"}, s.errors_eio),
-                ({"kind": "invalid"}, s.errors_invalid),
-                ({"kind": "other"}, s.errors_other),
-                ({"kind": "read"}, s.read_errors),
-            ],
-        )
-    billing = server.billing
-    if billing is not None:
-        out.one(
-            "cellvpn_billing_receipts_redeemed_total",
-            "counter",
-            "Signed receipts redeemed in the ledger.",
-            billing.redeemed,
-        )
-        out.one(
-            "cellvpn_billing_receipts_refused_total",
-            "counter",
-            "Signed receipts refused (bad client signature, or by the ledger).",
-            billing.refused,
-        )
-    return out.render()
+    return generate_latest(registry if registry is not None else registry_for(server))
 
 
 class MetricsPage(Resource):
@@ -261,10 +286,11 @@ class MetricsPage(Resource):
     def __init__(self, server: VPNServerService) -> None:
         super().__init__()
         self.vpn = server
+        self.registry = registry_for(server)
 
     def render_GET(self, request: Request) -> bytes:
         try:
-            body = exposition(self.vpn)
+            body = exposition(self.vpn, self.registry)
         except Exception:
             log.failure("building the metrics failed")
             request.setResponseCode(500)

@@ -18,12 +18,12 @@ import os
 import resource
 import secrets
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -31,9 +31,9 @@ from twisted.logger import Logger
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.keys import KeyFileError, load_or_create_key
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
-from cellvpn.billing.viasocket import run_in_server
 from cellvpn.config import ServerConfig
-from cellvpn.config.schema import Offload
+from cellvpn.config.reload import describe, plan_reload
+from cellvpn.config.schema import BillingSection, EdgeSection, Offload
 from cellvpn.conn import pki
 from cellvpn.conn.listen import listen_now
 from cellvpn.conn.pki import host_addresses
@@ -66,6 +66,20 @@ from cellvpn.wire.vpn import AddrReply
 
 #: Ended sessions kept for ``vpn_stat``.
 FINISHED_KEPT = 1000
+
+#: What a reload applies while the server runs, by section.
+SERVER_RELOADABLE: dict[str, frozenset[str]] = {
+    "server": frozenset({"log_level"}),
+    "edge": frozenset(
+        f.name
+        for f in fields(EdgeSection)
+        # held by the ledger's queue and the proxy since start
+        if f.name not in ("ledger_queue", "resolver_threads", "resolve_timeout", "proxy_early_data")
+    ),
+    "billing": frozenset(
+        f.name for f in fields(BillingSection) if f.name not in ("key", "save_interval")
+    ),
+}
 
 
 class _StreamFactory(Factory):
@@ -373,6 +387,40 @@ class VPNServerService(MultiService):
             d.addCallback(lambda _: saving)
         return d
 
+    # --- reload ------------------------------------------------------------------------------
+
+    def reload(self, config: ServerConfig) -> Deferred[list[str]]:
+        """Apply what can change of a config read again (SIGHUP), keeping every session.
+
+        The edge's limits and deadlines hold for connections that come after it, [billing]
+        for sessions that come after it (a live session keeps the order it was offered) and
+        its other keys at once; the rest (ports, the TUN, the pool, TLS, ...) waits for a
+        restart and is named in the log.
+        """
+        reloadable = dict(SERVER_RELOADABLE)
+        if (self.config.billing.price > 0) != (config.billing.price > 0):
+            del reloadable["billing"]  # billing on or off: the ledger opens only at start
+        plan = plan_reload(self.config, config, reloadable)
+        self.config = plan.config
+        if plan.changed("edge"):
+            edge = plan.config.edge
+            self.admission.limits = EdgeLimits(
+                edge.max_streams,
+                edge.max_streams_per_source,
+                edge.max_handshakes_per_source,
+                edge.connect_rate,
+                edge.connect_burst,
+            )
+            self.refusals.interval = edge.log_interval
+            self.stream_settings = replace(
+                self.stream_settings, alives_per_second=edge.alives_per_second
+            )
+        lines = describe(plan)
+        if self.billing is None or not plan.changed("billing"):
+            return succeed(lines)
+        d = Deferred.fromCoroutine(self.billing.reconfigure(plan.config.billing))
+        return d.addCallback(lambda _: lines)
+
     # --- reporting -------------------------------------------------------------------------
 
     # --- leases and sessions ----------------------------------------------------------------
@@ -473,7 +521,12 @@ class VPNServerService(MultiService):
         }
 
     def control_ledger(self, argv: list[str]) -> Deferred[dict[str, Any]]:
-        """``cellvpn-ctl ledger --socket``: a ledger command on this server's own ledger."""
+        """``cellvpn-ctl ledger --socket``: a ledger command on this server's own ledger.
+
+        The ledger commands are the CLI's: loaded on the first such call, not at start.
+        """
+        from cellvpn.cli.viasocket import run_in_server
+
         return run_in_server(self.ledger, argv)
 
     def status(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from cellvpn.wire.service import CheckPacket, Error, ErrorCode, PacketType, Requ
 from cellvpn.wire.setup import CloseCode
 
 if TYPE_CHECKING:
+    from cellvpn.billing.records import SignedOrder
     from cellvpn.server.service import VPNServerService
 
 _PONG = vpn.VpnPacket(vpn.OpCode.PONG).encode()
@@ -87,6 +88,8 @@ class ServerSession:
         self.backlog = 0
         #: the session's billing state (None: free service or no REQUEST yet)
         self.bill: Bill | None = None
+        #: the order WELCOME offered (billing on): REQUEST must name it
+        self.order_offered: SignedOrder | None = None
         #: IP bytes the forwarder may still carry before billing must look (B units)
         self.allowance = UNMETERED
         self.pings = 0
@@ -175,7 +178,7 @@ class ServerSession:
         conn = proto.conn
         conn.register_channel(CHANNEL_R, self._on_service_packet)
         conn.register_channel(CHANNEL_S, self._on_vpn_packet)
-        order = server.billing.welcome_order() if server.billing is not None else b""
+        order = server.billing.welcome_order(self) if server.billing is not None else b""
         conn.accept(sid, resume_token=self.resume_token, order=order)
         self.offload = caps.OFFLOAD in conn.caps
         self._send = conn.send_channel

@@ -6,7 +6,8 @@ from typing import Any, ClassVar
 
 from twisted.application.service import IService
 
-from cellvpn.config import load_server_config
+from cellvpn.config import ServerConfig, load_server_config
+from cellvpn.logsetup import twistd_log
 from cellvpn.tapsupport import (
     BaseOptions,
     ExitOnStartupError,
@@ -39,7 +40,21 @@ def makeService(options: Options) -> IService:
 
     config = load_or_exit(load_server_config, options)
     log_warnings(config.warnings)
-    return ExitOnStartupError(VPNServerService(config, owner=run_as(options)))
+    section = config.server
+    overrides = dict(options.overrides)
+
+    def load() -> ServerConfig:
+        """The same file (by its absolute path) and overrides, for a reload."""
+        return load_server_config(config.source, overrides)
+
+    return ExitOnStartupError(
+        VPNServerService(config, owner=run_as(options)),
+        load=load,
+        service_log=twistd_log(
+            getattr(options, "parent", None), section.log_format, section.log_level
+        ),
+        level_of=lambda c: c.server.log_level,
+    )
 
 
 def run_as(options: Options) -> tuple[int, int] | None:

@@ -44,7 +44,6 @@ tun_name = cvpn0
 mtu = 1280
 allow_free_srv = off
 grace_period = 120
-debug_more = yes
 dns = 198.19.0.1, 198.19.0.53
 isolate_clients = true
 lease_hold = 0
@@ -112,7 +111,7 @@ def test_defaults_without_file() -> None:
     assert server.server.keepalive == 3 and server.server.idle_timeout == 60
     assert server.server.max_frame == 262144
     vpn = server.srv_vpn
-    assert vpn.enabled and vpn.allow_free_srv and not vpn.debug_more and not vpn.proxy
+    assert vpn.enabled and vpn.allow_free_srv and not vpn.proxy
     assert str(vpn.network) == "10.11.12.0/24"  # the default, never given to a device
     assert (vpn.mtu, vpn.grace_period, vpn.lease_hold, vpn.workers) == (1400, 60, 300, 1)
     assert vpn.offload is Offload.AUTO and vpn.tun_name is None and vpn.dns == ()
@@ -151,7 +150,7 @@ def test_full_server_file(tmp_path: Path) -> None:
     assert tls.client_ca == Path("/etc/cellvpn/ca.pem")
     assert tls.names == ("vpn.example.net", "192.0.2.10")
     v = config.srv_vpn
-    assert not v.enabled and not v.allow_free_srv and v.debug_more
+    assert not v.enabled and not v.allow_free_srv
     assert v.network == IPv4Network("198.19.0.0/16")
     assert (v.tun_name, v.mtu, v.grace_period, v.lease_hold, v.workers) == (
         "cvpn0",

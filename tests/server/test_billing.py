@@ -381,3 +381,47 @@ def test_two_deposits_of_one_client_keep_their_own_limits(tmp_path: Path) -> Non
     left = ledger.ledger.load_limits(PROVIDER.account, key.account, first)
     assert left is not None and left.bytes_left == saved.bytes_left
     assert moved(ledger, first) == PRICE and moved(ledger, second) == PRICE
+
+
+def test_a_reload_prices_new_sessions_and_keeps_live_ones_on_their_order(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP with a new price: the live session's next receipt is at the price it agreed to,
+    a session welcomed before the reload may still REQUEST by the order it was offered, and a
+    session welcomed after it is offered (and billed by) the new order, stored in the ledger."""
+    import dataclasses
+
+    server, clock, _written, ledger, key, _deposit, live = granted(tmp_path)
+    early = Payer(server, clock, key, fund(ledger, key, 100 * PRICE))
+    old_order = server.billing.order
+    new = dataclasses.replace(
+        server.config, billing=dataclasses.replace(server.config.billing, price=3 * PRICE)
+    )
+    lines = server.reload(new).result
+    assert lines == ["reload: applied [billing] price"]
+    order = server.billing.order
+    assert order.order.price == 3 * PRICE and order.hash != old_order.hash
+    assert ledger.ledger.get_order(order.hash) is not None
+    # the live session: its next receipt is still at PRICE
+    live.send_bytes(UNITS // 2 + 20 * 1400)
+    assert [r.info.value for r in live.asked()] == [PRICE, PRICE]
+    # welcomed before the reload, asking after it: by the order it was offered
+    early.paid_request()
+    assert [r.info.value for r in early.asked()] == [PRICE]
+    # welcomed after it: the new order
+    other = KeyPair.generate()
+    late = Payer(server, clock, other, fund(ledger, other, 100 * PRICE))
+    assert SignedOrder.decode(late.conn.welcome.order).hash == order.hash  # type: ignore[union-attr]
+    late.paid_request()
+    assert [r.info.value for r in late.asked()] == [3 * PRICE]
+
+
+def test_a_reload_that_turns_billing_off_waits_for_a_restart(tmp_path: Path) -> None:
+    import dataclasses
+
+    server, *_ = paid_server(tmp_path)
+    new = dataclasses.replace(
+        server.config, billing=dataclasses.replace(server.config.billing, price=0)
+    )
+    assert server.reload(new).result == ["reload: not applied (needs a restart): [billing] price"]
+    assert server.config.billing.price == PRICE and server.billing.order.order.price == PRICE

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
@@ -21,43 +21,28 @@ from cellvpn.server.metrics import exposition, metrics_site
 
 from .test_session import Client, ipv4, make_server
 
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
-_VALUE = r"-?[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?|NaN|[+-]Inf"
-_SAMPLE = re.compile(rf"({_NAME})(\{{{_LABEL}(?:,{_LABEL})*\}})? ({_VALUE})")
-_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
+#: Families of the process collectors (prometheus_client's own), beside the server's.
+PROCESS_PREFIXES = ("process_", "python_")
 
 
 def parse_exposition(text: str) -> dict[str, dict[str, Any]]:
-    """Families by name: {type, help, samples: {frozenset(labels): value}}; asserts the format."""
+    """Families by the name of their samples (``..._total`` for a counter): {type, help,
+    samples: {frozenset(labels): value}}, read by prometheus_client's own parser."""
     assert text.endswith("\n")
     families: dict[str, dict[str, Any]] = {}
-    current: str | None = None
-    for line in text.splitlines():
-        assert line, "no blank lines"
-        if line.startswith("# HELP "):
-            name, _, help_text = line[7:].partition(" ")
-            assert name not in families, f"{name} twice"
-            assert help_text
-            families[name] = {"help": help_text, "type": None, "samples": {}}
-            current = name
-        elif line.startswith("# TYPE "):
-            name, _, kind = line[7:].partition(" ")
-            assert name == current and kind in {"counter", "gauge"}, line
-            families[name]["type"] = kind
-        else:
-            m = _SAMPLE.fullmatch(line)
-            assert m is not None, f"not a sample line: {line!r}"
-            name = m.group(1)
-            assert name == current and families[name]["type"], f"{name} before HELP/TYPE"
-            labels = frozenset(_LABEL_PAIR.findall(m.group(2) or ""))
-            assert labels not in families[name]["samples"], f"{line} twice"
-            families[name]["samples"][labels] = float(m.group(3))
-    for name, family in families.items():
-        assert family["samples"], f"{name} has no samples"
-        assert name.startswith("cellvpn_")
-        if family["type"] == "counter":
-            assert name.endswith("_total")
+    for family in text_string_to_metric_families(text):
+        name = family.name + "_total" if family.type == "counter" else family.name
+        assert name not in families, f"{name} twice"
+        assert family.documentation and family.type in {"counter", "gauge"}, name
+        samples: dict[frozenset[tuple[str, str]], float] = {}
+        for sample in family.samples:
+            assert sample.name == name, f"{sample.name} in {name}"
+            labels = frozenset(sample.labels.items())
+            assert labels not in samples, f"{name}{dict(labels)} twice"
+            samples[labels] = sample.value
+        assert samples, f"{name} has no samples"
+        assert name.startswith(("cellvpn_", *PROCESS_PREFIXES)), name
+        families[name] = {"help": family.documentation, "type": family.type, "samples": samples}
     return families
 
 
@@ -112,7 +97,9 @@ def test_exposition_parses_and_sums_live_and_ended_sessions(tmp_path: Path) -> N
     assert "cellvpn_tun_read_packets_total" not in families  # no TUN opened
     assert "cellvpn_billing_receipts_redeemed_total" not in families  # free service
     # no per-session series: labels are direction, reason, kind or version only
-    for family in families.values():
+    for name, family in families.items():
+        if name.startswith(PROCESS_PREFIXES):
+            continue
         for labels in family["samples"]:
             assert {k for k, _ in labels} <= {"direction", "reason", "kind", "version"}
 
@@ -306,3 +293,35 @@ def test_broken_metrics_are_a_500_line(tmp_path: Path) -> None:
     request = get(server, b"/metrics")
     assert request.responseCode == 500
     assert body(request) == b"cannot build the metrics now\n"
+
+
+def test_the_process_metrics_come_with_the_servers(tmp_path: Path) -> None:
+    """CPU, memory, file descriptors and start time of this very process, read at scrape time,
+    and the Python version; the server's own figures are read at scrape time too."""
+    import os
+
+    server, clock, _ = make_server(tmp_path)
+    families = parse_exposition(body(get(server, b"/metrics")).decode())
+    for name in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "python_info",
+    ):
+        assert name in families, name
+    assert 3 <= value(families, "process_open_fds") <= len(os.listdir("/proc/self/fd"))
+    site = metrics_site(server)
+    c = Client(server, clock)
+    c.request()
+    c.addr_request()
+
+    def scrape() -> dict[str, dict[str, Any]]:
+        request = DummyRequest([b"metrics"])
+        resource = getChildForRequest(site.resource, request)
+        return parse_exposition(resource.render(request).decode())
+
+    assert value(scrape(), "cellvpn_sessions_active") == 1
+    c.lose()
+    assert value(scrape(), "cellvpn_sessions_active") == 0

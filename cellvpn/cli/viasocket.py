@@ -3,7 +3,7 @@
 The operator of a running server reaches its ledger through the server's control socket, with
 no ledger URL and no second process writing the ledger file. The ctl sends the words after
 ``ledger``; the server parses them with the very argparse definitions of
-:func:`cellvpn.billing.cli.add_ledger_commands` and runs the same ``cmd_*`` function on the
+:func:`cellvpn.cli.ledger.add_ledger_commands` and runs the same ``cmd_*`` function on the
 ledger's own thread, so the answer (text and JSON) is the one ``--ledger`` would print.
 
 Keys never travel: the ctl turns an account given as a key file into its id before sending,
@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from cellvpn.billing.cli import (
+from cellvpn.billing.interfaces import ILedger, LedgerUnavailableError
+from cellvpn.billing.keys import KeyFileError
+from cellvpn.cli.control import CtlError, call
+from cellvpn.cli.ledger import (
     _HEX64,
     Answer,
     LedgerCommand,
@@ -33,10 +36,7 @@ from cellvpn.billing.cli import (
     _guarded,
     add_ledger_commands,
 )
-from cellvpn.billing.interfaces import ILedger, LedgerUnavailableError
-from cellvpn.billing.keys import KeyFileError
 from cellvpn.control.commands import ControlError
-from cellvpn.ctl import CtlError, call
 
 if TYPE_CHECKING:
     from cellvpn.billing.asyncledger import AsyncLedger

@@ -2,7 +2,7 @@
 
 Each command is a function ``(ledger, ns) -> Answer`` over any :class:`ILedger`: the ledger
 is opened from ``--ledger URL``, or, with ``--socket PATH``, a running server runs the same
-function on its own ledger (:mod:`cellvpn.billing.viasocket`). Keys are read and records signed
+function on its own ledger (:mod:`cellvpn.cli.viasocket`). Keys are read and records signed
 here, on the user's side, so a private key never goes to the ledger.
 
 Money (datoshi, possibly over 2**53) is a decimal string in ``--json`` answers, so no JSON
@@ -41,6 +41,7 @@ from cellvpn.billing.records import (
     token_ok,
 )
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
+from cellvpn.cli.control import CtlError
 from cellvpn.wire.receipt import Unit
 from cellvpn.wire.service import SRV_UID_VPN, ErrorCode
 
@@ -401,9 +402,6 @@ def cmd_keygen(ns: argparse.Namespace) -> Answer:
 
 
 def _fail(message: str) -> Exception:
-    # Imported here: cellvpn.ctl imports this module to register the commands.
-    from cellvpn.ctl import CtlError
-
     return CtlError(message)
 
 
@@ -435,7 +433,7 @@ class LedgerHandler:
 
     def __call__(self, ns: argparse.Namespace) -> int:
         if getattr(ns, "socket", None):
-            from cellvpn.billing.viasocket import call_server
+            from cellvpn.cli.viasocket import call_server
 
             _emit(ns, call_server(ns))
             return 0
@@ -464,7 +462,7 @@ class _ReceiptsHandler(LedgerHandler):
             if ns.state_dir is not None:
                 raise _fail("--state-dir goes with --local")
             return super().__call__(ns)
-        from cellvpn.billing.ownreceipts import own_receipts
+        from cellvpn.cli.ownreceipts import own_receipts
 
         _emit(ns, _guarded(lambda: own_receipts(ns)))
         return 0
@@ -472,7 +470,7 @@ class _ReceiptsHandler(LedgerHandler):
 
 def _keygen_handler(ns: argparse.Namespace) -> int:
     if getattr(ns, "socket", None):
-        from cellvpn.billing.viasocket import KEYGEN_REFUSAL
+        from cellvpn.cli.viasocket import KEYGEN_REFUSAL
 
         raise _fail(KEYGEN_REFUSAL)
     _emit(ns, _guarded(lambda: cmd_keygen(ns)))

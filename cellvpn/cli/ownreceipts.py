@@ -13,9 +13,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cellvpn.billing.cli import Answer, _account_arg, _hash_arg, _unit_name, _when
+from cellvpn.cli.control import CtlError, call
+from cellvpn.cli.ledger import Answer, _account_arg, _hash_arg, _unit_name, _when
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
-from cellvpn.ctl import CtlError, call
 
 DEFAULT_STATE_DIR = Path("/var/lib/cellvpn-client")
 

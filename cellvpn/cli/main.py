@@ -9,77 +9,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cellvpn import __version__
-from cellvpn.billing.cli import add_ledger_commands
+from cellvpn.cli.configcheck import add_config_commands
+from cellvpn.cli.control import CtlError, call
+from cellvpn.cli.ledger import add_ledger_commands
 from cellvpn.control import text
 
 SERVER_SOCKET = "/run/cellvpn/server.sock"
 CLIENT_SOCKET = "/run/cellvpn/client.sock"
-
-
-class CtlError(Exception):
-    """One line for the user; the exit status is ``code``."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def call(socket_path: str, command: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
-    """Run one control command and return its result (blocking; this is a CLI)."""
-    from twisted.internet import defer, task
-    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-    from twisted.protocols import amp
-
-    from cellvpn.control.commands import Call
-
-    outcome: dict[str, Any] = {}
-
-    async def run(reactor: Any) -> None:
-        endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=5)
-        try:
-            proto = await connectProtocol(endpoint, amp.AMP())
-        except Exception as e:
-            outcome["error"] = CtlError(
-                f"cannot reach the cellvpn service at {socket_path}: {_reason(e)} "
-                "(is it running? --socket names another socket)"
-            )
-            return
-        try:
-            d = proto.callRemote(Call, command=command, args=args)
-            d.addTimeout(timeout, reactor)
-            response = await d
-            outcome["result"] = response["result"]
-        except defer.TimeoutError:
-            outcome["error"] = CtlError(f"no answer from {socket_path} within {timeout:g} s")
-        except Exception as e:
-            outcome["error"] = CtlError(_reason(e))
-        finally:
-            proto.transport.loseConnection()
-
-    def main(reactor: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(run(reactor))
-
-    try:
-        task.react(main)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise CtlError(f"control call failed (status {e.code})") from None
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("result")
-
-
-def _reason(e: BaseException) -> str:
-    from twisted.protocols.amp import RemoteAmpError
-
-    if isinstance(e, RemoteAmpError):
-        return str(e.description) if getattr(e, "description", None) else str(e)
-    text = str(e) or type(e).__name__
-    if "No such file" in text or "ENOENT" in text:
-        return "no such socket"
-    if "Connection refused" in text:
-        return "nothing is listening there"
-    return text
 
 
 def _print_server_status(result: dict[str, Any]) -> None:
@@ -141,10 +77,30 @@ def _vpn_client(ns: argparse.Namespace) -> int:
             words += f"\n{reason}"
         _emit(ns, {"code": code, "text": words, **answer}, words)
         return _exit_code(code)
+    if ns.action == "check":
+        return _vpn_client_check(ns, sock)
     answer = call(sock, "vpn_client_stop", {}, timeout=60)
     code = int(answer["code"])
     words = text.STOP_TEXT.get(code, "VPN client not stopped")
     _emit(ns, {"code": code, "text": words, **answer}, words)
+    return _exit_code(code)
+
+
+def _vpn_client_check(ns: argparse.Namespace, sock: str) -> int:
+    """``vpn_client check -addr A -port P``: run by the client, which times the answer."""
+    if ns.addr is None:
+        raise CtlError("VPN server address not defined, use -addr <server_address>", 255)
+    if ns.port is None:
+        raise CtlError("VPN server port not defined, use -port <server_port>", 255)
+    args = {"addr": ns.addr, "port": ns.port, "size": ns.size, "timeout": ns.timeout}
+    answer = call(sock, "vpn_client_check", args, timeout=ns.timeout + 30)
+    code = int(answer["code"])
+    words = text.CHECK_TEXT.get(code, "Can't check VPN server")
+    if code == 0:
+        words += "\n" + text.check_figures(answer)
+    elif answer.get("reason"):
+        words += f"\n{answer['reason']}"
+    _emit(ns, {"text": words, **answer}, words)
     return _exit_code(code)
 
 
@@ -172,19 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cellvpn {__version__}")
     parser.add_argument("--socket", help="control socket of the service to talk to")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    # The same two options after the command too (``vpn_stat --json``); SUPPRESS keeps a
+    # value given before the command when the command's parser does not see the option.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the answer as JSON"
+    )
+    common.add_argument(
+        "--socket", default=argparse.SUPPRESS, help="control socket of the service to talk to"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("status", help="the service's stream status")
+    p = sub.add_parser("status", help="the service's stream status", parents=[common])
     p.set_defaults(handler=_status)
-    p = sub.add_parser("vpn_client", help="start, stop or ask the VPN client")
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("-addr", help="server address (start)")
-    p.add_argument("-port", type=int, help="server port (start)")
+    p = sub.add_parser("vpn_client", help="start, stop or ask the VPN client", parents=[common])
+    p.add_argument("action", choices=["start", "stop", "status", "check"])
+    p.add_argument("-addr", help="server address (start, check)")
+    p.add_argument("-port", type=int, help="server port (start, check)")
+    p.add_argument(
+        "-size", type=int, default=10240, help="check: bytes sent and asked for (at most 10240)"
+    )
+    p.add_argument(
+        "-timeout", type=float, default=10.0, help="check: seconds to wait for the answer"
+    )
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_client)
-    p = sub.add_parser("vpn_stat", help="the server's VPN sessions")
+    p = sub.add_parser("vpn_stat", help="the server's VPN sessions", parents=[common])
     p.add_argument("-full", action="store_true", help="more per session, and ended sessions")
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_stat)
+    add_config_commands(sub, common)
     add_ledger_commands(sub)
     return parser
 
