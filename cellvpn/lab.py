@@ -285,9 +285,15 @@ class VpnLab:
         vpn_extra: str = "",
         edge: str = LAB_EDGE,
         options: tuple[str, ...] = (),
+        clients: str | None = "any",
+        tls_extra: str = "",
     ) -> Twistd:
         """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``edge`` into [edge],
-        ``extra`` at the end.
+        ``tls_extra`` into [tls], ``extra`` at the end.
+
+        ``clients`` is ``[tls] clients``: the lab's clients have no certificates, so it serves
+        ``any`` client unless a test enrolls them (``None`` leaves the key out: the default,
+        ``enrolled``).
 
         Every lab client is one address of 192.0.2.0/24, so each is its own source (/32), and
         the lab's edge lets one client host open many sessions at once (the load tests do).
@@ -302,7 +308,9 @@ class VpnLab:
             "source_prefix_v4 = 32\n"
             "[edge]\n" + edge + "[tls]\n"
             f"names = {names}\n"
-            "[srv_vpn]\n"
+            + (f"clients = {clients}\n" if clients is not None else "")
+            + tls_extra
+            + "[srv_vpn]\n"
             f"network_address = {self.pool.split('/')[0]}\n"
             f"network_mask = {_mask(self.pool)}\n"
             "tun_name = cvpn-srv\n"

@@ -293,12 +293,15 @@ class VPNClientService(MultiService):
     def _client_tls(self, host: str) -> Any:
         c = self.config.client
         name = c.server_name or host
-        if c.ca is None and c.fingerprint is None:
+        if c.ca is None and c.fingerprint is None and c.server_key is None:
             raise StartupError(
-                "[client] needs ca (the server's CA certificate) or fingerprint "
-                "(the server certificate's SHA-256) to trust the server"
+                "[client] needs ca (the server's CA certificate), server_key (the SHA-256 of "
+                "the server's key) or fingerprint (the server certificate's SHA-256) to trust "
+                "the server"
             )
-        return client_tls(name, c.ca, c.fingerprint, c.certificate, c.private_key)
+        return client_tls(
+            name, c.ca, c.fingerprint, c.certificate, c.private_key, server_key=c.server_key
+        )
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None

@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -139,7 +139,7 @@ _PEM_BLOCK = re.compile(
 
 
 def _pem_source(text: str, base: Path) -> PemSource:
-    if text.startswith("-----BEGIN"):
+    if text.lstrip().startswith("-----BEGIN"):
         lines = "\n".join(line.strip() for line in text.strip().splitlines())
         if not text.isascii() or not _PEM_BLOCK.fullmatch(lines + "\n"):
             raise ParseError("PEM text must be whole BEGIN ... END blocks")

@@ -447,6 +447,11 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     _fsync_dir(path.parent)
 
 
+def write_state_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` atomically (a new file created with ``mode``, renamed)."""
+    _write_atomically(Path(path), data, mode)
+
+
 def _key_pem(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,

@@ -139,7 +139,9 @@ def _use_certificate(ctx: SSL.Context, cert_path: PemSource, key_path: PemSource
             ctx.use_privatekey(crypto.PKey.from_cryptography_key(loaded.key))  # type: ignore[arg-type]
             ctx.check_privatekey()
         except (SSL.Error, TypeError, ValueError) as e:
-            raise TLSConfigError(f"OpenSSL cannot use the client certificate and key: {e}") from None
+            raise TLSConfigError(
+                f"OpenSSL cannot use the client certificate and key: {e}"
+            ) from None
         return
     try:
         ctx.use_certificate_chain_file(os.fspath(cert_path))

@@ -125,7 +125,9 @@ class ClientRegistry:
             try:
                 records.append(_record(item))
             except (TypeError, ValueError, KeyError) as e:
-                raise RegistryError(f"{where}: client {i + 1} is not a valid record ({e})") from None
+                raise RegistryError(
+                    f"{where}: client {i + 1} is not a valid record ({e})"
+                ) from None
         return cls(records)
 
 
