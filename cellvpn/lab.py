@@ -377,6 +377,45 @@ class VpnLab:
             client.wait_log(r"VPN up: ")
         return client
 
+    def enroll(self, name: str, days: int = 30) -> Path:
+        """``cellvpn-ctl client add NAME --out FILE`` on the server's control socket: the
+        client file it writes (a server started with ``clients="enrolled"`` or ``None``)."""
+        out = self.work / f"{name}.cfg"
+        ctl(
+            self.srv,
+            self.server_socket,
+            "client",
+            "add",
+            name,
+            "--days",
+            str(days),
+            "--out",
+            str(out),
+        )
+        return out
+
+    def start_enrolled_client(
+        self, ns: Namespace, name: str, cfg: Path, *sets: str, wait: bool = True
+    ) -> Twistd:
+        """``twistd cellvpn-client --config FILE`` with a file from :meth:`enroll`, as it is;
+        only what belongs to this host (state folder, control socket, TUN name, and ``sets``,
+        each ``section.key=value``) is given on the command line, as a second client on one
+        machine needs."""
+        extra = [
+            "--set",
+            f"client.state_dir={self.work / name}-state",
+            "--control-socket",
+            str(self.socket(name)),
+            "--tun-name",
+            "cvpn-cli",
+        ]
+        for item in sets:
+            extra += ["--set", item]
+        client = Twistd(ns, "cellvpn-client", cfg, self.work / f"{name}.log", *extra)
+        if wait:
+            client.wait_log(r"VPN up: ")
+        return client
+
     def serve_http(self, page: bytes = b"hello from the cellvpn lab\n") -> None:
         root = self.work / "www"
         root.mkdir(exist_ok=True)

@@ -9,32 +9,15 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cellvpn.lab import Namespace, Twistd, VpnLab, ctl, ctl_json, wait_for
+from cellvpn.lab import Twistd, VpnLab, ctl, ctl_json, wait_for
 from tests.integration.helpers import billing_section, ping, wallet, wallet_section
-
-
-def enrolled_client(lab: VpnLab, ns: Namespace, name: str, cfg: Path) -> Twistd:
-    """``twistd cellvpn-client --config FILE`` with the file ``client add`` wrote, as it is;
-    only what is this host's own (its state folder, control socket, TUN name) is set on the
-    command line, as a second client on one machine would need."""
-    return Twistd(
-        ns,
-        "cellvpn-client",
-        cfg,
-        lab.work / f"{name}.log",
-        "--set",
-        f"client.state_dir={lab.work / name}-state",
-        "--control-socket",
-        str(lab.socket(name)),
-        "--tun-name",
-        "cvpn-cli",
-    )
 
 
 def add(lab: VpnLab, name: str) -> Path:
     out = lab.work / f"{name}.cfg"
-    done = ctl(lab.srv, lab.server_socket, "client", "add", name, "--days", "30", "--out", str(out))
+    done = ctl(lab.srv, lab.server_socket, "client", "add", name, "--out", str(out))
     assert f"enrolled client {name}: certificate " in done.stdout
+    assert f"wrote {out} (mode 0600" in done.stdout
     return out
 
 
@@ -67,12 +50,13 @@ def test_enrolled_clients_kicks_and_revocation(netns: Any, tmp_path: Path) -> No
     alice_cfg, bob_cfg = add(lab, "alice"), add(lab, "bob")
     assert stat.S_IMODE(alice_cfg.stat().st_mode) == 0o600
     assert "-----BEGIN PRIVATE KEY-----" in alice_cfg.read_text()
-    again = ctl(lab.srv, lab.server_socket, "client", "add", "alice", "--out", "x", check=False)
+    again = ctl(
+        lab.srv, lab.server_socket, "client", "add", "alice", "--out", str(tmp_path / "x"),
+        check=False,
+    )  # fmt: skip
     assert again.returncode != 0 and "enrolled already" in again.stderr
-    alice = enrolled_client(lab, one, "alice", alice_cfg)
-    bob = enrolled_client(lab, two, "bob", bob_cfg)
-    alice.wait_log(r"VPN up: ")
-    bob.wait_log(r"VPN up: ")
+    alice = lab.start_enrolled_client(one, "alice", alice_cfg)
+    bob = lab.start_enrolled_client(two, "bob", bob_cfg)
     assert ping(one, "198.18.5.1") and ping(two, "198.18.5.1")
     server.wait_log(r"session 0x[0-9a-f]{8} with 192\.0\.2\.2:\d+ \(client alice\) established")
     live = sessions_by_client(lab)
@@ -113,7 +97,7 @@ def test_enrolled_clients_kicks_and_revocation(netns: Any, tmp_path: Path) -> No
     server.stop()
     server = lab.start_server(clients=None)
     server.wait_log(r"1 enrolled, 1 revoked")
-    fresh = enrolled_client(lab, one, "alice2", alice_cfg)
+    fresh = lab.start_enrolled_client(one, "alice2", alice_cfg, wait=False)
     fresh.wait_log(r"cannot start: .*client 'alice' \(certificate [0-9a-f]+\) was revoked")
     fresh.stop()
     server.stop()
