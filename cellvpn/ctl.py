@@ -189,6 +189,7 @@ def _client(ns: argparse.Namespace) -> int:
 
 
 def _client_add(ns: argparse.Namespace, sock: str) -> int:
+    import os
     from pathlib import Path
 
     from cellvpn.conn import pki
@@ -201,6 +202,10 @@ def _client_add(ns: argparse.Namespace, sock: str) -> int:
     out = Path(ns.out) if ns.out else None
     if out is not None and out.exists() and not ns.force:
         raise CtlError(f"{out} exists already (--force replaces it)")
+    folder = out.parent if out is not None else None
+    if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        # checked before the server signs: a certificate nobody holds would block the name
+        raise CtlError(f"cannot write {out}: {folder} is not a folder this user may write to")
     try:
         request = pki.new_client_request(ns.name)
     except pki.EnrollmentError as e:
@@ -253,6 +258,13 @@ def _default_socket() -> str:
     return CLIENT_SOCKET
 
 
+def _json_after(p: argparse.ArgumentParser) -> None:
+    """``--json`` after the action as well as before the command."""
+    p.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the answer as JSON"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellvpn-ctl", description="Control a running cellvpn server or client."
@@ -287,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the client's config file here, mode 0600 (add)")
     p.add_argument("--qr", action="store_true", help="print the config as a QR code (add)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file (add)")
+    _json_after(p)
     p.set_defaults(handler=_client)
     p = sub.add_parser("session", help="close one of the server's sessions")
     p.add_argument("action", choices=["kick"])
     p.add_argument("id", help="the session id, as vpn_stat shows it (0x0000002a or 42)")
+    _json_after(p)
     p.set_defaults(handler=_session)
     add_ledger_commands(sub)
     return parser

@@ -85,14 +85,18 @@ class Enrollment:
 
     # --- control ---------------------------------------------------------------------------
 
-    async def sign(self, name: str, csr: str, days: int) -> dict[str, Any]:
-        """Sign a client's request and record it; the certificate and the CA, as PEM text."""
-        authority = self.authority
-        if authority is None:
+    def require_authority(self) -> pki.CertificateAuthority:
+        """The CA that signs, or the reason this server enrolls nobody."""
+        if self.authority is None:
             raise AccessError(
                 "this server does not enroll clients: it serves any client "
                 "([tls] clients = any); set clients = enrolled to enroll them"
             )
+        return self.authority
+
+    async def sign(self, name: str, csr: str, days: int) -> dict[str, Any]:
+        """Sign a client's request and record it; the certificate and the CA, as PEM text."""
+        authority = self.require_authority()
         now = self._clock()
         try:
             pki.check_client_name(name)

@@ -183,7 +183,10 @@ class VPNServerService(MultiService):
         tls = self.config.tls
         if tls.certificate is not None and tls.private_key is not None:
             return tls.certificate, tls.private_key
+        public = self.config.server.public
         names = list(tls.names) or pki.default_names(self.config.server.listen)
+        if public is not None and not tls.names and public.host not in names:
+            names.append(public.host)  # the name client files check the certificate against
         try:
             identity = pki.ensure_server_identity(self.config.server.state_dir, names)
         except (OSError, TLSConfigError) as e:
@@ -196,6 +199,14 @@ class VPNServerService(MultiService):
             fp=pki.format_fingerprint(identity.fingerprint),
         )
         self.log.info("clients can trust the CA {ca}", ca=str(identity.ca_cert))
+        if public is not None and public.host not in identity.names:
+            self.log.warn(
+                "[server] public = {public}: {host} is not among [tls] names, so client files"
+                " from cellvpn-ctl client add check the certificate against {name} instead",
+                public=str(public),
+                host=public.host,
+                name=identity.names[0],
+            )
         return identity.cert, identity.key
 
     def _client_trust(self) -> list[Path] | None:
@@ -543,6 +554,7 @@ class VPNServerService(MultiService):
         """``cellvpn-ctl client add``: sign a client's request; what its config file needs."""
 
         async def sign() -> dict[str, Any]:
+            self.enrollment.require_authority()
             public = self.public_address()
             signed = await self.enrollment.sign(name, csr, days)
             self.log.info(
