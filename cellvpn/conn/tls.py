@@ -59,6 +59,7 @@ __all__ = [
     "describe_tls_failure",
     "peer_certificate",
     "peer_fingerprint",
+    "replace_server_context",
     "server_tls",
 ]
 
@@ -183,6 +184,22 @@ class _ServerConnectionCreator:
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
+
+    def take_context_of(self, other: IOpenSSLServerConnectionCreator) -> None:
+        """Give new connections ``other``'s context (a renewed certificate); open ones keep
+        theirs."""
+        if not isinstance(other, _ServerConnectionCreator):
+            raise TypeError("expected a creator made by server_tls")
+        self._context = other._context
+
+
+def replace_server_context(
+    creator: IOpenSSLServerConnectionCreator, new: IOpenSSLServerConnectionCreator
+) -> None:
+    """Make ``creator`` (listening now) hand out ``new``'s context from the next connection."""
+    if not isinstance(creator, _ServerConnectionCreator):
+        raise TypeError("expected a creator made by server_tls")
+    creator.take_context_of(new)
 
 
 def server_tls(

@@ -41,7 +41,7 @@ from cellvpn.conn import pki
 from cellvpn.conn.listen import listen_now
 from cellvpn.conn.pki import host_addresses
 from cellvpn.conn.protocol import StreamProtocol
-from cellvpn.conn.tls import TLSConfigError, server_tls
+from cellvpn.conn.tls import TLSConfigError, replace_server_context, server_tls
 from cellvpn.conn.tlsbulk import bulk_tls_factory
 from cellvpn.control.commands import ControlError
 from cellvpn.control.service import ControlService
@@ -60,6 +60,7 @@ from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
+from cellvpn.server.renewal import Renewal
 from cellvpn.server.session import ServerSession
 from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.stream import caps
@@ -127,6 +128,8 @@ class VPNServerService(MultiService):
         self.identity: pki.ServerIdentity | None = None
         #: SHA-256 of the server's public key: the pin that survives renewals
         self.spki: str | None = None
+        #: renews the generated certificate while running (None: the operator's own)
+        self.renewal: Renewal | None = None
         self.port: Any = None
         self.metrics_port: Any = None
         s = config.server
@@ -242,6 +245,22 @@ class VPNServerService(MultiService):
         cas = [state / pki.TLS_DIR / pki.CA_CERT]
         return cas + ([tls.client_ca] if tls.client_ca is not None else [])
 
+    def _renewal(self, creator: Any, trust: list[Path] | None) -> Renewal:
+        """Renew the generated certificate while running, for the same key and names."""
+        state = self.config.server.state_dir
+        assert self.identity is not None
+        names = list(self.identity.names)
+
+        def renew() -> Deferred[pki.ServerIdentity]:
+            pool = self.reactor.getThreadPool()
+            return deferToThreadPool(self.reactor, pool, pki.ensure_server_identity, state, names)
+
+        def install(identity: pki.ServerIdentity) -> None:
+            replace_server_context(creator, server_tls(identity.cert, identity.key, trust))
+            self.identity = identity
+
+        return Renewal(self.reactor, renew, install)
+
     def _warn_open_relay(self) -> None:
         c = self.config
         if c.tls.clients is ClientAccess.ANY and c.srv_vpn.allow_free_srv and c.billing.price == 0:
@@ -260,6 +279,8 @@ class VPNServerService(MultiService):
             creator = server_tls(cert, key, trust)
         except TLSConfigError as e:
             raise StartupError(str(e)) from None
+        if self.identity is not None:
+            self.renewal = self._renewal(creator, trust)
         self._warn_open_relay()
         if self.identity is None:
             self.log.info(
@@ -401,6 +422,8 @@ class VPNServerService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.renewal is not None:
+            self.renewal.start()
         if self.billing is not None:
             d = Deferred.fromCoroutine(self.billing.start())
             d.addErrback(lambda f: self.on_fatal(f"cannot start billing: {f.getErrorMessage()}"))
@@ -415,6 +438,8 @@ class VPNServerService(MultiService):
 
     def stopService(self) -> Any:
         self.accepting = False
+        if self.renewal is not None:
+            self.renewal.stop()
         saving: Deferred[Any] | None = None
         if self.billing is not None:
             saving = Deferred.fromCoroutine(self.billing.stop())
