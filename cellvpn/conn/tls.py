@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TLSConfigError",
     "TLSVerificationError",
+    "client_certificate_problem",
     "client_tls",
     "describe_tls_failure",
     "peer_certificate",
@@ -220,8 +222,40 @@ def server_tls(
         for ca_file in files:
             for ca in _trust(ctx, Path(ca_file), "client CA file"):
                 ctx.add_client_ca(crypto.X509.from_cryptography(ca))
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _ClientCheck())
     return _ServerConnectionCreator(ctx)
+
+
+#: The attribute of a Twisted TLS protocol that holds why its client's certificate was refused.
+_CLIENT_PROBLEM = "cellvpn_client_certificate_problem"
+
+
+class _ClientCheck:
+    """The server's verify callback: OpenSSL decides; the reason of a refusal is kept on the
+    connection's Twisted protocol (:func:`client_certificate_problem`) for the server's log,
+    while the client still gets OpenSSL's alert."""
+
+    def __call__(
+        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        if not ok:
+            text = _verify_error_text(errno)
+            if errno in _NOT_FROM_CA:
+                problem = f"its client certificate is not signed by this server's CA ({text})"
+            else:
+                where = f" (certificate {depth} of its chain)" if depth else ""
+                problem = f"its client certificate is not acceptable: {text}{where}"
+            with suppress(Exception):
+                tls_protocol = conn.get_app_data()
+                if getattr(tls_protocol, _CLIENT_PROBLEM, None) is None:
+                    setattr(tls_protocol, _CLIENT_PROBLEM, problem)
+        return bool(ok)
+
+
+def client_certificate_problem(transport: object) -> str | None:
+    """Why the server refused this connection's client certificate, or None."""
+    problem = getattr(transport, _CLIENT_PROBLEM, None)
+    return problem if isinstance(problem, str) else None
 
 
 # --- client --------------------------------------------------------------------------------
@@ -479,6 +513,8 @@ _HINTS = {
     "tlsv13 alert certificate required": "the server requires a client certificate: enroll "
     "this client (cellvpn-ctl client add on the server) and use the file it writes",
     "tlsv1 alert unknown ca": "the other side does not trust the CA of our certificate",
+    "alert certificate expired": "the other side says our certificate expired: a client is "
+    "enrolled again with cellvpn-ctl client add",
     "certificate verify failed": "the peer's certificate does not verify against our CA",
     "tlsv1 alert decrypt error": "the handshake signature did not verify",
 }

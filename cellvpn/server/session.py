@@ -17,7 +17,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cellvpn.conn.protocol import StreamProtocol
-from cellvpn.conn.tls import describe_tls_failure, peer_certificate, peer_fingerprint
+from cellvpn.conn.tls import (
+    client_certificate_problem,
+    describe_tls_failure,
+    peer_certificate,
+    peer_fingerprint,
+)
 from cellvpn.device.counters import SessionCounters
 from cellvpn.ratelimit import TokenBucket
 from cellvpn.server.billing import UNMETERED, Bill
@@ -232,7 +237,7 @@ class ServerSession:
                 why = describe_tls_failure(reason)
                 kind = Refusal.TLS_FAILED if not proto.handshake_done else Refusal.PROTOCOL_ERROR
                 text = f"connection from {self.peer} ended before session setup: {why}"
-                enrolled = not_enrolled(why)
+                enrolled = not_enrolled(why, client_certificate_problem(proto.transport))
                 if enrolled is not None:
                     kind, text = Refusal.NOT_ENROLLED, f"connection from {self.peer} {enrolled}"
                 self.server.refusal(kind, None, text)
@@ -547,18 +552,21 @@ class ServerSession:
         }
 
 
-def not_enrolled(why: str) -> str | None:
-    """The words for a handshake that failed because the client is not enrolled, or None."""
+_ENROLL = "([tls] clients = enrolled; enroll it with cellvpn-ctl client add)"
+
+
+def not_enrolled(why: str, problem: str | None = None) -> str | None:
+    """The words for a handshake that failed because the client is not enrolled, or None.
+
+    ``why`` is the handshake's failure, ``problem`` what the certificate check said of the
+    client's certificate, if anything.
+    """
+    if problem is not None:
+        return f"refused: {problem} {_ENROLL}"
     if "peer did not return a certificate" in why:
-        return (
-            "refused: it presented no client certificate ([tls] clients = enrolled; enroll it "
-            "with cellvpn-ctl client add)"
-        )
+        return f"refused: it presented no client certificate {_ENROLL}"
     if "certificate verify failed" in why:
-        return (
-            "refused: its client certificate is not signed by this server's CA ([tls] clients "
-            "= enrolled; enroll it with cellvpn-ctl client add)"
-        )
+        return f"refused: its client certificate does not verify {_ENROLL}"
     return None
 
 

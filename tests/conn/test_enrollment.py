@@ -20,7 +20,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cellvpn.config.parsers import InlinePem
 from cellvpn.conn import pki
-from cellvpn.conn.tls import TLSVerificationError, client_tls, describe_tls_failure, server_tls
+from cellvpn.conn.tls import (
+    TLSVerificationError,
+    client_certificate_problem,
+    client_tls,
+    describe_tls_failure,
+    server_tls,
+)
 
 from .conftest import SERVER_NAMES, PKIFiles
 from .test_tls import exchange, refused, server_creator, tls_server, within
@@ -209,3 +215,32 @@ def test_inline_pem_that_is_not_pem_is_a_clear_error() -> None:
     with pytest.raises(pki.TLSConfigError, match=r"CA file \(PEM text in the config file\)"):
         client_tls("x", InlinePem("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"),
                    None, None, None)  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("which", ["other-ca", "expired"])
+async def test_the_server_keeps_why_it_refused_a_client_certificate(
+    reactor: Any, pki_files: PKIFiles, tmp_path: Path, which: str
+) -> None:
+    p = pki_files
+    if which == "other-ca":
+        cert, key = p.rogue_client_cert, p.rogue_client_key
+    else:
+        authority = pki.load_authority(p.server.ca_cert.parent.parent)
+        request = pki.new_client_request("late")
+        then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+        signed = pki.sign_client_request(authority, "late", request.csr_pem, 1, then)
+        cert, key = tmp_path / "late.pem", tmp_path / "late.key"
+        cert.write_bytes(pki.certificate_pem(signed))
+        key.write_bytes(request.key_pem)
+    creator = client_tls("vpn.test", p.server.ca_cert, None, cert, key)
+    async with tls_server(reactor, server_creator(p, p.server.ca_cert)) as (port, factory):
+        reason = await refused(reactor, port, factory, creator)
+        server = factory.peers[0]
+    problem = client_certificate_problem(server.transport)
+    if which == "other-ca":
+        assert problem is not None and "not signed by this server's CA" in problem
+        assert "does not trust the CA of our certificate" in describe_tls_failure(reason)
+    else:
+        assert problem == "its client certificate is not acceptable: certificate has expired"
+        assert "says our certificate expired" in describe_tls_failure(reason)

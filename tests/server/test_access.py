@@ -162,5 +162,9 @@ def test_handshake_failures_of_clients_that_are_not_enrolled_are_named() -> None
     said = not_enrolled("TLS handshake failed: peer did not return a certificate (...)")
     assert said is not None and "presented no client certificate" in said
     said = not_enrolled("TLS handshake failed: certificate verify failed")
-    assert said is not None and "not signed by this server's CA" in said
+    assert said is not None and "does not verify" in said
+    said = not_enrolled("TLS handshake failed: certificate verify failed", "it expired (x)")
+    assert said == (
+        "refused: it expired (x) ([tls] clients = enrolled; enroll it with cellvpn-ctl client add)"
+    )
     assert not_enrolled("TLS handshake failed: wrong version number") is None
