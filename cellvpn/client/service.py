@@ -92,6 +92,8 @@ class VPNClientService(MultiService):
         self.server_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.stream: ClientStream | None = None
         self.last_error: str | None = None
+        #: what the last connection warned of (a certificate pin that renewal will break)
+        self.trust_warning: str | None = None
         self.sessions_established = 0
         self.resume_token = b""
         self.dropped_not_connected = 0
@@ -234,6 +236,7 @@ class VPNClientService(MultiService):
             "usage_id": stream.usage_id if up and stream else None,
             "sessions_established": self.sessions_established,
             "last_error": self.last_error,
+            "warning": self.trust_warning,
             **tunnel,
             "kill_switch": self.config.client.kill_switch,
             "tun_stats": {k: getattr(port_stats, k) for k in port_stats.__slots__}
@@ -300,8 +303,17 @@ class VPNClientService(MultiService):
                 "the server"
             )
         return client_tls(
-            name, c.ca, c.fingerprint, c.certificate, c.private_key, server_key=c.server_key
+            name,
+            c.ca,
+            c.fingerprint,
+            c.certificate,
+            c.private_key,
+            server_key=c.server_key,
+            warn=self._trust_warned,
         )
+
+    def _trust_warned(self, warning: str) -> None:
+        self.trust_warning = warning
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None

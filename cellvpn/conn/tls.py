@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -337,8 +337,9 @@ class _CACheck(_ServerCheck):
 class _PinCheck(_ServerCheck):
     """A pin of the server certificate itself: it matches until the server renews it."""
 
-    def __init__(self, fingerprint: str) -> None:
+    def __init__(self, fingerprint: str, warn: Callable[[str], object] | None = None) -> None:
         self.fingerprint = fingerprint
+        self.warn = warn
 
     def check(self, cert: crypto.X509, errno: int, depth: int, ok: bool) -> str | None:
         if depth != 0:
@@ -346,7 +347,10 @@ class _PinCheck(_ServerCheck):
         leaf = cert.to_cryptography()
         actual = fingerprint_of(leaf)
         if hmac.compare_digest(actual, self.fingerprint):
-            log.warn("{warning}", warning=leaf_pin_warning(leaf))
+            warning = leaf_pin_warning(leaf)
+            log.warn("{warning}", warning=warning)
+            if self.warn is not None:
+                self.warn(warning)
             return None
         return (
             f"server certificate fingerprint {actual} does not match the pinned "
@@ -422,6 +426,7 @@ def client_tls(
     certificate: PemSource | None,
     private_key: PemSource | None,
     server_key: str | None = None,
+    warn: Callable[[str], object] | None = None,
 ) -> IOpenSSLClientConnectionCreator:
     """A TLS 1.3 client that trusts the server by ``ca``, ``server_key`` or ``fingerprint``.
 
@@ -431,7 +436,8 @@ def client_tls(
     certificate for that key is accepted, whatever its chain and names. With ``fingerprint``
     (SHA-256 of the server certificate, with or without colons), only that certificate.
     ``certificate`` and ``private_key`` (both or neither) are the client's own, for servers
-    that require one. Raises :class:`TLSConfigError`.
+    that require one; ``warn`` hears the warning a certificate pin gives at each connection.
+    Raises :class:`TLSConfigError`.
     """
     given = sum(x is not None for x in (ca, fingerprint, server_key))
     if given != 1:
@@ -460,7 +466,7 @@ def client_tls(
     else:
         assert fingerprint is not None
         try:
-            check = _PinCheck(normalise_fingerprint(fingerprint))
+            check = _PinCheck(normalise_fingerprint(fingerprint), warn)
         except ValueError as e:
             raise TLSConfigError(f"server fingerprint: {e}") from None
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check)

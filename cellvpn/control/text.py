@@ -129,6 +129,7 @@ def client_status(status: Mapping[str, Any]) -> str:
         ("tun", status.get("tun")),
         ("session id", f"{status['session_id']:#010x}" if status.get("session_id") else None),
         ("reason", status.get("last_error")),
+        ("warning", status.get("warning")),
     ]
     for label, value in facts:
         if value:

@@ -133,6 +133,12 @@ def test_pins_of_the_key_and_the_ca_survive_a_renewal(netns: Any, tmp_path: Path
     pinned.wait_log(r"VPN up: ")
     pinned.wait_log(r"pinned by its fingerprint .* stops matching when the server renews it")
     assert f"server_key = {spki}" in pinned.text()
+    status = ctl_json(cli, lab.socket("leaf1"), "vpn_client", "status")
+    assert "stops matching when the server renews it" in status["warning"]
+    assert (
+        "warning: the server certificate is pinned by its fingerprint"
+        in ctl(cli, lab.socket("leaf1"), "vpn_client", "status").stdout
+    )
     pinned.stop()
 
     server.stop()
