@@ -48,7 +48,7 @@ def main() -> int:
                 # would measure the edge instead of the server
                 "[edge]\nmax_streams_per_source = 100000\nmax_handshakes_per_source = 100000\n"
                 "connect_rate = 100000\nconnect_burst = 100000\n"
-                "[tls]\nnames = 127.0.0.1\n"
+                "[tls]\nnames = 127.0.0.1\nclients = any\n"
                 "[srv_vpn]\nnetwork_address = 198.18.16.0\nnetwork_mask = 255.255.240.0\n"
                 "tun_name = cvpn-sb\n"
                 "[control]\nsocket = server.sock\n"

@@ -2,8 +2,10 @@
 
 Three hosts: the server in ``cvpn-demo-srv``, a client in ``cvpn-demo-cli`` (underlay
 192.0.2.0/24) and an "internet" host ``cvpn-demo-net`` behind the server with an HTTP server at
-198.19.0.10. The server leases from 198.18.5.0/24 in free mode; the client sends everything
-through the tunnel (``default_route``) and has its own resolv.conf. Server and client are real
+198.19.0.10. The server leases from 198.18.5.0/24 in free mode to enrolled clients: the client
+is enrolled with ``cellvpn-ctl client add`` and runs on the file it writes; it sends everything
+through the tunnel (``default_route``) and has its own resolv.conf. Then the same server sells
+its service to any client that pays (``[tls] clients = any``). Server and client are real
 ``twistd`` processes with the embedded defaults plus the few keys a lab needs. Everything is
 torn down at the end, also after an error.
 """
@@ -32,8 +34,11 @@ def show(ns: Namespace, *cmd: str) -> None:
 
 
 def paid_session(lab: VpnLab, cli: Namespace, procs: list[Twistd], tmp: Path) -> None:
-    """The same VPN, paid: 1000 datoshi per 64 MiB of IP traffic, from a prepaid deposit."""
-    say("a paid session: the server sells 64 MiB of traffic for 1000 CELL")
+    """The same VPN, paid: 1000 datoshi per 64 MiB of IP traffic, from a prepaid deposit.
+
+    This server serves any client (``[tls] clients = any``): whoever pays is served, with no
+    enrollment."""
+    say("a paid session for any client: the server sells 64 MiB of traffic for 1000 CELL")
     procs.append(
         lab.start_server(
             extra="[billing]\nprice = 1000\nprice_unit = B\nunits = 67108864\n",
@@ -115,12 +120,19 @@ def main() -> int:
             print(f"HTTP server on {NET_HOST_IP} in cvpn-demo-net")
 
             say("server: twistd -n --pidfile= cellvpn  (pool 198.18.5.0/24, free service)")
-            procs.append(lab.start_server(vpn_extra="dns = 198.18.5.1\n"))
+            procs.append(lab.start_server(vpn_extra="dns = 198.18.5.1\n", clients="enrolled"))
             fp = lab.server.wait_log(r"SHA-256 fingerprint ([0-9A-F:]+)").group(1)  # type: ignore[union-attr]
             print(f"server certificate fingerprint {fp}")
+            spki = lab.server.wait_log(r"\(SPKI\) ([0-9a-f]{64})").group(1)  # type: ignore[union-attr]
+            print(f"server key SHA-256 (the pin that survives renewals) {spki}")
 
-            say("client: twistd -n --pidfile= cellvpn-client  (default_route = true)")
-            client = lab.start_client(cli, "client", section_extra="default_route = true\n")
+            say("enroll the client: cellvpn-ctl client add client --out client.cfg")
+            enrolled = lab.enroll("client")
+            print(f"wrote {enrolled.name}: server, CA, client certificate and key in one file")
+            print(ctl(lab.srv, lab.server_socket, "client", "list").stdout.rstrip())
+
+            say("client: twistd -n --pidfile= cellvpn-client --config client.cfg")
+            client = lab.start_enrolled_client(cli, "client", enrolled)
             procs.append(client)
             print(client.wait_log(r"VPN up: .*").group(0))
 

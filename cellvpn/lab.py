@@ -285,9 +285,15 @@ class VpnLab:
         vpn_extra: str = "",
         edge: str = LAB_EDGE,
         options: tuple[str, ...] = (),
+        clients: str | None = "any",
+        tls_extra: str = "",
     ) -> Twistd:
         """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``edge`` into [edge],
-        ``extra`` at the end.
+        ``tls_extra`` into [tls], ``extra`` at the end.
+
+        ``clients`` is ``[tls] clients``: the lab's clients have no certificates, so it serves
+        ``any`` client unless a test enrolls them (``None`` leaves the key out: the default,
+        ``enrolled``).
 
         Every lab client is one address of 192.0.2.0/24, so each is its own source (/32), and
         the lab's edge lets one client host open many sessions at once (the load tests do).
@@ -302,7 +308,9 @@ class VpnLab:
             "source_prefix_v4 = 32\n"
             "[edge]\n" + edge + "[tls]\n"
             f"names = {names}\n"
-            "[srv_vpn]\n"
+            + (f"clients = {clients}\n" if clients is not None else "")
+            + tls_extra
+            + "[srv_vpn]\n"
             f"network_address = {self.pool.split('/')[0]}\n"
             f"network_mask = {_mask(self.pool)}\n"
             "tun_name = cvpn-srv\n"
@@ -365,6 +373,45 @@ class VpnLab:
         (other sections) at the end; ``server`` as in :meth:`client_config`."""
         cfg = self.client_config(name, extra=extra, section_extra=section_extra, server=server)
         client = Twistd(ns, "cellvpn-client", cfg, self.work / f"{name}.log")
+        if wait:
+            client.wait_log(r"VPN up: ")
+        return client
+
+    def enroll(self, name: str, days: int = 30) -> Path:
+        """``cellvpn-ctl client add NAME --out FILE`` on the server's control socket: the
+        client file it writes (a server started with ``clients="enrolled"`` or ``None``)."""
+        out = self.work / f"{name}.cfg"
+        ctl(
+            self.srv,
+            self.server_socket,
+            "client",
+            "add",
+            name,
+            "--days",
+            str(days),
+            "--out",
+            str(out),
+        )
+        return out
+
+    def start_enrolled_client(
+        self, ns: Namespace, name: str, cfg: Path, *sets: str, wait: bool = True
+    ) -> Twistd:
+        """``twistd cellvpn-client --config FILE`` with a file from :meth:`enroll`, as it is;
+        only what belongs to this host (state folder, control socket, TUN name, and ``sets``,
+        each ``section.key=value``) is given on the command line, as a second client on one
+        machine needs."""
+        extra = [
+            "--set",
+            f"client.state_dir={self.work / name}-state",
+            "--control-socket",
+            str(self.socket(name)),
+            "--tun-name",
+            "cvpn-cli",
+        ]
+        for item in sets:
+            extra += ["--set", item]
+        client = Twistd(ns, "cellvpn-client", cfg, self.work / f"{name}.log", *extra)
         if wait:
             client.wait_log(r"VPN up: ")
         return client

@@ -99,8 +99,9 @@ def test_config_check_of_the_shipped_files() -> None:
     done = ctl("config", "check", str(root / "client.cfg"))
     assert done.returncode == 1
     assert done.stderr == (
-        f"cellvpn-ctl: {root / 'client.cfg'}: [client] needs ca (the server's CA certificate)"
-        " or fingerprint (the server certificate's SHA-256) to trust the server\n"
+        f"cellvpn-ctl: {root / 'client.cfg'}: [client] needs ca (the server's CA certificate),"
+        " server_key (its key's SHA-256) or fingerprint (its certificate's SHA-256) to trust"
+        " the server\n"
     )
 
 

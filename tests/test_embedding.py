@@ -20,6 +20,7 @@ def test_server_and_client_services_in_one_node_app(netns: Any, tmp_path: Path) 
     server_cfg = tmp_path / "server.cfg"
     server_cfg.write_text(
         "[server]\nlisten = tcp:8089:interface=192.0.2.1\nstate_dir = state\n"
+        "[tls]\nclients = any\n"  # the client here has no certificate of its own
         "[srv_vpn]\nnetwork_address = 198.18.6.0\ntun_name = cvpn-srv\n"
         f"[control]\nsocket = {tmp_path / 'server.sock'}\n"
     )

@@ -32,7 +32,7 @@ def kind_of(path: Path) -> str:
 
 def files_read_at_start(config: ServerConfig | ClientConfig) -> list[tuple[str, Path]]:
     """The ``[section] key`` and path of every file the service opens at start."""
-    named: list[tuple[str, Path | None]] = []
+    named: list[tuple[str, object]] = []
     if isinstance(config, ServerConfig):
         tls = config.tls
         named += [("[tls] certificate", tls.certificate), ("[tls] private_key", tls.private_key)]
@@ -41,7 +41,8 @@ def files_read_at_start(config: ServerConfig | ClientConfig) -> list[tuple[str, 
         c = config.client
         named += [("[client] ca", c.ca), ("[client] certificate", c.certificate)]
         named += [("[client] private_key", c.private_key)]
-    return [(what, path) for what, path in named if path is not None]
+    # PEM text written into the file itself is no file to look for
+    return [(what, path) for what, path in named if isinstance(path, Path)]
 
 
 def check(path: Path, kind: str | None) -> tuple[str, list[str], list[str]]:
@@ -54,10 +55,10 @@ def check(path: Path, kind: str | None) -> tuple[str, list[str], list[str]]:
         return kind, list(e.warnings), list(e.messages)
     errors = []
     c = config.client if isinstance(config, ClientConfig) else None
-    if c is not None and c.ca is None and c.fingerprint is None:
+    if c is not None and c.ca is None and c.fingerprint is None and c.server_key is None:
         errors.append(
-            f"{path}: [client] needs ca (the server's CA certificate) or fingerprint "
-            "(the server certificate's SHA-256) to trust the server"
+            f"{path}: [client] needs ca (the server's CA certificate), server_key (its key's"
+            " SHA-256) or fingerprint (its certificate's SHA-256) to trust the server"
         )
     for what, named in files_read_at_start(config):
         if not named.is_file():

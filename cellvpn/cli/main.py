@@ -21,10 +21,19 @@ CLIENT_SOCKET = "/run/cellvpn/client.sock"
 def _print_server_status(result: dict[str, Any]) -> None:
     sessions = result.get("sessions", [])
     print(f"cellvpn server on {result.get('listen')}: {len(sessions)} session(s)")
+    if result.get("clients"):
+        print(f"  clients: {result['clients']}")
+    if result.get("server_key"):
+        print(f"  server key SHA-256 (pin as server_key): {result['server_key']}")
+    if result.get("fingerprint"):
+        expires = result.get("certificate_expires")
+        until = f", renewed before {text.utc_date(expires)}" if expires else ""
+        print(f"  certificate fingerprint: {result['fingerprint']}{until}")
     for s in sessions:
         rtt = s.get("rtt_ms")
+        client = f" client {s['client']}" if s.get("client") else ""
         print(
-            f"  session {s['session_id']:#010x} {s['peer']}: keepalives "
+            f"  session {s['session_id']:#010x} {s['peer']}{client}: keepalives "
             f"{s['keepalives_sent']} sent / {s['alives_received']} answered, "
             f"{s['keepalives_received']} received"
             + (f", rtt {rtt:.2f} ms" if rtt is not None else "")
@@ -112,6 +121,90 @@ def _vpn_stat(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _client(ns: argparse.Namespace) -> int:
+    """``client add | list | revoke``: enrolled clients, through the server's control socket."""
+    sock = ns.socket or SERVER_SOCKET
+    if ns.action == "add":
+        return _client_add(ns, sock)
+    if ns.action == "list":
+        result = call(sock, "client_list", {})
+        _emit(ns, result, text.client_list(result["clients"]))
+        return 0
+    if ns.name is None:
+        raise CtlError("client revoke needs the client's NAME")
+    result = call(sock, "client_revoke", {"name": ns.name})
+    closed = result["sessions_closed"]
+    serials = ", ".join(r["serial"] for r in result["revoked"])
+    words = f"revoked client {ns.name} (certificate {serials}); " + (
+        f"closed {len(closed)} live session(s): " + ", ".join(f"{s:#010x}" for s in closed)
+        if closed
+        else "it had no live session"
+    )
+    _emit(ns, result, words)
+    return 0
+
+
+def _client_add(ns: argparse.Namespace, sock: str) -> int:
+    import os
+    from pathlib import Path
+
+    from cellvpn.conn import pki
+    from cellvpn.enroll import EnrollFileError, client_file, qr_text, write_private
+
+    if ns.name is None:
+        raise CtlError("client add needs the client's NAME")
+    if ns.out is None and not ns.qr:
+        raise CtlError("client add needs --out FILE (or --qr) for the client's config")
+    out = Path(ns.out) if ns.out else None
+    if out is not None and out.exists() and not ns.force:
+        raise CtlError(f"{out} exists already (--force replaces it)")
+    folder = out.parent if out is not None else None
+    if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        # checked before the server signs: a certificate nobody holds would block the name
+        raise CtlError(f"cannot write {out}: {folder} is not a folder this user may write to")
+    try:
+        request = pki.new_client_request(ns.name)
+    except pki.EnrollmentError as e:
+        raise CtlError(str(e)) from None
+    answer = call(
+        sock,
+        "client_sign",
+        {"name": ns.name, "csr": request.csr_pem.decode("ascii"), "days": ns.days},
+    )
+    config = client_file(ns.name, answer, request.key_pem)
+    try:
+        if out is not None:
+            write_private(out, config, replace=ns.force)
+        picture = qr_text(config) if ns.qr else None
+    except EnrollFileError as e:
+        raise CtlError(str(e)) from None
+    until = text.utc_date(float(answer["not_after"]))
+    words = f"enrolled client {ns.name}: certificate {answer['serial']} until {until}"
+    if out is not None:
+        words += (
+            f"\nwrote {out} (mode 0600; it holds the client's key)"
+            f"\nstart the client with: twistd cellvpn-client --config {out}"
+        )
+    result = {k: v for k, v in answer.items() if k not in ("certificate", "ca")}
+    result["file"] = str(out) if out is not None else None
+    _emit(ns, result, words)
+    if picture is not None:
+        print(picture, end="")
+    return 0
+
+
+def _session(ns: argparse.Namespace) -> int:
+    sock = ns.socket or SERVER_SOCKET
+    try:
+        session_id = int(ns.id, 0)
+    except ValueError:
+        raise CtlError(f"{ns.id!r} is not a session id (vpn_stat -full shows them)") from None
+    result = call(sock, "session_kick", {"session_id": session_id})
+    who = f" (client {result['client']})" if result.get("client") else ""
+    _emit(ns, result, f"closed session {session_id:#010x} with {result['peer']}{who}")
+    return 0
+
+
 def _default_socket() -> str:
     import os
 
@@ -157,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_stat)
     add_config_commands(sub, common)
+    p = sub.add_parser(
+        "client",
+        parents=[common],
+        help="enroll, list or revoke the server's clients",
+        description="Enroll a client (its key and request are made here, the server signs "
+        "them), list the enrolled clients, or revoke one (its sessions are closed now).",
+    )
+    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("name", nargs="?", help="the client's name (add, revoke)")
+    p.add_argument(
+        "--days", type=int, default=365, help="lifetime of the client certificate (add; 365)"
+    )
+    p.add_argument("--out", help="write the client's config file here, mode 0600 (add)")
+    p.add_argument("--qr", action="store_true", help="print the config as a QR code (add)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (add)")
+    p.set_defaults(handler=_client)
+    p = sub.add_parser("session", help="close one of the server's sessions", parents=[common])
+    p.add_argument("action", choices=["kick"])
+    p.add_argument("id", help="the session id, as vpn_stat shows it (0x0000002a or 42)")
+    p.set_defaults(handler=_session)
     add_ledger_commands(sub)
     return parser
 

@@ -108,6 +108,8 @@ class VPNClientService(MultiService):
         self.server_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.stream: ClientStream | None = None
         self.last_error: str | None = None
+        #: what the last connection warned of (a certificate pin that renewal will break)
+        self.trust_warning: str | None = None
         self.sessions_established = 0
         self.resume_token = b""
         self.dropped_not_connected = 0
@@ -263,6 +265,7 @@ class VPNClientService(MultiService):
             "last_error": self.last_error,
             # a STOPPED client with a retry due is still trying: seconds until the next attempt
             "retrying_in": self._retry_in(),
+            "warning": self.trust_warning,
             **tunnel,
             "kill_switch": self.config.client.kill_switch,
             "tun_stats": {k: getattr(port_stats, k) for k in port_stats.__slots__}
@@ -366,12 +369,24 @@ class VPNClientService(MultiService):
     def _client_tls(self, host: str) -> Any:
         c = self.config.client
         name = c.server_name or host
-        if c.ca is None and c.fingerprint is None:
+        if c.ca is None and c.fingerprint is None and c.server_key is None:
             raise StartupError(
-                "[client] needs ca (the server's CA certificate) or fingerprint "
-                "(the server certificate's SHA-256) to trust the server"
+                "[client] needs ca (the server's CA certificate), server_key (the SHA-256 of "
+                "the server's key) or fingerprint (the server certificate's SHA-256) to trust "
+                "the server"
             )
-        return client_tls(name, c.ca, c.fingerprint, c.certificate, c.private_key)
+        return client_tls(
+            name,
+            c.ca,
+            c.fingerprint,
+            c.certificate,
+            c.private_key,
+            server_key=c.server_key,
+            warn=self._trust_warned,
+        )
+
+    def _trust_warned(self, warning: str) -> None:
+        self.trust_warning = warning
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None

@@ -27,6 +27,7 @@ class Options(BaseOptions):
     shortcuts: ClassVar[list[tuple[str, str, str]]] = [
         ("server", "client.server", "Server to connect to, host:port"),
         ("ca", "client.ca", "PEM file of the CA that signed the server certificate"),
+        ("server-key", "client.server_key", "SHA-256 of the server's public key (SPKI)"),
         ("fingerprint", "client.fingerprint", "SHA-256 fingerprint of the server certificate"),
         ("tun-name", "client.tun_name", "TUN device name"),
         ("control-socket", "control.socket", "Control socket path"),

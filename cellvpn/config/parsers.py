@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
@@ -113,6 +114,45 @@ def _path(text: str, base: Path) -> Path:
 
 #: A path; a relative one is taken from the config file's folder, ``~`` is the user's home.
 PATH: Parser[Path] = Parser(_path, "a path (relative paths start at the config file's folder)")
+
+
+@dataclass(frozen=True)
+class InlinePem:
+    """PEM text written in the config file itself (continuation lines under the key)."""
+
+    text: str
+
+    @property
+    def data(self) -> bytes:
+        return self.text.encode("ascii") + b"\n"
+
+    def __str__(self) -> str:
+        return "(PEM text in the config file)"
+
+
+#: A PEM file, or the PEM text itself, as a key of a self-contained client file holds it.
+PemSource = Path | InlinePem
+
+_PEM_BLOCK = re.compile(
+    r"(?:-----BEGIN [A-Z0-9 ]+-----\n[A-Za-z0-9+/=\n]+?-----END [A-Z0-9 ]+-----\s*)+"
+)
+
+
+def _pem_source(text: str, base: Path) -> PemSource:
+    if text.lstrip().startswith("-----BEGIN"):
+        lines = "\n".join(line.strip() for line in text.strip().splitlines())
+        if not text.isascii() or not _PEM_BLOCK.fullmatch(lines + "\n"):
+            raise ParseError("PEM text must be whole BEGIN ... END blocks")
+        return InlinePem(lines)
+    return _path(text, base)
+
+
+PEM_SOURCE: Parser[PemSource] = Parser(
+    _pem_source,
+    "a path (relative paths start at the config file's folder), or PEM text on the lines"
+    " below the key, each indented",
+    lambda v: v.text if isinstance(v, InlinePem) else str(v),
+)
 
 
 def _ipv4(text: str, base: Path) -> IPv4Address:

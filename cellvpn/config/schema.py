@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar, get_type_hints
 
 from cellvpn.config.endpoints import endpoint
-from cellvpn.config.fields import Check, ParseError, Parser, at_most_one, both_or_neither, option
+from cellvpn.config.fields import Check, ParseError, Parser, both_or_neither, option
 from cellvpn.config.parsers import (
     BITRATE,
     BOOL,
@@ -31,8 +31,10 @@ from cellvpn.config.parsers import (
     NAME,
     NETWORK,
     PATH,
+    PEM_SOURCE,
     HostPort,
     IPNetwork,
+    PemSource,
     choice,
     integer,
     list_of,
@@ -58,6 +60,7 @@ _IPV4_NETWORKS = list_of(
     Parser(_ipv4_network, "an IPv4 network without host bits, such as 198.18.0.0/15"),
     "IPv4 networks",
 )
+_OPTIONAL_PEM = optional(PEM_SOURCE)
 _IPV4_LIST = list_of(IPV4, "IPv4 addresses")
 
 
@@ -74,6 +77,12 @@ _TO_HOST = list_of(
     "rules (icmp, dns, tcp:PORT, udp:PORT, all, none)",
 )
 _NETWORK_LIST = list_of(NETWORK, "IPv4 or IPv6 networks such as 198.18.0.0/15 or 2001:db8::/32")
+
+
+def _one_trust(*given: object) -> str | None:
+    if sum(value is not None for value in given) > 1:
+        return "expected at most one of ca, server_key and fingerprint"
+    return None
 
 
 def _idle_after_keepalive(keepalive: float, idle_timeout: float) -> str | None:
@@ -161,10 +170,23 @@ class ServerSection:
     )
     log_level: LogLevelName = option(choice(LogLevelName), LogLevelName.INFO, _LOG_LEVEL_DOC)
     log_format: LogFormat = option(choice(LogFormat), LogFormat.TEXT, _LOG_FORMAT_DOC)
+    public: HostPort | None = option(
+        optional(HOST_PORT),
+        None,
+        "host:port at which clients reach this server, written into the client files that"
+        " cellvpn-ctl client add makes; empty = the listen address and port, if it names one.",
+    )
 
     checks: ClassVar[tuple[Check, ...]] = (
         Check(("keepalive", "idle_timeout"), _idle_after_keepalive),
     )
+
+
+class ClientAccess(StrEnum):
+    """Who may open a session: clients with a certificate of the server's CA, or anyone."""
+
+    ENROLLED = "enrolled"
+    ANY = "any"
 
 
 @dataclass(frozen=True)
@@ -179,10 +201,18 @@ class TLSServerSection:
     private_key: Path | None = option(
         _OPTIONAL_PATH, None, "PEM private key of certificate; set both or neither."
     )
+    clients: ClientAccess = option(
+        choice(ClientAccess),
+        ClientAccess.ENROLLED,
+        "Who may connect: enrolled = only clients with a certificate signed by the server's CA"
+        " (cellvpn-ctl client add) or by client_ca, checked during the TLS handshake; any ="
+        " anyone who reaches the port (then allow_free_srv and [billing] price decide who is"
+        " served).",
+    )
     client_ca: Path | None = option(
         _OPTIONAL_PATH,
         None,
-        "PEM CA certificates; when set, clients must present a certificate signed by one of them.",
+        "PEM CA certificates whose client certificates are accepted too (clients = enrolled).",
     )
     names: tuple[str, ...] = option(
         list_of(NAME, "DNS names and IP addresses"),
@@ -351,22 +381,35 @@ class ClientSection:
         None,
         "Name or IP address to check in the server's certificate; empty = the host of server.",
     )
-    ca: Path | None = option(
-        _OPTIONAL_PATH,
+    ca: PemSource | None = option(
+        _OPTIONAL_PEM,
         None,
-        "PEM CA certificates to verify the server with (the server's state_dir/tls/ca.pem);"
-        " the client needs this or fingerprint: it never falls back to the system's CAs.",
+        "PEM CA certificates to verify the server with (a file, or the PEM text itself; the"
+        " server's state_dir/tls/ca.pem). The client needs this, server_key or fingerprint: it"
+        " never falls back to the system's CAs.",
+    )
+    server_key: str | None = option(
+        optional(FINGERPRINT),
+        None,
+        "SHA-256 of the server's public key (SPKI), pinned instead of a CA; it survives the"
+        " server's certificate renewals (the server logs it at start).",
     )
     fingerprint: str | None = option(
         optional(FINGERPRINT),
         None,
-        "SHA-256 fingerprint of the server's certificate, pinned instead of a CA.",
+        "SHA-256 fingerprint of the server's certificate, pinned instead of a CA; it stops"
+        " matching when the server renews its certificate (prefer server_key).",
     )
-    certificate: Path | None = option(
-        _OPTIONAL_PATH, None, "PEM client certificate for mutual TLS; set with private_key."
+    certificate: PemSource | None = option(
+        _OPTIONAL_PEM,
+        None,
+        "PEM client certificate for servers that require one (a file, or the PEM text itself);"
+        " set with private_key.",
     )
-    private_key: Path | None = option(
-        _OPTIONAL_PATH, None, "PEM private key of certificate; set both or neither."
+    private_key: PemSource | None = option(
+        _OPTIONAL_PEM,
+        None,
+        "PEM private key of certificate (a file, or the PEM text itself); set both or neither.",
     )
     vpn: bool = option(
         BOOL,
@@ -446,7 +489,7 @@ class ClientSection:
     log_format: LogFormat = option(choice(LogFormat), LogFormat.TEXT, _LOG_FORMAT_DOC)
 
     checks: ClassVar[tuple[Check, ...]] = (
-        at_most_one("ca", "fingerprint"),
+        Check(("ca", "server_key", "fingerprint"), _one_trust),
         both_or_neither("certificate", "private_key"),
     )
 

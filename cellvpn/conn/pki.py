@@ -10,8 +10,13 @@ time it creates, under ``state_dir/tls``::
 
 Later starts reuse them. When the configured names no longer match the certificate (or it is
 about to expire, or it was not signed by ``ca.pem``), a new server certificate is issued from the
-same CA, so clients that trust the CA keep working; clients that pin the fingerprint need the new
-one, which the server logs.
+same CA for the same key ``server.key``, so clients that trust the CA or pin the server's public
+key (its SPKI SHA-256, :func:`spki_fingerprint`) keep working; only clients that pin the
+certificate's own fingerprint need the new one, which the server logs.
+
+The same CA signs client certificates (:func:`sign_client_request`): a client key pair and its
+certificate signing request are made on the operator's side (:func:`new_client_request`), and
+only the request travels to the server.
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
 half-written file; key files are created 0600 from the start.
@@ -20,6 +25,7 @@ half-written file; key files are created 0600 from the start.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
@@ -41,6 +47,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
+
+from cellvpn.config.parsers import InlinePem, PemSource
 
 log = Logger()
 
@@ -74,7 +82,9 @@ class ServerIdentity:
 
     ``cert`` holds the server certificate followed by the CA certificate (its chain);
     ``fingerprint`` is the SHA-256 of the server certificate's DER, lowercase hex;
-    ``created`` is true when this start created the CA or issued a new server certificate.
+    ``spki`` is the SHA-256 of its public key (SubjectPublicKeyInfo DER), the pin that survives
+    renewals; ``created`` is true when this start created the CA or issued a new server
+    certificate.
     """
 
     ca_cert: Path
@@ -83,6 +93,8 @@ class ServerIdentity:
     fingerprint: str
     names: tuple[str, ...]
     created: bool
+    spki: str = ""
+    not_after: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,24 @@ def fingerprint_of(cert: x509.Certificate | bytes) -> str:
         except ValueError as e:
             raise ValueError(f"not a PEM or DER certificate: {e}") from None
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def spki_fingerprint(item: x509.Certificate | PrivateKeyTypes | bytes) -> str:
+    """SHA-256 of the public key's SubjectPublicKeyInfo DER, lowercase hex without colons.
+
+    The pin that survives a certificate renewal for the same key, as
+    ``openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256sum`` prints it.
+    ``item`` is a certificate, a private key, or a certificate's PEM or DER bytes.
+    """
+    if isinstance(item, bytes):
+        try:
+            if item.lstrip().startswith(b"-----BEGIN"):
+                item = x509.load_pem_x509_certificate(item)
+            else:
+                item = x509.load_der_x509_certificate(item)
+        except ValueError as e:
+            raise ValueError(f"not a PEM or DER certificate: {e}") from None
+    return hashlib.sha256(_public_der(item)).hexdigest()
 
 
 def normalise_fingerprint(text: str) -> str:
@@ -331,7 +361,9 @@ def default_names(listen: str) -> list[str]:
 # --- loading -------------------------------------------------------------------------------
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: PemSource, what: str) -> bytes:
+    if isinstance(path, InlinePem):
+        return path.data
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -342,7 +374,7 @@ def _read(path: Path, what: str) -> bytes:
         raise TLSConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def load_certificates(path: Path, what: str = "certificate file") -> list[x509.Certificate]:
+def load_certificates(path: PemSource, what: str = "certificate file") -> list[x509.Certificate]:
     """The PEM certificates in ``path``, in order (at least one)."""
     data = _read(path, what)
     try:
@@ -352,7 +384,7 @@ def load_certificates(path: Path, what: str = "certificate file") -> list[x509.C
     return certs
 
 
-def load_private_key(path: Path, what: str = "private key file") -> PrivateKeyTypes:
+def load_private_key(path: PemSource, what: str = "private key file") -> PrivateKeyTypes:
     """The unencrypted PEM private key in ``path``."""
     data = _read(path, what)
     try:
@@ -372,7 +404,7 @@ def _public_der(key: PrivateKeyTypes | x509.Certificate) -> bytes:
     )
 
 
-def load_private_certificate(cert_path: Path, key_path: Path) -> CertificateAndKey:
+def load_private_certificate(cert_path: PemSource, key_path: PemSource) -> CertificateAndKey:
     """A certificate file (the certificate, then any chain) and the private key that matches it."""
     certs = load_certificates(cert_path)
     key = load_private_key(key_path)
@@ -413,6 +445,11 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
             os.unlink(tmp)
         raise TLSConfigError(f"cannot write {path}: {e.strerror or e}") from None
     _fsync_dir(path.parent)
+
+
+def write_state_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` atomically (a new file created with ``mode``, renamed)."""
+    _write_atomically(Path(path), data, mode)
 
 
 def _key_pem(key: PrivateKeyTypes) -> bytes:
@@ -505,8 +542,11 @@ def _new_server_cert(
     names: Sequence[x509.GeneralName],
     ca_cert: x509.Certificate,
     ca_key: CertificateIssuerPrivateKeyTypes,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: CertificateIssuerPrivateKeyTypes | None = None,
+) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+    """A server certificate for ``key`` (a new P-256 key when None)."""
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
     public = key.public_key()
     subject = x509.Name(
         [
@@ -621,15 +661,18 @@ def ensure_server_identity(state_dir: Path, names: Sequence[str]) -> ServerIdent
             ca_key = _issuer_key(load_private_key(ca_key_path, "CA key"), ca_key_path)
             if _public_der(ca_key) != _public_der(ca_cert):
                 raise TLSConfigError(f"CA key {ca_key_path} does not match the CA in {ca_path}")
-        leaf, server_key = _new_server_cert(generals, ca_cert, ca_key)
-        _write_atomically(key_path, _key_pem(server_key), 0o600)
+        kept = _reusable_key(key_path)
+        leaf, server_key = _new_server_cert(generals, ca_cert, ca_key, kept)
+        if kept is None:
+            _write_atomically(key_path, _key_pem(server_key), 0o600)
         _write_atomically(cert_path, _cert_pem(leaf, ca_cert), 0o644)
         created = True
         log.info(
-            "issued a new TLS server certificate {path} for {names} ({why})",
+            "issued a new TLS server certificate {path} for {names} ({why}), {key}",
             path=str(cert_path),
             names=", ".join(_name_text(g) for g in generals),
             why=why,
+            key="same key: key pins (SPKI) still match" if kept is not None else "new key",
         )
     assert leaf is not None
     return ServerIdentity(
@@ -639,4 +682,190 @@ def ensure_server_identity(state_dir: Path, names: Sequence[str]) -> ServerIdent
         fingerprint=fingerprint_of(leaf),
         names=tuple(_name_text(g) for g in generals),
         created=created,
+        spki=spki_fingerprint(leaf),
+        not_after=leaf.not_valid_after_utc,
     )
+
+
+def _reusable_key(key_path: Path) -> CertificateIssuerPrivateKeyTypes | None:
+    """The existing server key, kept across renewals so key pins survive; None: make one."""
+    if not key_path.exists():
+        return None
+    try:
+        key = load_private_key(key_path, "server key")
+    except TLSConfigError as e:
+        log.warn("cannot reuse the server key: {why}; a new key is made", why=str(e))
+        return None
+    if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+        return key
+    return None
+
+
+# --- client enrollment ---------------------------------------------------------------------
+
+#: Lifetime of a client certificate when the operator names none.
+CLIENT_LIFETIME_DAYS = 365
+#: The longest client certificate the server signs.
+CLIENT_MAX_DAYS = 3650
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+
+
+class EnrollmentError(Exception):
+    """A client name, request or lifetime the server will not sign; the message says why."""
+
+
+def check_client_name(name: str) -> str:
+    """``name`` if it can name a client (1 to 64 letters, digits, ``.``, ``_``, ``-``)."""
+    if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
+        raise EnrollmentError(
+            f"{str(name)[:80]!r} cannot name a client: expected 1 to 64 ASCII letters, digits, "
+            "'.', '_' or '-', starting and ending with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """What the operator's side keeps (the key) and sends (the request) when enrolling."""
+
+    key_pem: bytes
+    csr_pem: bytes
+
+
+def new_client_request(name: str) -> ClientRequest:
+    """A new P-256 key pair for client ``name`` and a certificate signing request for it."""
+    check_client_name(name)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return ClientRequest(_key_pem(key), csr.public_bytes(serialization.Encoding.PEM))
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """The server's CA, loaded once at start, that signs client certificates."""
+
+    cert: x509.Certificate
+    key: CertificateIssuerPrivateKeyTypes
+
+    @property
+    def pem(self) -> bytes:
+        return _cert_pem(self.cert)
+
+
+def load_authority(state_dir: Path) -> CertificateAuthority:
+    """The CA under ``state_dir/tls`` (created if there is none yet), with its key."""
+    tls_dir = Path(state_dir) / TLS_DIR
+    try:
+        tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise TLSConfigError(f"cannot create {tls_dir}: {e.strerror or e}") from None
+    ca_path, ca_key_path = tls_dir / CA_CERT, tls_dir / CA_KEY
+    if not ca_path.exists():
+        cert, new_key = _new_ca(socket.gethostname())
+        _write_atomically(ca_key_path, _key_pem(new_key), 0o600)
+        _write_atomically(ca_path, _cert_pem(cert), 0o644)
+        log.info("created a new TLS certificate authority {path}", path=str(ca_path))
+        return CertificateAuthority(cert, new_key)
+    cert = load_certificates(ca_path, "CA certificate")[0]
+    key = _issuer_key(load_private_key(ca_key_path, "CA key"), ca_key_path)
+    if _public_der(key) != _public_der(cert):
+        raise TLSConfigError(f"CA key {ca_key_path} does not match the CA in {ca_path}")
+    return CertificateAuthority(cert, key)
+
+
+def sign_client_request(
+    authority: CertificateAuthority,
+    name: str,
+    csr_pem: bytes,
+    days: int,
+    now: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """A client certificate for ``name`` (CN, EKU clientAuth) over the request's public key.
+
+    The request must be a PEM CSR whose own signature verifies and whose key is P-256, P-384,
+    Ed25519 or RSA of 2048 bits or more. Raises :class:`EnrollmentError` saying what is wrong.
+    """
+    check_client_name(name)
+    if not isinstance(days, int) or not 1 <= days <= CLIENT_MAX_DAYS:
+        raise EnrollmentError(f"expected a lifetime of 1 to {CLIENT_MAX_DAYS} days, got {days!r}")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise EnrollmentError(f"not a PEM certificate signing request ({e})") from None
+    if not csr.is_signature_valid:
+        raise EnrollmentError("the certificate signing request's signature does not verify")
+    public = csr.public_key()
+    ok = (
+        (isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name in _CURVES)
+        or isinstance(public, ed25519.Ed25519PublicKey)
+        or (isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048)
+    )
+    if not ok:
+        raise EnrollmentError(
+            "the request's key is of a kind the server does not sign (P-256, P-384, Ed25519 or "
+            "RSA of at least 2048 bits)"
+        )
+    start = (now or _now()) - _BACKDATE
+    end = min(start + datetime.timedelta(days=days), authority.cert.not_valid_after_utc)
+    ca_key = authority.key
+    try:
+        ski = authority.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cellvpn"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(authority.cert.subject)
+        .public_key(public)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(aki, critical=False)
+    )
+    return builder.sign(ca_key, _signing_hash(ca_key))
+
+
+_CURVES = frozenset({"secp256r1", "secp384r1"})
+
+
+def serial_text(cert: x509.Certificate) -> str:
+    """A certificate's serial number as lowercase hex, the way ``client list`` shows it."""
+    return f"{cert.serial_number:x}"
+
+
+def certificate_pem(cert: x509.Certificate) -> bytes:
+    return _cert_pem(cert)
+
+
+def client_common_name(cert: x509.Certificate) -> str | None:
+    """The CN of a client certificate, or None."""
+    found = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(found[0].value) if found else None

@@ -4,9 +4,11 @@
 return the connection creators that :class:`twisted.protocols.tls.TLSMemoryBIOFactory`,
 ``wrapClientTLS`` and the TLS endpoints take. Both speak TLS 1.3 and nothing older.
 
-A client trusts the server in one of two ways: a CA file (the chain must lead to it, and the
-certificate must name the server's host name or IP address), or a pinned SHA-256 fingerprint of
-the server certificate (nothing else is checked). When the check fails, the connection's
+A client trusts the server in one of three ways: a CA (the chain must lead to it, and the
+certificate must name the server's host name or IP address), a pinned SHA-256 of the server's
+public key (its SPKI: it survives the server's certificate renewals, which keep the key), or a
+pinned SHA-256 fingerprint of the server certificate itself (it breaks at the next renewal, and
+the client warns so each time it connects). When the check fails, the connection's
 ``connectionLost`` gets a :class:`TLSVerificationError` whose message says what was wrong;
 :func:`describe_tls_failure` turns that and every other way a connection ends into one line.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from cellvpn.config.parsers import InlinePem, PemSource
 from cellvpn.conn.pki import (
     TLSConfigError,
     certificate_names,
@@ -42,6 +47,7 @@ from cellvpn.conn.pki import (
     load_certificates,
     load_private_certificate,
     normalise_fingerprint,
+    spki_fingerprint,
 )
 
 if TYPE_CHECKING:
@@ -50,9 +56,12 @@ if TYPE_CHECKING:
 __all__ = [
     "TLSConfigError",
     "TLSVerificationError",
+    "client_certificate_problem",
     "client_tls",
     "describe_tls_failure",
+    "peer_certificate",
     "peer_fingerprint",
+    "replace_server_context",
     "server_tls",
 ]
 
@@ -122,9 +131,21 @@ def _tls13_context() -> SSL.Context:
     return ctx
 
 
-def _use_certificate(ctx: SSL.Context, cert_path: Path, key_path: Path) -> None:
+def _use_certificate(ctx: SSL.Context, cert_path: PemSource, key_path: PemSource) -> None:
     """Load a certificate chain file and its key, after checking them for clear messages."""
-    load_private_certificate(cert_path, key_path)
+    loaded = load_private_certificate(cert_path, key_path)
+    if isinstance(cert_path, InlinePem) or isinstance(key_path, InlinePem):
+        try:
+            ctx.use_certificate(crypto.X509.from_cryptography(loaded.cert))
+            for extra in loaded.chain:
+                ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+            ctx.use_privatekey(crypto.PKey.from_cryptography_key(loaded.key))  # type: ignore[arg-type]
+            ctx.check_privatekey()
+        except (SSL.Error, TypeError, ValueError) as e:
+            raise TLSConfigError(
+                f"OpenSSL cannot use the client certificate and key: {e}"
+            ) from None
+        return
     try:
         ctx.use_certificate_chain_file(os.fspath(cert_path))
     except SSL.Error as e:
@@ -140,8 +161,14 @@ def _use_certificate(ctx: SSL.Context, cert_path: Path, key_path: Path) -> None:
         ) from None
 
 
-def _trust(ctx: SSL.Context, ca: Path, what: str) -> list[x509.Certificate]:
+def _trust(ctx: SSL.Context, ca: PemSource, what: str) -> list[x509.Certificate]:
     certs = load_certificates(ca, what)
+    if isinstance(ca, InlinePem):
+        store = ctx.get_cert_store()
+        assert store is not None
+        for cert in certs:
+            store.add_cert(crypto.X509.from_cryptography(cert))
+        return certs
     try:
         ctx.load_verify_locations(os.fspath(ca))
     except SSL.Error as e:
@@ -160,24 +187,75 @@ class _ServerConnectionCreator:
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
+    def take_context_of(self, other: IOpenSSLServerConnectionCreator) -> None:
+        """Give new connections ``other``'s context (a renewed certificate); open ones keep
+        theirs."""
+        if not isinstance(other, _ServerConnectionCreator):
+            raise TypeError("expected a creator made by server_tls")
+        self._context = other._context
+
+
+def replace_server_context(
+    creator: IOpenSSLServerConnectionCreator, new: IOpenSSLServerConnectionCreator
+) -> None:
+    """Make ``creator`` (listening now) hand out ``new``'s context from the next connection."""
+    if not isinstance(creator, _ServerConnectionCreator):
+        raise TypeError("expected a creator made by server_tls")
+    creator.take_context_of(new)
+
 
 def server_tls(
-    cert_path: Path, key_path: Path, client_ca: Path | None
+    cert_path: Path, key_path: Path, client_ca: Path | Sequence[Path] | None
 ) -> IOpenSSLServerConnectionCreator:
     """A TLS 1.3 server with this certificate chain file and key.
 
-    With ``client_ca``, every client must present a certificate that chains to a CA in that PEM
-    file (mutual TLS); :func:`peer_fingerprint` then identifies the client. Raises
-    :class:`TLSConfigError` naming the file that cannot be used.
+    With ``client_ca`` (one PEM file or several), every client must present a certificate that
+    chains to a CA in them (mutual TLS), or the handshake fails; :func:`peer_fingerprint` and
+    :func:`peer_certificate` then identify the client. Raises :class:`TLSConfigError` naming the
+    file that cannot be used.
     """
     ctx = _tls13_context()
     _use_certificate(ctx, Path(cert_path), Path(key_path))
     ctx.set_session_id(_SESSION_ID_CONTEXT)
     if client_ca is not None:
-        for ca in _trust(ctx, Path(client_ca), "client CA file"):
-            ctx.add_client_ca(ca)
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        files = [client_ca] if isinstance(client_ca, (str, Path)) else list(client_ca)
+        for ca_file in files:
+            for ca in _trust(ctx, Path(ca_file), "client CA file"):
+                ctx.add_client_ca(crypto.X509.from_cryptography(ca))
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _ClientCheck())
     return _ServerConnectionCreator(ctx)
+
+
+#: The attribute of a Twisted TLS protocol that holds why its client's certificate was refused.
+_CLIENT_PROBLEM = "cellvpn_client_certificate_problem"
+
+
+class _ClientCheck:
+    """The server's verify callback: OpenSSL decides; the reason of a refusal is kept on the
+    connection's Twisted protocol (:func:`client_certificate_problem`) for the server's log,
+    while the client still gets OpenSSL's alert."""
+
+    def __call__(
+        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        if not ok:
+            text = _verify_error_text(errno)
+            if errno in _NOT_FROM_CA:
+                problem = f"its client certificate is not signed by this server's CA ({text})"
+            else:
+                where = f" (certificate {depth} of its chain)" if depth else ""
+                problem = f"its client certificate is not acceptable: {text}{where}"
+            with suppress(Exception):
+                tls_protocol = conn.get_app_data()
+                if getattr(tls_protocol, _CLIENT_PROBLEM, None) is None:
+                    setattr(tls_protocol, _CLIENT_PROBLEM, problem)
+        return bool(ok)
+
+
+def client_certificate_problem(transport: object) -> str | None:
+    """Why the server refused this connection's client certificate, or None."""
+    problem = getattr(transport, _CLIENT_PROBLEM, None)
+    return problem if isinstance(problem, str) else None
 
 
 # --- client --------------------------------------------------------------------------------
@@ -230,7 +308,7 @@ class _ServerCheck:
 
 
 class _CACheck(_ServerCheck):
-    def __init__(self, ca: Path, name: str, is_ip: bool) -> None:
+    def __init__(self, ca: PemSource, name: str, is_ip: bool) -> None:
         self.ca = ca
         self.name = name
         self.is_ip = is_ip
@@ -257,18 +335,54 @@ class _CACheck(_ServerCheck):
 
 
 class _PinCheck(_ServerCheck):
-    def __init__(self, fingerprint: str) -> None:
+    """A pin of the server certificate itself: it matches until the server renews it."""
+
+    def __init__(self, fingerprint: str, warn: Callable[[str], object] | None = None) -> None:
         self.fingerprint = fingerprint
+        self.warn = warn
 
     def check(self, cert: crypto.X509, errno: int, depth: int, ok: bool) -> str | None:
         if depth != 0:
             return None
-        actual = fingerprint_of(cert.to_cryptography())
+        leaf = cert.to_cryptography()
+        actual = fingerprint_of(leaf)
         if hmac.compare_digest(actual, self.fingerprint):
+            warning = leaf_pin_warning(leaf)
+            log.warn("{warning}", warning=warning)
+            if self.warn is not None:
+                self.warn(warning)
             return None
         return (
-            f"server certificate fingerprint {actual} does not match the pinned {self.fingerprint}"
+            f"server certificate fingerprint {actual} does not match the pinned "
+            f"{self.fingerprint} (a certificate pin stops matching when the server renews its "
+            "certificate; pin the server's key instead: [client] server_key, which the server "
+            "logs at start)"
         )
+
+
+def leaf_pin_warning(leaf: x509.Certificate) -> str:
+    """What a client pinned by certificate fingerprint is told each time it connects."""
+    return (
+        "the server certificate is pinned by its fingerprint ([client] fingerprint): the pin "
+        f"stops matching when the server renews it (by {leaf.not_valid_after_utc:%Y-%m-%d}, "
+        "or sooner if its names change); pin the server's key instead, which renewals keep: "
+        f"server_key = {spki_fingerprint(leaf)}"
+    )
+
+
+class _KeyPinCheck(_ServerCheck):
+    """A pin of the server's public key (SPKI SHA-256): it survives certificate renewals."""
+
+    def __init__(self, spki: str) -> None:
+        self.spki = spki
+
+    def check(self, cert: crypto.X509, errno: int, depth: int, ok: bool) -> str | None:
+        if depth != 0:
+            return None
+        actual = spki_fingerprint(cert.to_cryptography())
+        if hmac.compare_digest(actual, self.spki):
+            return None
+        return f"server key SHA-256 {actual} does not match the pinned server_key {self.spki}"
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -307,24 +421,30 @@ def _server_name(server_name: str) -> tuple[str, bool]:
 
 def client_tls(
     server_name: str,
-    ca: Path | None,
+    ca: PemSource | None,
     fingerprint: str | None,
-    certificate: Path | None,
-    private_key: Path | None,
+    certificate: PemSource | None,
+    private_key: PemSource | None,
+    server_key: str | None = None,
+    warn: Callable[[str], object] | None = None,
 ) -> IOpenSSLClientConnectionCreator:
-    """A TLS 1.3 client that trusts the server by ``ca`` or by ``fingerprint`` (exactly one).
+    """A TLS 1.3 client that trusts the server by ``ca``, ``server_key`` or ``fingerprint``.
 
-    With ``ca`` (a PEM file), the server's chain must lead to it and its certificate must name
-    ``server_name`` (a host name, sent as SNI, or an IPv4/IPv6 address). With ``fingerprint``
-    (SHA-256 of the server certificate, with or without colons), only that certificate is
-    accepted, whatever its chain and names. ``certificate`` and ``private_key`` (both or
-    neither) are the client's own, for servers that require one. Raises :class:`TLSConfigError`.
+    Exactly one of them. With ``ca`` (a PEM file or text), the server's chain must lead to it
+    and its certificate must name ``server_name`` (a host name, sent as SNI, or an IPv4/IPv6
+    address). With ``server_key`` (SHA-256 of the server's SubjectPublicKeyInfo), any
+    certificate for that key is accepted, whatever its chain and names. With ``fingerprint``
+    (SHA-256 of the server certificate, with or without colons), only that certificate.
+    ``certificate`` and ``private_key`` (both or neither) are the client's own, for servers
+    that require one; ``warn`` hears the warning a certificate pin gives at each connection.
+    Raises :class:`TLSConfigError`.
     """
-    if (ca is None) == (fingerprint is None):
+    given = sum(x is not None for x in (ca, fingerprint, server_key))
+    if given != 1:
         raise TLSConfigError(
-            "to trust the server, give exactly one of a CA file (ca) or the server "
-            "certificate's SHA-256 fingerprint (fingerprint)"
-            + (", not both" if ca is not None else "")
+            "to trust the server, give exactly one of a CA file (ca), the server key's SHA-256 "
+            "(server_key) or the server certificate's SHA-256 fingerprint (fingerprint)"
+            + (", not several" if given else "")
         )
     if (certificate is None) != (private_key is None):
         raise TLSConfigError(
@@ -334,29 +454,36 @@ def client_tls(
     ctx = _tls13_context()
     check: _ServerCheck
     if ca is not None:
-        ca = Path(ca)
+        if not isinstance(ca, InlinePem):
+            ca = Path(ca)
         _trust(ctx, ca, "CA file")
         check = _CACheck(ca, name, is_ip)
+    elif server_key is not None:
+        try:
+            check = _KeyPinCheck(normalise_fingerprint(server_key))
+        except ValueError as e:
+            raise TLSConfigError(f"server key: {e}") from None
     else:
         assert fingerprint is not None
         try:
-            check = _PinCheck(normalise_fingerprint(fingerprint))
+            check = _PinCheck(normalise_fingerprint(fingerprint), warn)
         except ValueError as e:
             raise TLSConfigError(f"server fingerprint: {e}") from None
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check)
     if certificate is not None and private_key is not None:
-        _use_certificate(ctx, Path(certificate), Path(private_key))
+        _use_certificate(
+            ctx,
+            certificate if isinstance(certificate, InlinePem) else Path(certificate),
+            private_key if isinstance(private_key, InlinePem) else Path(private_key),
+        )
     return _ClientConnectionCreator(ctx, None if is_ip else name.encode("ascii"))
 
 
 # --- after the handshake -------------------------------------------------------------------
 
 
-def peer_fingerprint(transport: object) -> str | None:
-    """SHA-256 fingerprint of the certificate the peer presented, or None if it sent none.
-
-    Meant for ``handshakeCompleted`` on a server with ``client_ca``: the client's identity.
-    """
+def peer_certificate(transport: object) -> x509.Certificate | None:
+    """The certificate the peer presented, or None if it sent none."""
     get = getattr(transport, "getPeerCertificate", None)
     if get is None:
         return None
@@ -367,8 +494,17 @@ def peer_fingerprint(transport: object) -> str | None:
     if isinstance(cert, crypto.X509):
         cert = cert.to_cryptography()
     if isinstance(cert, x509.Certificate):
-        return fingerprint_of(cert)
+        return cert
     return None
+
+
+def peer_fingerprint(transport: object) -> str | None:
+    """SHA-256 fingerprint of the certificate the peer presented, or None if it sent none.
+
+    Meant for ``handshakeCompleted`` on a server with ``client_ca``: the client's identity.
+    """
+    cert = peer_certificate(transport)
+    return None if cert is None else fingerprint_of(cert)
 
 
 #: OpenSSL reasons worth a word of explanation.
@@ -380,8 +516,11 @@ _HINTS = {
     "packet length too long": "the other side is not speaking TLS",
     "http request": "the other side is speaking plain HTTP",
     "peer did not return a certificate": "the client sent no certificate",
-    "tlsv13 alert certificate required": "the server requires a client certificate",
+    "tlsv13 alert certificate required": "the server requires a client certificate: enroll "
+    "this client (cellvpn-ctl client add on the server) and use the file it writes",
     "tlsv1 alert unknown ca": "the other side does not trust the CA of our certificate",
+    "alert certificate expired": "the other side says our certificate expired: a client is "
+    "enrolled again with cellvpn-ctl client add",
     "certificate verify failed": "the peer's certificate does not verify against our CA",
     "tlsv1 alert decrypt error": "the handshake signature did not verify",
 }

@@ -76,6 +76,7 @@ def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
         )
         lines = [
             f"  start at {email.utils.format_datetime(start)} (length {_length(seconds)})",
+            *([_line("client", s["client"])] if s.get("client") else []),
             _line("client addr", s.get("client_addr") or "0.0.0.0"),
             _line("recv", human_bytes(c["to_client_bytes"])),
             _line("recv lost", human_bytes(c["to_client_lost_bytes"])),
@@ -108,6 +109,34 @@ def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
     return "\n\n".join(blocks)
 
 
+def utc_date(timestamp: float) -> str:
+    return f"{datetime.fromtimestamp(timestamp, UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def client_list(clients: list[Mapping[str, Any]]) -> str:
+    """``client list``: one line per certificate the server signed."""
+    if not clients:
+        return "No enrolled clients"
+    rows = [("NAME", "SERIAL", "EXPIRES", "STATE", "LAST SEEN", "SESSIONS")]
+    for c in clients:
+        seen = c.get("last_seen")
+        rows.append(
+            (
+                str(c["name"]),
+                str(c["serial"]),
+                utc_date(float(c["not_after"])),
+                str(c["state"]),
+                utc_date(float(seen)) if seen else "never",
+                ", ".join(f"{s:#010x}" for s in c.get("sessions", [])) or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 def client_status(status: Mapping[str, Any]) -> str:
     """``vpn_client status``: the original's state line, then what cellvpn knows."""
     lines = [str(status["text"])]
@@ -118,6 +147,7 @@ def client_status(status: Mapping[str, Any]) -> str:
         ("tun", status.get("tun")),
         ("session id", f"{status['session_id']:#010x}" if status.get("session_id") else None),
         ("reason", status.get("last_error")),
+        ("warning", status.get("warning")),
     ]
     for label, value in facts:
         if value:

@@ -25,6 +25,8 @@ class Refusal(StrEnum):
     HANDSHAKES_PER_SOURCE = "handshakes_per_source"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     TLS_FAILED = "tls_failed"
+    NOT_ENROLLED = "not_enrolled"
+    REVOKED = "revoked"
     SETUP_TIMEOUT = "setup_timeout"
     REQUEST_TIMEOUT = "request_timeout"
     PROTOCOL_ERROR = "protocol_error"

@@ -13,33 +13,37 @@ Work that needs privileges (TLS files in ``state_dir``, binding the port) happen
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import resource
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.keys import KeyFileError, load_or_create_key
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
 from cellvpn.config import ServerConfig
+from cellvpn.config.parsers import HostPort
 from cellvpn.config.reload import describe, plan_reload
-from cellvpn.config.schema import BillingSection, EdgeSection, Offload
+from cellvpn.config.schema import BillingSection, ClientAccess, EdgeSection, Offload
 from cellvpn.conn import pki
 from cellvpn.conn.listen import listen_now
 from cellvpn.conn.pki import host_addresses
 from cellvpn.conn.protocol import StreamProtocol
-from cellvpn.conn.tls import TLSConfigError, server_tls
+from cellvpn.conn.tls import TLSConfigError, replace_server_context, server_tls
 from cellvpn.conn.tlsbulk import bulk_tls_factory
+from cellvpn.control.commands import ControlError
 from cellvpn.control.service import ControlService
 from cellvpn.device.forwarder import Forwarder, Packet
 from cellvpn.device.packet import mss_for_mtu
@@ -47,13 +51,16 @@ from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.device.tohost import ToHost, ToHostRules
 from cellvpn.errors import StartupError
 from cellvpn.net.netlink import Netlink
+from cellvpn.server.access import REGISTRY_FILE, AccessError, Enrollment
 from cellvpn.server.billing import ServerBilling
+from cellvpn.server.clients import ClientRegistry, RegistryError
 from cellvpn.server.edge import Admission, EdgeLimits, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
 from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
+from cellvpn.server.renewal import Renewal
 from cellvpn.server.session import ServerSession
 from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.stream import caps
@@ -133,6 +140,10 @@ class VPNServerService(MultiService):
         self.sessions: SessionRegistry[ServerSession] = SessionRegistry()
         self.accepting = False
         self.identity: pki.ServerIdentity | None = None
+        #: SHA-256 of the server's public key: the pin that survives renewals
+        self.spki: str | None = None
+        #: renews the generated certificate while running (None: the operator's own)
+        self.renewal: Renewal | None = None
         self.port: Any = None
         self.metrics_port: Any = None
         s = config.server
@@ -155,6 +166,9 @@ class VPNServerService(MultiService):
             )
         )
         self.refusals = Refusals(self._say_refusal, reactor.seconds, edge.log_interval)
+        #: enrolled clients: who is refused at setup, and the client_* control commands
+        self.enrollment = Enrollment(None, ClientRegistry(), self._save_registry, reactor.seconds)
+        self._registry_lock = DeferredLock()
         self.control = ControlService(config.control.socket, self, reactor)
         self.control.setServiceParent(self)
         v = config.srv_vpn
@@ -190,7 +204,10 @@ class VPNServerService(MultiService):
         tls = self.config.tls
         if tls.certificate is not None and tls.private_key is not None:
             return tls.certificate, tls.private_key
+        public = self.config.server.public
         names = list(tls.names) or pki.default_names(self.config.server.listen)
+        if public is not None and not tls.names and public.host not in names:
+            names.append(public.host)  # the name client files check the certificate against
         try:
             identity = pki.ensure_server_identity(self.config.server.state_dir, names)
         except (OSError, TLSConfigError) as e:
@@ -203,22 +220,99 @@ class VPNServerService(MultiService):
             fp=pki.format_fingerprint(identity.fingerprint),
         )
         self.log.info("clients can trust the CA {ca}", ca=str(identity.ca_cert))
+        if public is not None and public.host not in identity.names:
+            self.log.warn(
+                "[server] public = {public}: {host} is not among [tls] names, so client files"
+                " from cellvpn-ctl client add check the certificate against {name} instead",
+                public=str(public),
+                host=public.host,
+                name=identity.names[0],
+            )
         return identity.cert, identity.key
+
+    def _client_trust(self) -> list[Path] | None:
+        """The CA files whose client certificates are served (None: any client is)."""
+        tls = self.config.tls
+        state = self.config.server.state_dir
+        if tls.clients is ClientAccess.ANY:
+            if tls.client_ca is not None:
+                self.log.warn(
+                    "[tls] client_ca is not used: clients = any asks no client for a certificate"
+                )
+            return None
+        try:
+            authority = pki.load_authority(state)
+        except (OSError, TLSConfigError) as e:
+            raise StartupError(f"cannot prepare the CA that enrolls clients: {e}") from None
+        path = state / REGISTRY_FILE
+        registry = ClientRegistry()
+        try:
+            registry = ClientRegistry.from_json(path.read_text(), str(path))
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError, RegistryError) as e:
+            raise StartupError(f"cannot read the enrolled clients: {e}") from None
+        self.enrollment.authority = authority
+        self.enrollment.registry = registry
+        revoked = sum(r.revoked for r in registry.records())
+        self.log.info(
+            "clients must be enrolled ([tls] clients = enrolled): {n} enrolled, {revoked} revoked",
+            n=len(registry.records()) - revoked,
+            revoked=revoked,
+        )
+        cas = [state / pki.TLS_DIR / pki.CA_CERT]
+        return cas + ([tls.client_ca] if tls.client_ca is not None else [])
+
+    def _renewal(self, creator: Any, trust: list[Path] | None) -> Renewal:
+        """Renew the generated certificate while running, for the same key and names."""
+        state = self.config.server.state_dir
+        assert self.identity is not None
+        names = list(self.identity.names)
+
+        def renew() -> Deferred[pki.ServerIdentity]:
+            pool = self.reactor.getThreadPool()
+            return deferToThreadPool(self.reactor, pool, pki.ensure_server_identity, state, names)
+
+        def install(identity: pki.ServerIdentity) -> None:
+            replace_server_context(creator, server_tls(identity.cert, identity.key, trust))
+            self.identity = identity
+
+        return Renewal(self.reactor, renew, install)
+
+    def _warn_open_relay(self) -> None:
+        c = self.config
+        if c.tls.clients is ClientAccess.ANY and c.srv_vpn.allow_free_srv and c.billing.price == 0:
+            self.log.warn(
+                "this server is an open relay: anyone who reaches {listen} gets free VPN service"
+                " ([tls] clients = any, [srv_vpn] allow_free_srv = true, no [billing] price);"
+                " set clients = enrolled to serve only clients from cellvpn-ctl client add",
+                listen=c.server.listen,
+            )
 
     def privilegedStartService(self) -> None:
         raise_file_limit()
         _ensure_state_dir(self.config.server.state_dir)
         cert, key = self._tls_files()
+        trust = self._client_trust()
         try:
-            creator = server_tls(cert, key, self.config.tls.client_ca)
+            creator = server_tls(cert, key, trust)
         except TLSConfigError as e:
             raise StartupError(str(e)) from None
+        if self.identity is not None:
+            self.renewal = self._renewal(creator, trust)
+        self._warn_open_relay()
         if self.identity is None:
             self.log.info(
                 "TLS certificate {cert}, SHA-256 fingerprint {fp}",
                 cert=str(cert),
                 fp=pki.format_fingerprint(pki.fingerprint_of(cert.read_bytes())),
             )
+        self.spki = pki.spki_fingerprint(cert.read_bytes())
+        self.log.info(
+            "TLS server key SHA-256 (SPKI) {spki}: clients pin it as [client] server_key ="
+            " {spki}; it stays the same when the certificate is renewed",
+            spki=self.spki,
+        )
         if self.config.billing.price > 0:
             self._open_billing()
         if self.config.srv_vpn.enabled:
@@ -347,6 +441,8 @@ class VPNServerService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.renewal is not None:
+            self.renewal.start()
         if self.billing is not None:
             d = Deferred.fromCoroutine(self.billing.start())
             d.addErrback(lambda f: self.on_fatal(f"cannot start billing: {f.getErrorMessage()}"))
@@ -361,6 +457,8 @@ class VPNServerService(MultiService):
 
     def stopService(self) -> Any:
         self.accepting = False
+        if self.renewal is not None:
+            self.renewal.stop()
         saving: Deferred[Any] | None = None
         if self.billing is not None:
             saving = Deferred.fromCoroutine(self.billing.stop())
@@ -520,6 +618,84 @@ class VPNServerService(MultiService):
             "ledger_queued": ledger.queued if ledger is not None else 0,
         }
 
+    def _save_registry(self, text: str) -> Deferred[None]:
+        """Write clients.json on a thread, one write at a time, in the order asked."""
+        path = self.config.server.state_dir / REGISTRY_FILE
+
+        def write() -> None:
+            pki.write_state_file(path, text.encode(), 0o600)
+
+        def run() -> Deferred[None]:
+            return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write)
+
+        return self._registry_lock.run(run)
+
+    def control_client_sign(self, name: str, csr: str, days: int) -> Deferred[dict[str, Any]]:
+        """``cellvpn-ctl client add``: sign a client's request; what its config file needs."""
+
+        async def sign() -> dict[str, Any]:
+            self.enrollment.require_authority()
+            public = self.public_address()
+            signed = await self.enrollment.sign(name, csr, days)
+            self.log.info(
+                "enrolled client {name}: certificate {serial} until {until:%Y-%m-%d}",
+                name=name,
+                serial=signed["serial"],
+                until=_utc(signed["not_after"]),
+            )
+            return {**signed, **public, "server_key": self.spki}
+
+        return Deferred.fromCoroutine(_refusing(sign()))
+
+    def public_address(self) -> dict[str, Any]:
+        """Where clients reach this server, and the name to check in its certificate."""
+        public = self.config.server.public
+        if public is None:
+            listen = self.config.server.listen
+            host = pki.listen_interface(listen)
+            port = _listen_port(listen)
+            if host is None or port is None:
+                raise ControlError(
+                    f"set [server] public = host:port: clients cannot be told where {listen!r} is"
+                )
+            public = HostPort(host, port)
+        names = self.identity.names if self.identity is not None else ()
+        name = public.host if not names or public.host in names else names[0]
+        return {"server": str(public), "server_name": name}
+
+    def control_client_list(self) -> dict[str, Any]:
+        return {
+            "clients": self.enrollment.listing(self.sessions),
+            "enrolled_only": self.config.tls.clients is ClientAccess.ENROLLED,
+        }
+
+    def control_client_revoke(self, name: str) -> Deferred[dict[str, Any]]:
+        async def revoke() -> dict[str, Any]:
+            done = await self.enrollment.revoke(name, self.sessions)
+            self.log.info(
+                "revoked client {name} (certificate {serials}); {n} live session(s) closed",
+                name=name,
+                serials=", ".join(r["serial"] for r in done["revoked"]),
+                n=len(done["sessions_closed"]),
+            )
+            return done
+
+        return Deferred.fromCoroutine(_refusing(revoke()))
+
+    def control_session_kick(self, session_id: int) -> dict[str, Any]:
+        """``cellvpn-ctl session kick ID``: close one live session now."""
+        session = self.sessions.get(session_id) if isinstance(session_id, int) else None
+        if session is None:
+            raise ControlError(f"no live session {session_id!r} (cellvpn-ctl vpn_stat lists them)")
+        described = session.describe()
+        session.close(CloseCode.REFUSED, "closed by the server's operator")
+        self.log.info(
+            "session {sid} with {peer} closed by the operator",
+            sid=f"{session_id:#010x}",
+            peer=session.peer,
+        )
+        return {"closed": session_id, "client": described.get("client"), "peer": session.peer}
+
     def control_ledger(self, argv: list[str]) -> Deferred[dict[str, Any]]:
         """``cellvpn-ctl ledger --socket``: a ledger command on this server's own ledger.
 
@@ -534,12 +710,38 @@ class VPNServerService(MultiService):
             "role": "server",
             "listen": self.config.server.listen,
             "fingerprint": self.identity.fingerprint if self.identity else None,
+            "server_key": self.spki,
+            "certificate_expires": self.identity.not_after.timestamp()
+            if self.identity is not None and self.identity.not_after is not None
+            else None,
+            "clients": self.config.tls.clients.value,
             "sessions": [s.describe() for s in self.sessions],
             "tun": self.tun_name,
             "tun_ready": self.tun_ready,
             "network": str(self.network),
             "pool": self.pool.stats(),
         }
+
+
+async def _refusing(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """A control answer, with the access layer's refusals as the user's one line."""
+    try:
+        return await work
+    except AccessError as e:
+        raise ControlError(str(e)) from None
+
+
+def _utc(timestamp: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+
+
+def _listen_port(listen: str) -> int | None:
+    """The port of a ``tcp:PORT:...`` or ``tcp6:PORT:...`` endpoint string, or None."""
+    parts = listen.split(":")
+    if len(parts) >= 2 and parts[0] in ("tcp", "tcp6") and parts[1].isdigit():
+        port = int(parts[1])
+        return port if 0 < port < 65536 else None
+    return None
 
 
 def hand_over(state: Path, uid: int, gid: int) -> None:

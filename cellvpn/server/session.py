@@ -17,7 +17,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cellvpn.conn.protocol import StreamProtocol
-from cellvpn.conn.tls import describe_tls_failure, peer_fingerprint
+from cellvpn.conn.tls import (
+    client_certificate_problem,
+    describe_tls_failure,
+    peer_certificate,
+    peer_fingerprint,
+)
 from cellvpn.device.counters import SessionCounters
 from cellvpn.ratelimit import TokenBucket
 from cellvpn.server.billing import UNMETERED, Bill
@@ -57,6 +62,9 @@ class ServerSession:
         self.peer = "unknown peer"
         self.session_id: int | None = None
         self.identity: str | None = None
+        #: the enrolled client's name and certificate serial (None: it presented none)
+        self.client_name: str | None = None
+        self.client_serial: str | None = None
         self.resume_token = b""
         self.started_at = time.time()
         self.established_at: float | None = None
@@ -172,6 +180,13 @@ class ServerSession:
         if not server.accepting:
             proto.close(CloseCode.SHUTDOWN, "server is shutting down")
             return
+        verdict = server.enrollment.judge(peer_certificate(proto.transport))
+        if verdict.refused is not None:
+            server.refusal(Refusal.REVOKED, None, f"{self.peer} refused: {verdict.refused}")
+            self.close_reason = verdict.refused
+            proto.close(CloseCode.REFUSED, verdict.refused)
+            return
+        self.client_name, self.client_serial = verdict.name, verdict.serial
         self.identity, self.resume_token = self._identify(proto, event.hello.resume_token)
         sid = server.sessions.new_id()
         self.session_id = sid
@@ -186,9 +201,11 @@ class ServerSession:
         self.established_at = time.time()
         self._request_deadline()
         self.log.info(
-            "session {sid} with {peer} established (channels {channels}, capabilities {caps})",
+            "session {sid} with {peer}{client} established (channels {channels}, "
+            "capabilities {caps})",
             sid=f"{sid:#010x}",
             peer=self.peer,
+            client=f" (client {self.client_name})" if self.client_name else "",
             channels=event.hello.channels,
             caps=",".join(sorted(event.caps)) or "none",
         )
@@ -225,13 +242,13 @@ class ServerSession:
         if self.session_id is None:
             if self.close_reason is None:
                 # counted, not logged each: anyone can open connections that go nowhere
+                why = describe_tls_failure(reason)
                 kind = Refusal.TLS_FAILED if not proto.handshake_done else Refusal.PROTOCOL_ERROR
-                self.server.refusal(
-                    kind,
-                    None,
-                    f"connection from {self.peer} ended before session setup: "
-                    f"{describe_tls_failure(reason)}",
-                )
+                text = f"connection from {self.peer} ended before session setup: {why}"
+                enrolled = not_enrolled(why, client_certificate_problem(proto.transport))
+                if enrolled is not None:
+                    kind, text = Refusal.NOT_ENROLLED, f"connection from {self.peer} {enrolled}"
+                self.server.refusal(kind, None, text)
             return
         self.server.session_ended(self)
         self.log.info(
@@ -523,6 +540,8 @@ class ServerSession:
             "session_id": self.session_id,
             "peer": self.peer,
             "identity": self.identity,
+            "client": self.client_name,
+            "client_serial": self.client_serial,
             "started_at": start,
             "length_seconds": end - start,
             "ended_at": self.ended_at,
@@ -539,6 +558,24 @@ class ServerSession:
             "pings": self.pings,
             "billing": self.server.billing.describe(self) if self.server.billing else None,
         }
+
+
+_ENROLL = "([tls] clients = enrolled; enroll it with cellvpn-ctl client add)"
+
+
+def not_enrolled(why: str, problem: str | None = None) -> str | None:
+    """The words for a handshake that failed because the client is not enrolled, or None.
+
+    ``why`` is the handshake's failure, ``problem`` what the certificate check said of the
+    client's certificate, if anything.
+    """
+    if problem is not None:
+        return f"refused: {problem} {_ENROLL}"
+    if "peer did not return a certificate" in why:
+        return f"refused: it presented no client certificate {_ENROLL}"
+    if "certificate verify failed" in why:
+        return f"refused: its client certificate does not verify {_ENROLL}"
+    return None
 
 
 #: Bytes a session may queue beyond its transport's own buffer before packets are dropped.

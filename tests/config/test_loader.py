@@ -318,12 +318,16 @@ def test_certificate_without_key(tmp_path: Path) -> None:
 
 
 def test_ca_and_fingerprint_exclusive(tmp_path: Path) -> None:
-    """ca and fingerprint are alternatives: setting both is an error naming both."""
+    """ca, server_key and fingerprint are alternatives: setting two is an error naming them."""
     messages = errors_of(tmp_path, f"[client]\nca = ca.pem\nfingerprint = {FP}\n", kind="client")
     assert messages == [
-        f"{tmp_path / 'cellvpn.cfg'}: [client] ca = ca.pem, fingerprint = {FP}: "
-        "expected at most one of ca and fingerprint"
+        f"{tmp_path / 'cellvpn.cfg'}: [client] ca = ca.pem, server_key = '', fingerprint = {FP}: "
+        "expected at most one of ca, server_key and fingerprint"
     ]
+    messages = errors_of(
+        tmp_path, f"[client]\nserver_key = {FP}\nfingerprint = {FP}\n", kind="client"
+    )
+    assert len(messages) == 1 and "expected at most one of ca, server_key" in messages[0]
 
 
 def test_idle_timeout_longer_than_keepalive(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def second_server(
         f"state_dir = {work / (name + '-state')}\n"
         "source_prefix_v4 = 32\n"
         f"[edge]\n{LAB_EDGE}"
-        f"[tls]\ncertificate = {state / 'tls' / 'server.pem'}\n"
+        f"[tls]\nclients = any\ncertificate = {state / 'tls' / 'server.pem'}\n"
         f"private_key = {state / 'tls' / 'server.key'}\n"
         f"[srv_vpn]\nnetwork_address = {network}\nnetwork_mask = 255.255.255.0\n"
         "tun_name = cvpn-srv2\nmtu = 1400\n"

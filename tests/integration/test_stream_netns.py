@@ -29,6 +29,7 @@ def start_server(
         f"listen = tcp:8089:interface={SERVER_IP}\n"
         "state_dir = state\n"
         f"{server_extra}"
+        "[tls]\nclients = any\n"
         "[srv_vpn]\nnetwork_address = 198.18.5.0\ntun_name = cvpn-srv\n"
         "[control]\nsocket = server.sock\n" + extra
     )
