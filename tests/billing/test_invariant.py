@@ -57,6 +57,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.deposits: dict[bytes, ModelDeposit] = {}
         self.order: list[bytes] = []
         self.nonce = 0
+        #: what each (provider, client, deposit) has left: bytes, seconds
+        self.limits: dict[tuple[bytes, bytes, bytes], tuple[int, float]] = {}
 
     def teardown(self) -> None:
         self.ledger.close()
@@ -175,6 +177,35 @@ class LedgerMachine(RuleBasedStateMachine):
         self.balances[prov.account] = self.balances.get(prov.account, 0) + r.info.value
         assert result.locked_left == dep.locked
         assert result.provider_balance == self.balances[prov.account]
+        # the units bought are the deposit's limits from this commit on
+        slot = (prov.account, client.account, dep_id)
+        old_bytes, old_seconds = self.limits.get(slot, (0, 0.0))
+        by_bytes = r.info.units_type == Unit.B
+        self.limits[slot] = (
+            old_bytes + (r.info.units if by_bytes else 0),
+            old_seconds + (0.0 if by_bytes else float(r.info.units)),
+        )
+
+    @precondition(lambda self: self.limits)
+    @rule(data=st.data(), used=st.integers(0, 100))
+    def save(self, data: st.DataObject, used: int) -> None:
+        """A server's save: the use since the last one, as a negative delta, never below 0."""
+        slot = data.draw(st.sampled_from(sorted(self.limits)))
+        provider, client, dep_id = slot
+        by_bytes = self.deposits[dep_id].unit == Unit.B
+        self.ledger.add_limits(
+            provider,
+            client,
+            -used if by_bytes else 0,
+            0.0 if by_bytes else -float(used),
+            self.now,
+            dep_id,
+        )
+        left_bytes, left_seconds = self.limits[slot]
+        self.limits[slot] = (
+            max(0, left_bytes - (used if by_bytes else 0)),
+            max(0.0, left_seconds - (0.0 if by_bytes else used)),
+        )
 
     @precondition(lambda self: self.order)
     @rule(data=st.data(), by_owner=st.booleans())
@@ -231,6 +262,13 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(seconds=st.integers(1, 600))
     def wait(self, seconds: int) -> None:
         self.now += seconds
+
+    @invariant()
+    def limits_are_per_deposit(self) -> None:
+        for (provider, client, dep_id), (left_bytes, left_seconds) in self.limits.items():
+            got = self.ledger.load_limits(provider, client, dep_id)
+            assert got is not None
+            assert (got.bytes_left, got.seconds_left) == (left_bytes, left_seconds)
 
     @invariant()
     def money_adds_up(self) -> None:
