@@ -86,6 +86,8 @@ SERVER_RELOADABLE: dict[str, frozenset[str]] = {
     "billing": frozenset(
         f.name for f in fields(BillingSection) if f.name not in ("key", "save_interval")
     ),
+    # read when a session starts and when it asks for its address: new sessions get them
+    "srv_vpn": frozenset({"rate_up", "rate_down", "rate_burst", "routes"}),
 }
 
 

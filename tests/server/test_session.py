@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from pathlib import Path
 from typing import Any
@@ -413,3 +414,29 @@ def test_a_bad_rate_is_refused(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as e:
         make_server(tmp_path, **{"srv_vpn.rate_up": text})
     assert "[srv_vpn] rate_up" in str(e.value) and "bits per second" in str(e.value)
+
+
+def test_a_reload_limits_the_next_session_and_leaves_the_live_one(tmp_path: Path) -> None:
+    """SIGHUP with a rate: the session that was already there keeps no limit, the next one
+    gets its buckets; a pushed route is offered from the next ADDR_REPLY on."""
+    import dataclasses
+
+    server, clock, _written = make_server(tmp_path)
+    live = Client(server, clock)
+    live.request()
+    live.addr_request()
+    v = server.config.srv_vpn
+    new = dataclasses.replace(
+        server.config,
+        srv_vpn=dataclasses.replace(
+            v, rate_down=8_000_000, routes=(ipaddress.IPv4Network("198.19.0.0/24"),)
+        ),
+    )
+    assert server.reload(new).result == ["reload: applied [srv_vpn] rate_down, [srv_vpn] routes"]
+    assert live.session.rate_down is None
+    late = Client(server, clock)
+    late.request()
+    late.addr_request()
+    assert late.session.rate_down is not None and late.session.rate_down.rate == 1_000_000
+    reply = vpn.AddrReply.decode(late.s[0].data)
+    assert [str(r) for r in reply.routes] == ["198.19.0.0/24"]
