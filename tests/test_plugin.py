@@ -104,6 +104,17 @@ def test_bad_config_prints_one_line_per_bad_key_and_exits_non_zero(tmp_path: Pat
     assert any("unknown key 'mtuu' (did you mean 'mtu'?)" in ln for ln in lines)
 
 
+def start_server_once(cfg: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``twistd -n cellvpn --config CFG`` in ``cwd``, until it exits."""
+    return subprocess.run(
+        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "cellvpn", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
 def test_unreadable_tls_file_is_one_line_and_exit_status_1(tmp_path: Path) -> None:
     """A start-up problem (missing certificate) is one line, not a traceback."""
     cfg = tmp_path / "s.cfg"
@@ -112,13 +123,7 @@ def test_unreadable_tls_file_is_one_line_and_exit_status_1(tmp_path: Path) -> No
         "[tls]\ncertificate = nope.pem\nprivate_key = nope.key\n"
         "[srv_vpn]\nenabled = false\n[control]\nsocket = c.sock\n"
     )
-    done = subprocess.run(
-        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "cellvpn", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = start_server_once(cfg, tmp_path)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr + done.stdout
     out = done.stdout + done.stderr
@@ -136,13 +141,7 @@ def test_a_state_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
         "[server]\nlisten = tcp:0:interface=127.0.0.1\nstate_dir = st/inner\n"
         "[srv_vpn]\nenabled = false\n[control]\nsocket = c.sock\n"
     )
-    done = subprocess.run(
-        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "cellvpn", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = start_server_once(cfg, tmp_path)
     assert done.returncode == 1
     out = done.stdout + done.stderr
     assert "Traceback" not in out
