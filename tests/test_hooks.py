@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
@@ -260,3 +261,30 @@ def test_hook_paths_must_be_executable_files(tmp_path: Path) -> None:
     config = load_client_config(None, {"client.up": str(script), "client.up_required": "true"})
     assert config.client.up == script and config.client.up_required
     assert load_server_config(None, {"srv_vpn.session_down": str(script)}).srv_vpn.session_down
+
+
+# --- the runner with real processes -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_hook_gets_its_environment_and_a_slow_one_is_killed(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """The same runner on the reactor: the script sees only PATH and its variables, prints
+    them line by line; one that outlives its timeout is killed with its status said."""
+    script = tmp_path / "hook.sh"
+    script.write_text("#!/bin/sh\nenv | sort\nexit 2\n")
+    script.chmod(0o755)
+    runner = HookRunner(reactor, reactor, timeout=5)
+    result = await runner.run("up", script, hook_environment({"event": "up"}, "/usr/bin:/bin"))
+    assert (result.exit_code, result.ok) == (2, False)
+    assert [line for line in result.lines if not line.startswith(("PWD=", "SHLVL=", "_="))] == [
+        "CELLVPN_EVENT=up",
+        "PATH=/usr/bin:/bin",
+    ]
+    slow = tmp_path / "slow.sh"
+    slow.write_text("#!/bin/sh\necho waiting\nexec sleep 30\n")
+    slow.chmod(0o755)
+    runner.timeout = 0.3
+    result = await runner.run("down", slow, {})
+    assert result.timed_out and result.signal == 9 and result.lines == ["waiting"]
