@@ -365,6 +365,7 @@ class VPNClientService(MultiService):
             "stream_paused": bool(stream and stream.proto and stream.proto.paused),
             "pauses": stream.proto.pauses if stream and stream.proto else 0,
             "billing": self.billing.describe() if self.billing is not None else None,
+            "hooks": self.hooks.describe(),
             "counters": {
                 "sent_packets": stream.sent_packets if stream else 0,
                 "sent_bytes": stream.sent_bytes if stream else 0,

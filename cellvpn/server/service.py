@@ -664,6 +664,8 @@ class VPNServerService(MultiService):
             "tun_stats": _tun_stats(self.tun),
             "refused": dict(self.refusals.counts),
             "edge": self.edge_stats(),
+            # session hooks running, waiting, started, failed and dropped (the queue was full)
+            "hooks": self.hooks.describe(),
         }
 
     def edge_stats(self) -> dict[str, int]:

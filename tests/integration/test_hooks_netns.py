@@ -135,3 +135,35 @@ def test_a_failing_required_up_hook_stops_the_client_and_leaves_the_host_as_it_w
     assert "VPN up" not in client.text()
     client.stop()
     assert host_snapshot(cli) == before
+
+
+def test_a_lost_link_without_the_kill_switch_runs_down_then_up_again(
+    netns: Any, tmp_path: Path
+) -> None:
+    """The underlay cut: CONN_LOST takes the tunnel routes down and runs down (the reason
+    says the connection was lost); back, the reconnect keeps the address and runs up again
+    with the new session's id."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    lab.start_server()
+    script = hook_script(tmp_path, "client")
+    lab.start_client(
+        cli,
+        "client",
+        section_extra=f"up = {script}\ndown = {script}\nkeepalive = 1\ndefault_route = true\n",
+    )
+    first = status(lab, cli)
+    lab.cut(cli)
+    down = wait_for(lambda: runs(tmp_path, "down"), timeout=15, what="down after the cut")
+    assert down[0]["CELLVPN_REASON"].startswith("connection lost: ")
+    assert down[0]["CELLVPN_ADDRESS"] == first["address"]
+    assert "0.0.0.0/1" not in cli.ip("-4", "route").stdout
+    lab.mend(cli)
+    wait_for(lambda: len(runs(tmp_path, "up")) == 2, timeout=30, what="up after the reconnect")
+    again = wait_for(
+        lambda: (s := status(lab, cli))["status"] == "STARTED" and s, timeout=10, what="STARTED"
+    )
+    up = runs(tmp_path, "up")[1]
+    assert up["CELLVPN_ADDRESS"] == again["address"] == first["address"]
+    assert int(up["CELLVPN_SESSION_ID"], 16) == again["session_id"] != first["session_id"]
+    assert len(runs(tmp_path, "down")) == 1
