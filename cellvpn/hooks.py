@@ -284,7 +284,9 @@ class HookRunner:
         """Run ``executable`` (no arguments) with ``env``; fires with its result, never fails."""
         job = _Job(name, str(executable), dict(env), Deferred())
         if self.running < self.max_running:
-            self._start(job)
+            failed = self._start(job)
+            if failed is not None:
+                self._report(failed, job.done)
         elif len(self.queue) < self.max_queued:
             self.queue.append(job)
         else:
@@ -301,7 +303,8 @@ class HookRunner:
             return succeed(HookResult(name, job.executable, not_run="too many waiting"))
         return job.done
 
-    def _start(self, job: _Job) -> None:
+    def _start(self, job: _Job) -> HookResult | None:
+        """Spawn ``job``; the result at once if it could not be started, else None."""
         self.running += 1
         self.started += 1
         result = HookResult(job.name, job.executable)
@@ -309,16 +312,28 @@ class HookRunner:
         try:
             self.spawner.spawnProcess(proto, job.executable, [job.executable], job.env)
         except Exception as e:  # gone since the config was read, or no more processes
+            self.running -= 1
             result.not_run = f"cannot start it: {e}"
-            self._finished(result, job.done)
+            return result
+        return None
 
     def _finished(self, result: HookResult, done: Deferred[HookResult]) -> None:
         self.running -= 1
+        self._drain()
+        self._report(result, done)
+
+    def _drain(self) -> None:
+        """Start what waits while there is room; a loop, not a recursion, when spawns fail."""
+        while self.queue and self.running < self.max_running:
+            job = self.queue.popleft()
+            failed = self._start(job)
+            if failed is not None:
+                self._report(failed, job.done)
+
+    def _report(self, result: HookResult, done: Deferred[HookResult]) -> None:
         if not result.ok:
             self.failed += 1
         self._log(result)
-        while self.queue and self.running < self.max_running:
-            self._start(self.queue.popleft())
         done.callback(result)
 
     def _log(self, result: HookResult) -> None:

@@ -288,3 +288,17 @@ async def test_a_real_hook_gets_its_environment_and_a_slow_one_is_killed(
     runner.timeout = 0.3
     result = await runner.run("down", slow, {})
     assert result.timed_out and result.signal == 9 and result.lines == ["waiting"]
+
+
+def test_many_waiting_hooks_that_cannot_be_started_do_not_recurse() -> None:
+    """Each failed spawn starts the next waiting one in a loop, not a nested call."""
+    spawner, clock = FakeSpawner(), Clock()
+    runner = HookRunner(spawner, clock, max_running=1, max_queued=5000)
+    got: list[HookResult] = []
+    runner.run("session_up", "/x/first", {}).addCallback(got.append)
+    for _ in range(3000):
+        runner.run("session_up", "/x/gone", {}).addCallback(got.append)
+    spawner.fail = True
+    end(spawner.spawned[0][0], 0)
+    assert len(got) == 3001 and sum(r.not_run is not None for r in got) == 3000
+    assert runner.running == 0 and not runner.queue and runner.failed == 3000
