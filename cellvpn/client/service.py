@@ -293,6 +293,7 @@ class VPNClientService(MultiService):
     # --- hooks and callbacks -----------------------------------------------------------------
 
     def _tunnel_facts(self, stream: ClientStream) -> Facts | None:
+        """What the up hook is told of the tunnel just configured (None: no lease, no tunnel)."""
         lease = self.tunnel.lease
         if lease is None:
             return None
