@@ -48,6 +48,15 @@ from cellvpn.conn.tlsbulk import bulk_tls_factory
 from cellvpn.control.service import ControlService
 from cellvpn.control.text import CHECK_TEXT
 from cellvpn.errors import StartupError
+from cellvpn.hooks import (
+    Callbacks,
+    Facts,
+    HookResult,
+    HookRunner,
+    client_facts,
+    hook_environment,
+    process_path,
+)
 from cellvpn.net.netlink import NetConfigError
 from cellvpn.server.check import MAX_CHECK_DATA
 from cellvpn.stream import caps
@@ -70,9 +79,29 @@ CONNECT_TIMEOUT = 15.0
 #: What a reload applies while the client runs, by section.
 CLIENT_RELOADABLE: dict[str, frozenset[str]] = {
     "client": frozenset(
-        {"kill_switch", "reconnect", "keepalive", "congestion", "congestion_lan_rtt", "log_level"}
+        {
+            "kill_switch",
+            "reconnect",
+            "keepalive",
+            "congestion",
+            "congestion_lan_rtt",
+            "log_level",
+            # read each time a hook runs
+            "up",
+            "down",
+            "up_required",
+            "hook_timeout",
+        }
     ),
 }
+
+
+class HookFailedError(Exception):
+    """The ``up`` hook failed and ``up_required`` is set: the start is given up for good."""
+
+    def __init__(self, result: HookResult) -> None:
+        super().__init__(f"the up hook {result.executable} failed: {result.describe()}")
+        self.result = result
 
 
 class _Factory(Factory):
@@ -141,6 +170,13 @@ class VPNClientService(MultiService):
             self.socks.setServiceParent(self)
         self.control = ControlService(config.control.socket, self, reactor)
         self.control.setServiceParent(self)
+        #: runs the up and down hooks, one at a time and in order
+        self.hooks = HookRunner(reactor, reactor, c.hook_timeout, max_running=1, max_queued=16)
+        #: called on the reactor thread with the facts, as the up and down hooks are run
+        self.on_up = Callbacks("up")
+        self.on_down = Callbacks("down")
+        #: the facts of the last up not yet followed by a down (None: the tunnel is not up)
+        self.up_facts: Facts | None = None
 
     # --- service ---------------------------------------------------------------------------
 
@@ -181,6 +217,7 @@ class VPNClientService(MultiService):
         """
         plan = plan_reload(self.config, config, CLIENT_RELOADABLE)
         self.config = plan.config
+        self.hooks.timeout = plan.config.client.hook_timeout
         return defer.succeed(describe(plan))
 
     # --- the original's API ----------------------------------------------------------------
@@ -236,9 +273,64 @@ class VPNClientService(MultiService):
         self._resolve_start(CANNOT_CONNECT)
         if self.machine.can(ClientInput.STOP):
             self.machine.fire(ClientInput.STOP)
-        d = self._serial(self.tunnel.teardown)
+        d = self._serial(lambda: self._teardown("stopped"))
         d.addErrback(self._teardown_failed)
         return d
+
+    async def _teardown(self, reason: str) -> None:
+        """Take the tunnel down, then tell the down hook (also when the teardown failed)."""
+        try:
+            await self.tunnel.teardown()
+        finally:
+            await self._tunnel_down(reason)
+
+    async def _link_lost(self, kill_switch: bool, why: str) -> None:
+        """Without the kill switch the tunnel routes go: for the hooks the tunnel is down."""
+        await self.tunnel.link_lost(kill_switch)
+        if not self.tunnel.tunnel_routes_up:
+            await self._tunnel_down(f"connection lost: {why}")
+
+    # --- hooks and callbacks -----------------------------------------------------------------
+
+    def _tunnel_facts(self, stream: ClientStream) -> Facts | None:
+        """What the up hook is told of the tunnel just configured (None: no lease, no tunnel)."""
+        lease = self.tunnel.lease
+        if lease is None:
+            return None
+        ip = self.server_ip
+        server = (f"[{ip}]:{self.port}" if ip.version == 6 else f"{ip}:{self.port}") if ip else ""
+        return client_facts(
+            "up",
+            self.tunnel.name,
+            lease.interface,
+            self.tunnel.gateway,
+            server,
+            stream.session_id,
+            self.tunnel.mtu,
+            self.tunnel.dns_servers if self.tunnel.dns.method else [],
+        )
+
+    async def _tunnel_up(self, facts: Facts) -> HookResult | None:
+        """The callbacks, then the up hook (waited for); a down is owed from now on."""
+        self.up_facts = facts
+        self.on_up(facts)
+        path = self.config.client.up
+        if path is None:
+            return None
+        env = hook_environment(facts, process_path())
+        result: HookResult = await self.hooks.run("up", path, env)
+        return result
+
+    async def _tunnel_down(self, reason: str) -> None:
+        """The down owed for the last up, if any: the callbacks, then the down hook."""
+        facts, self.up_facts = self.up_facts, None
+        if facts is None:
+            return
+        facts = {**facts, "event": "down", "reason": reason}
+        self.on_down(facts)
+        path = self.config.client.down
+        if path is not None:
+            await self.hooks.run("down", path, hook_environment(facts, process_path()))
 
     def _teardown_failed(self, failure: Failure) -> None:
         self.log.error(
@@ -274,6 +366,7 @@ class VPNClientService(MultiService):
             "stream_paused": bool(stream and stream.proto and stream.proto.paused),
             "pauses": stream.proto.pauses if stream and stream.proto else 0,
             "billing": self.billing.describe() if self.billing is not None else None,
+            "hooks": self.hooks.describe(),
             "counters": {
                 "sent_packets": stream.sent_packets if stream else 0,
                 "sent_bytes": stream.sent_bytes if stream else 0,
@@ -475,6 +568,17 @@ class VPNClientService(MultiService):
             exclude=c.exclude,
             accept_routes=c.accept_routes,
         )
+        facts = self._tunnel_facts(stream)
+        if facts is not None:
+            if self.up_facts is not None and self.up_facts["address"] != facts["address"]:
+                await self._tunnel_down("a new address")
+            if self.up_facts is None:
+                # the server has answered; the hook has a deadline of its own
+                self._cancel(stream.setup_timer)
+                stream.setup_timer = None
+                result = await self._tunnel_up(facts)
+                if result is not None and not result.ok and self.config.client.up_required:
+                    raise HookFailedError(result)
         self._up(stream, f"address {reply.client} on {self.tunnel.name}")
 
     def stream_granted(self, stream: ClientStream) -> None:
@@ -521,7 +625,10 @@ class VPNClientService(MultiService):
             self._failed(stream, why, False, CANNOT_CONNECT)
             stream.close(CloseCode.REFUSED, why)
             return
-        if failure.check(NetConfigError, TunError, OSError):
+        if failure.check(HookFailedError):
+            # up_required: an operator's check said no; trying again would say the same
+            why = failure.getErrorMessage()
+        elif failure.check(NetConfigError, TunError, OSError):
             why = f"cannot set up the tunnel: {failure.getErrorMessage()}"
         else:
             self.log.failure("setting up the tunnel failed", failure)
@@ -579,13 +686,15 @@ class VPNClientService(MultiService):
             if self._keep_trying and not permanent:
                 self._schedule(self._restart)
             else:
-                self._serial(self.tunnel.teardown).addErrback(self._teardown_failed)
+                self._serial(lambda: self._teardown(f"cannot start: {why}")).addErrback(
+                    self._teardown_failed
+                )
         elif state in (ClientState.STARTED, ClientState.CONN_LOST):
             if state is ClientState.STARTED:
                 self.machine.fire(ClientInput.LINK_LOST)
                 self.log.warn("connection lost: {why}", why=why)
                 kill = self.config.client.kill_switch
-                self._serial(lambda: self.tunnel.link_lost(kill)).addErrback(self._teardown_failed)
+                self._serial(lambda: self._link_lost(kill, why)).addErrback(self._teardown_failed)
             else:
                 self.log.info("reconnect failed: {why}", why=why)
             if self.config.client.reconnect and not permanent:
@@ -593,7 +702,9 @@ class VPNClientService(MultiService):
             else:
                 self.log.error("giving up: {why}", why=why)
                 self.machine.fire(ClientInput.STOP)
-                self._serial(self.tunnel.teardown).addErrback(self._teardown_failed)
+                self._serial(lambda: self._teardown(f"giving up: {why}")).addErrback(
+                    self._teardown_failed
+                )
 
     def _reconnect(self) -> None:
         """Connect again, after the host route to the server is checked: a roam may have

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -114,6 +115,23 @@ def _path(text: str, base: Path) -> Path:
 
 #: A path; a relative one is taken from the config file's folder, ``~`` is the user's home.
 PATH: Parser[Path] = Parser(_path, "a path (relative paths start at the config file's folder)")
+
+
+def _executable(text: str, base: Path) -> Path:
+    path = _path(text, base)
+    if not path.exists():
+        raise ParseError(f"{path} does not exist")
+    if not path.is_file():
+        raise ParseError(f"{path} is not a file")
+    if not os.access(path, os.X_OK):
+        raise ParseError(f"{path} is not executable")
+    return path
+
+
+#: An executable file (a hook): checked when the config is read, so a typo stops the start.
+EXECUTABLE: Parser[Path] = Parser(
+    _executable, "the path of an executable file (relative paths start at the config file's folder)"
+)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from cellvpn.config.parsers import (
     BITRATE,
     BOOL,
     CONGESTION,
+    EXECUTABLE,
     FINGERPRINT,
     HEX64,
     HOST_PORT,
@@ -46,6 +47,7 @@ from cellvpn.config.parsers import (
 from cellvpn.device.tohost import RuleError, ToHostRules
 
 _OPTIONAL_PATH = optional(PATH)
+_HOOK = optional(EXECUTABLE)
 
 
 def _ipv4_network(text: str, base: Path) -> IPv4Network:
@@ -331,6 +333,21 @@ class SrvVpnSection:
         "Packet-forwarding processes; one process serves every session here (see"
         " docs/performance.md for why), so 1 is the only value.",
     )
+    session_up: Path | None = option(
+        _HOOK,
+        None,
+        "Executable run when a session gets its address (CELLVPN_* variables, see Hooks in"
+        " docs/operations.md); its failure is only logged. Empty = none; SIGHUP applies a change.",
+    )
+    session_down: Path | None = option(
+        _HOOK,
+        None,
+        "Executable run when a session that had an address ends (with its byte counts); its"
+        " failure is only logged. Empty = none; SIGHUP applies a change.",
+    )
+    hook_timeout: float = option(
+        seconds(0.1, 3600), 10.0, "Seconds a session hook may run before it is killed."
+    )
 
     checks: ClassVar[tuple[Check, ...]] = (
         Check(("network_address", "network_mask"), _network_of_mask),
@@ -486,6 +503,29 @@ class ClientSection:
         PATH, Path("/var/lib/cellvpn-client"), "Folder for the client's state."
     )
     log_level: LogLevelName = option(choice(LogLevelName), LogLevelName.INFO, _LOG_LEVEL_DOC)
+    up: Path | None = option(
+        _HOOK,
+        None,
+        "Executable run each time the tunnel is configured (address, routes, DNS), with the"
+        " session's facts in CELLVPN_* variables (see Hooks in docs/operations.md); empty ="
+        " none. SIGHUP applies a change.",
+    )
+    down: Path | None = option(
+        _HOOK,
+        None,
+        "Executable run when the tunnel that up saw goes down (stop, giving up, a lost link"
+        " that takes the tunnel routes down, a new address); empty = none. SIGHUP applies a"
+        " change.",
+    )
+    up_required: bool = option(
+        BOOL,
+        False,
+        "A failing or timed-out up hook stops the client (tunnel taken down, STOPPED, no"
+        " retry); false = its failure is only logged.",
+    )
+    hook_timeout: float = option(
+        seconds(0.1, 3600), 10.0, "Seconds an up or down hook may run before it is killed."
+    )
     log_format: LogFormat = option(choice(LogFormat), LogFormat.TEXT, _LOG_FORMAT_DOC)
 
     checks: ClassVar[tuple[Check, ...]] = (

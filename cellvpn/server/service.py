@@ -50,6 +50,7 @@ from cellvpn.device.packet import mss_for_mtu
 from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.device.tohost import ToHost, ToHostRules
 from cellvpn.errors import StartupError
+from cellvpn.hooks import Callbacks, Facts, HookRunner, hook_environment, process_path, server_facts
 from cellvpn.net.netlink import Netlink
 from cellvpn.server.access import REGISTRY_FILE, AccessError, Enrollment
 from cellvpn.server.billing import ServerBilling
@@ -73,6 +74,9 @@ from cellvpn.wire.vpn import AddrReply
 
 #: Ended sessions kept for ``vpn_stat``.
 FINISHED_KEPT = 1000
+#: Session hooks run at once, and waiting: a flood of sessions cannot fork-bomb the host.
+HOOKS_RUNNING = 8
+HOOKS_QUEUED = 256
 
 #: What a reload applies while the server runs, by section.
 SERVER_RELOADABLE: dict[str, frozenset[str]] = {
@@ -87,7 +91,17 @@ SERVER_RELOADABLE: dict[str, frozenset[str]] = {
         f.name for f in fields(BillingSection) if f.name not in ("key", "save_interval")
     ),
     # read when a session starts and when it asks for its address: new sessions get them
-    "srv_vpn": frozenset({"rate_up", "rate_down", "rate_burst", "routes"}),
+    "srv_vpn": frozenset(
+        {
+            "rate_up",
+            "rate_down",
+            "rate_burst",
+            "routes",
+            "session_up",
+            "session_down",
+            "hook_timeout",
+        }
+    ),
 }
 
 
@@ -199,6 +213,13 @@ class VPNServerService(MultiService):
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
         #: Called with a reason when the service cannot go on (twistd then exits with status 1).
         self.on_fatal: Callable[[str], None] = self._fatal
+        #: runs [srv_vpn] session_up and session_down, bounded
+        self.hooks = HookRunner(reactor, reactor, v.hook_timeout, HOOKS_RUNNING, HOOKS_QUEUED)
+        #: called on the reactor thread with the facts, as the session hooks are run
+        self.on_session_up = Callbacks("session_up")
+        self.on_session_end = Callbacks("session_end")
+        #: the sessions whose session_up ran, with its facts: each is owed a session_down
+        self._up_sessions: dict[ServerSession, Facts] = {}
 
     # --- start and stop --------------------------------------------------------------------
 
@@ -502,6 +523,7 @@ class VPNServerService(MultiService):
             del reloadable["billing"]  # billing on or off: the ledger opens only at start
         plan = plan_reload(self.config, config, reloadable)
         self.config = plan.config
+        self.hooks.timeout = plan.config.srv_vpn.hook_timeout
         if plan.changed("edge"):
             edge = plan.config.edge
             self.admission.limits = EdgeLimits(
@@ -569,8 +591,42 @@ class VPNServerService(MultiService):
             total=self.refusals.counts.get(kind.value, 0),
         )
 
+    def session_up(self, session: ServerSession) -> None:
+        """The session has its address: the callbacks, then the session_up hook (not waited
+        for: its failure is only logged)."""
+        facts = server_facts(
+            "session_up", session.session_id, session.address, session.peer, session.client_name
+        )
+        self._up_sessions[session] = facts
+        self.on_session_up(facts)
+        path = self.config.srv_vpn.session_up
+        if path is not None:
+            self.hooks.run("session_up", path, hook_environment(facts, process_path()))
+
+    def _session_down(self, session: ServerSession) -> None:
+        """The end owed to a session whose session_up ran, with what it carried."""
+        up = self._up_sessions.pop(session, None)
+        if up is None:
+            return
+        counters = session.counters
+        facts = server_facts(
+            "session_down",
+            session.session_id,
+            None,
+            session.peer,
+            session.client_name,
+            counters.from_client_bytes,
+            counters.to_client_bytes,
+        )
+        facts["client_address"] = up["client_address"]  # taken over meanwhile: still its lease
+        self.on_session_end(facts)
+        path = self.config.srv_vpn.session_down
+        if path is not None:
+            self.hooks.run("session_down", path, hook_environment(facts, process_path()))
+
     def session_ended(self, session: ServerSession) -> None:
         """Release what the session held; keep its final counters for vpn_stat."""
+        self._session_down(session)
         if session.session_id is not None:
             self.sessions.remove(session.session_id)
         if session.address is not None:
@@ -608,6 +664,8 @@ class VPNServerService(MultiService):
             "tun_stats": _tun_stats(self.tun),
             "refused": dict(self.refusals.counts),
             "edge": self.edge_stats(),
+            # session hooks running, waiting, started, failed and dropped (the queue was full)
+            "hooks": self.hooks.describe(),
         }
 
     def edge_stats(self) -> dict[str, int]:

@@ -525,6 +525,7 @@ class ServerSession:
             addr=str(self.address),
             how=" (again)" if lease.reused else "",
         )
+        server.session_up(self)
 
     def _caps(self) -> frozenset[str]:
         return self.proto.conn.caps if self.proto is not None else frozenset()

@@ -49,3 +49,32 @@ def test_the_new_files_warnings_are_kept(tmp_path: Path) -> None:
     new = load_client_config(path)
     plan = plan_reload(load_client_config(None), new, {"client": {"kill_switch"}})
     assert plan.config.client.kill_switch and plan.config.warnings == new.warnings != ()
+
+
+def test_hook_paths_and_timeouts_are_applied_by_a_reload(tmp_path: Path) -> None:
+    from cellvpn.client.service import CLIENT_RELOADABLE
+
+    script = tmp_path / "hook.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    running = load_server_config(None, {})
+    new = load_server_config(
+        None,
+        {
+            "srv_vpn.session_up": str(script),
+            "srv_vpn.session_down": str(script),
+            "srv_vpn.hook_timeout": "3",
+        },
+    )
+    plan = plan_reload(running, new, SERVER_RELOADABLE)
+    assert plan.needs_restart == ()
+    assert plan.config.srv_vpn.session_up == script and plan.config.srv_vpn.hook_timeout == 3
+    client = plan_reload(
+        load_client_config(None, {}),
+        load_client_config(
+            None, {"client.up": str(script), "client.down": str(script), "client.up_required": "1"}
+        ),
+        CLIENT_RELOADABLE,
+    )
+    assert client.applied == ("[client] up", "[client] down", "[client] up_required")
+    assert client.config.client.up == script and client.config.client.up_required
