@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import implementer
 
@@ -59,6 +59,9 @@ from cellvpn.billing.keys import account_of
 from cellvpn.billing.records import SignedClose, SignedDeposit, SignedOrder
 from cellvpn.wire.receipt import Receipt, Unit
 from cellvpn.wire.service import ErrorCode
+
+if TYPE_CHECKING:
+    from cellvpn.billing.postgres import PostgresLedger
 
 SCHEMA_VERSION = 3
 #: Versions this cellvpn upgrades in place: 1 lacked the grace and leases tables, 2 kept
@@ -891,16 +894,29 @@ class SqliteLedger:
             }
 
 
-def open_ledger(url: str, create: bool = True) -> SqliteLedger:
-    """The ledger a URL names: ``sqlite:////absolute/path`` or ``sqlite:relative/path``.
+#: the schemes of a PostgreSQL ledger's URL (libpq's URI syntax)
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_ledger(url: str, create: bool = True) -> SqliteLedger | PostgresLedger:
+    """The ledger a URL names: ``sqlite:////absolute/path``, ``sqlite:relative/path`` or
+    ``postgresql://...`` (a PostgreSQL database, :mod:`cellvpn.billing.postgres`).
 
     A query may choose durability: ``?synchronous=normal`` (survives a crashed process, may
     lose the last transactions on power loss) instead of the default ``full``.
     """
+    if url.startswith(POSTGRES_SCHEMES):
+        try:
+            from cellvpn.billing.postgres import open_postgres
+        except ImportError as e:  # psycopg is an optional dependency
+            raise LedgerOpenError(
+                f"a PostgreSQL ledger needs psycopg (pip install 'cellvpn[postgres]'): {e}"
+            ) from None
+        return open_postgres(url, create=create)
     if not url.startswith("sqlite:"):
         raise LedgerOpenError(
-            f"ledger URL {url!r} is not understood: cellvpn knows sqlite:////absolute/path "
-            "and sqlite:relative/path"
+            f"ledger URL {url!r} is not understood: cellvpn knows sqlite:////absolute/path, "
+            "sqlite:relative/path and postgresql://user@host/database"
         )
     rest, _, query = url[len("sqlite:") :].partition("?")
     synchronous = "FULL"
