@@ -54,6 +54,7 @@ from cellvpn.billing.interfaces import (
     UsageTotals,
 )
 from cellvpn.billing.keys import account_of
+from cellvpn.billing.migrate import COLUMNS, MigrateError, Rows, normalise
 from cellvpn.billing.records import SignedClose, SignedDeposit, SignedOrder
 from cellvpn.billing.sqlite import LedgerOpenError
 from cellvpn.wire.receipt import Receipt, Unit
@@ -61,6 +62,8 @@ from cellvpn.wire.service import ErrorCode
 
 #: the same tables as SQLite's schema 3, so a ledger can move between the two
 SCHEMA_VERSION = 3
+#: what NUMERIC(78, 0) holds for sure: a uint256, as the records carry
+MAX_VALUE = 2**256 - 1
 CONNECT_TIMEOUT_S = 10
 #: how long a statement may wait for a row lock before the call is "unavailable"
 LOCK_TIMEOUT_MS = 10_000
@@ -171,6 +174,9 @@ TABLES = (
     "meta", "accounts", "mints", "orders", "deposits", "receipts", "limits", "bans", "usage",
     "grace", "leases",
 )  # fmt: skip
+
+#: the column that keeps the order rows were added in, where the order is shown
+_ADDED = {"mints": "seq", "orders": "seq", "deposits": "seq", "receipts": "n"}
 
 _DEPOSIT_COLUMNS = (
     "id, owner, owner_public, srv_uid, unit, max_unit_price, locked, initial, expires, "
@@ -397,6 +403,8 @@ class PostgresLedger:
         account = hash32("account", account)
         if value <= 0:
             raise ValueError("only a positive value can be minted")
+        if value > MAX_VALUE:
+            raise ValueError("a PostgreSQL ledger mints at most 2**256 - 1 at a time")
         if public is not None and account_of(public) != account:
             raise ValueError("the public key given is not the account's")
         with self._transaction(write=True) as db:
@@ -882,6 +890,39 @@ class PostgresLedger:
                 )
             ]
         return invariant(minted, balances, deposits, receipts)
+
+    def export_rows(self) -> Rows:
+        """Every row of every table but ``meta``, as plain values in the order added (a copy
+        into another ledger, :mod:`cellvpn.billing.migrate`), from one snapshot."""
+        with self._transaction(write=False) as db:
+            return {
+                table: [
+                    normalise(table, row)
+                    for row in db.execute(
+                        f"SELECT {', '.join(columns)} FROM {table}"
+                        + (f" ORDER BY {_ADDED[table]}" if table in _ADDED else "")
+                    )
+                ]
+                for table, columns in COLUMNS.items()
+            }
+
+    def import_rows(self, rows: Rows) -> None:
+        """Write a copy's rows into this ledger, which must be empty, in one transaction."""
+        with self._transaction(write=True) as db:
+            for table in COLUMNS:
+                if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                    raise MigrateError(
+                        f"ledger {self.name} is not empty (its {table} has rows); a copy goes "
+                        "into an empty ledger"
+                    )
+            with db.cursor() as cursor:
+                for table, columns in COLUMNS.items():
+                    if rows.get(table):
+                        marks = ", ".join(["%s"] * len(columns))
+                        cursor.executemany(
+                            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+                            rows[table],
+                        )
 
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table, sorted: a test compares two dumps to see any change."""

@@ -56,6 +56,7 @@ from cellvpn.billing.interfaces import (
     UsageTotals,
 )
 from cellvpn.billing.keys import account_of
+from cellvpn.billing.migrate import BIG_INTEGERS, COLUMNS, MigrateError, Rows, normalise
 from cellvpn.billing.records import SignedClose, SignedDeposit, SignedOrder
 from cellvpn.wire.receipt import Receipt, Unit
 from cellvpn.wire.service import ErrorCode
@@ -884,6 +885,42 @@ class SqliteLedger:
                 )
             ]
         return invariant(minted, balances, deposits, receipts)
+
+    def export_rows(self) -> Rows:
+        """Every row of every table but ``meta``, as plain values in the order added (a copy
+        into another ledger, :mod:`cellvpn.billing.migrate`)."""
+        with self._transaction(write=False) as db:
+            return {
+                table: [
+                    normalise(table, row)
+                    for row in db.execute(
+                        f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid"
+                    )
+                ]
+                for table, columns in COLUMNS.items()
+            }
+
+    def import_rows(self, rows: Rows) -> None:
+        """Write a copy's rows into this ledger, which must be empty, in one transaction."""
+        with self._transaction(write=True) as db:
+            for table in COLUMNS:
+                if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                    raise MigrateError(
+                        f"ledger {self.path} is not empty (its {table} has rows); a copy goes "
+                        "into an empty ledger"
+                    )
+            for table, columns in COLUMNS.items():
+                marks = ", ".join("?" * len(columns))
+                db.executemany(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+                    [
+                        tuple(
+                            str(v) if v is not None and c in BIG_INTEGERS else v
+                            for c, v in zip(columns, row, strict=True)
+                        )
+                        for row in rows.get(table, [])
+                    ],
+                )
 
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table, sorted: a test compares two dumps to see any change."""

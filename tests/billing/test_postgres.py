@@ -84,4 +84,6 @@ def test_money_is_exact_at_78_digits(pg_url: str) -> None:
     big = 2**256 - 1
     assert ledger.mint(CLIENT.account, big) == big
     assert ledger.balance(CLIENT.account) == big
+    with pytest.raises(ValueError, match="at most"):
+        ledger.mint(CLIENT.account, big + 1)
     ledger.close()
