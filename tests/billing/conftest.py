@@ -1,20 +1,18 @@
 """The ledger backends the billing tests run against: SQLite, and PostgreSQL on a real server.
 
-The PostgreSQL server is a throwaway cluster made for the test session (``initdb`` and
-``postgres`` as the ``postgres`` user, its data and its Unix socket in a temporary folder, no
-TCP at all), stopped and removed at the end, or the one ``CELLVPN_TEST_POSTGRES`` names (a
-URL). Each test gets a fresh database, dropped after it. Without root or without the
+The PostgreSQL server is a throwaway cluster made for the test session (``pgcluster.py``:
+``initdb`` and ``postgres`` as the ``postgres`` user, its data and its Unix socket in a
+temporary folder, no TCP at all), stopped and removed at the end, also when tests fail, or the
+one ``CELLVPN_TEST_POSTGRES`` names (a URL). Each test gets a fresh schema, dropped after it. Without root or without the
 binaries the PostgreSQL runs are skipped, unless CELLVPN_REQUIRE_NETNS=1 (CI) makes that a
 failure.
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,35 +20,13 @@ from typing import Any
 
 import pytest
 
-#: where Debian's postgresql packages put the server binaries
-PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
-#: the port only names the socket file (.s.PGSQL.<port>) in the cluster's own folder
-PG_PORT = 55432
+from .pgcluster import PG_BIN_GLOB, PgCluster, PgClusterError, pg_bin
 
 
 def _skip_or_fail(reason: str) -> None:
     if os.environ.get("CELLVPN_REQUIRE_NETNS") == "1":
         pytest.fail(reason + " (CELLVPN_REQUIRE_NETNS=1)")
     pytest.skip(reason)
-
-
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob(PG_BIN_GLOB), key=lambda p: int(Path(p).parent.name or 0))
-    for folder in reversed(found):
-        if (Path(folder) / "initdb").exists() and (Path(folder) / "pg_ctl").exists():
-            return Path(folder)
-    return None
-
-
-def _as_postgres(*argv: str | Path) -> None:
-    subprocess.run(
-        ["runuser", "-u", "postgres", "--", *map(str, argv)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=120,
-    )
 
 
 class PgServer:
@@ -93,37 +69,18 @@ def pg_server() -> Iterator[PgServer]:
         return
     if os.geteuid() != 0:
         _skip_or_fail("needs root to run a throwaway PostgreSQL server as the postgres user")
-    pg_bin = _pg_bin()
-    if pg_bin is None or shutil.which("runuser") is None:
+    binaries = pg_bin()
+    if binaries is None or shutil.which("runuser") is None:
         _skip_or_fail(f"needs the PostgreSQL server ({PG_BIN_GLOB}; apt install postgresql)")
         return
-    top = Path(tempfile.mkdtemp(prefix="cellvpn-pg-"))
-    data, sock, log = top / "data", top / "sock", top / "postgres.log"
-    started = False
     try:
-        sock.mkdir()
-        shutil.chown(top, "postgres", "postgres")
-        shutil.chown(sock, "postgres", "postgres")
-        _as_postgres(
-            pg_bin / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync",
-            "-E", "UTF8", "--locale=C",
-        )  # fmt: skip
-        options = (
-            f"-c listen_addresses='' -k {sock} -p {PG_PORT} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
-        )
-        _as_postgres(pg_bin / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "start")
-        started = True
-        yield PgServer(f"postgresql:///postgres?host={sock}&port={PG_PORT}&user=postgres")
-    except subprocess.CalledProcessError as e:
-        output = e.stdout.decode(errors="replace") if e.stdout else ""
-        if log.exists():
-            output += log.read_text(errors="replace")
-        pytest.fail(f"the throwaway PostgreSQL server did not start: {output[-2000:]}")
+        cluster = PgCluster(binaries)
+    except PgClusterError as e:
+        pytest.fail(f"the throwaway PostgreSQL server did not start: {e}")
+    try:
+        yield PgServer(cluster.url)
     finally:
-        if started:
-            _as_postgres(pg_bin / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(top, ignore_errors=True)
+        cluster.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
