@@ -186,16 +186,19 @@ _DEPOSIT_COLUMNS = (
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, fit for a log line or an error message."""
+    """The URL without its password (in the user part or the query), fit for a message."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "postgresql://..."
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        "password=***" if item.lower().startswith("password=") else item
+        for item in parts.query.split("&")
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _first_line(e: BaseException) -> str:

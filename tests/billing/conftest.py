@@ -3,9 +3,9 @@
 The PostgreSQL server is a throwaway cluster made for the test session (``pgcluster.py``:
 ``initdb`` and ``postgres`` as the ``postgres`` user, its data and its Unix socket in a
 temporary folder, no TCP at all), stopped and removed at the end, also when tests fail, or the
-one ``CELLVPN_TEST_POSTGRES`` names (a URL). Each test gets a fresh schema, dropped after it. Without root or without the
-binaries the PostgreSQL runs are skipped, unless CELLVPN_REQUIRE_NETNS=1 (CI) makes that a
-failure.
+one ``CELLVPN_TEST_POSTGRES`` names (a URL). Each test gets a fresh schema, dropped after
+it. Without root, the binaries or psycopg the PostgreSQL runs are skipped, unless
+CELLVPN_REQUIRE_NETNS=1 (CI) makes that a failure.
 """
 
 from __future__ import annotations

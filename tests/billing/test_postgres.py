@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,16 +50,19 @@ def test_without_create_an_empty_database_is_no_ledger(pg_url: str) -> None:
     open_ledger(pg_url, create=False).close()
 
 
-def test_a_server_that_is_not_there_is_one_line_without_the_password(tmp_path: object) -> None:
+def test_a_server_that_is_not_there_is_one_line_without_the_password(tmp_path: Path) -> None:
     url = f"postgresql://cellvpn:s3cret@/ledger?host={tmp_path}/nowhere&connect_timeout=2"
     with pytest.raises(LedgerOpenError) as info:
         open_ledger(url)
     message = str(info.value)
     assert message.startswith("cannot open ledger postgresql://cellvpn:***@")
     assert "s3cret" not in message and "\n" not in message
+    with pytest.raises(LedgerOpenError) as info:
+        open_ledger(f"postgresql:///ledger?host={tmp_path}/nowhere&password=s3cret")
+    assert "password=***" in str(info.value) and "s3cret" not in str(info.value)
 
 
-def test_a_malformed_url_is_refused(tmp_path: object) -> None:
+def test_a_malformed_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LedgerOpenError, match="ledger URL"):
         open_ledger("postgresql:///ledger?nosuchoption=1")
 
@@ -87,3 +91,13 @@ def test_money_is_exact_at_78_digits(pg_url: str) -> None:
     with pytest.raises(ValueError, match="at most"):
         ledger.mint(CLIENT.account, big + 1)
     ledger.close()
+
+
+def test_the_config_takes_a_postgresql_url(tmp_path: Path) -> None:
+    from cellvpn.config.fields import ParseError
+    from cellvpn.config.schema import LEDGER_URL
+
+    for url in ("postgresql://cellvpn@db.example/cellvpn", "postgres:///ledger?host=/run/pg"):
+        assert LEDGER_URL.parse(url, tmp_path) == url
+    with pytest.raises(ParseError):
+        LEDGER_URL.parse("mysql://db.example/cellvpn", tmp_path)
