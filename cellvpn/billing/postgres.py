@@ -2,13 +2,13 @@
 
 Why it is safe with several writers on several hosts: every write is one transaction (READ
 COMMITTED) that locks the rows it decides on before reading them (``SELECT ... FOR UPDATE`` on
-the deposit a receipt spends, the account a deposit is paid from), so the checks and the
-changes of a redemption see one state and a second redemption of the same deposit waits for
-the first to commit, then sees its new state hash. Balances are changed by ``balance =
-balance + x`` in the row itself. Locks are always taken deposit first, account second, so two
-writers never wait for each other in a circle. A refusal rolls back; a client killed mid
-transaction leaves nothing (the server rolls it back). As in SQLite, a receipt hash and a
-receipt's ``prev`` hash are each unique, so even a wrong check could not store a replay.
+the deposit a receipt spends, a close closes or a mark marks; the account a deposit is paid
+from), so the checks and the changes of a redemption see one state, and a second redemption
+of the same deposit waits for the first to commit, then sees its new state hash. Balances
+change in the row itself (``balance = balance + x``). Locks are taken deposit first, account
+second, so two writers never wait for each other in a circle. A refusal rolls back; a client
+killed mid transaction leaves nothing (the server rolls it back). As in SQLite, a receipt hash
+and a receipt's ``prev`` hash are each unique, so even a wrong check could not store a replay.
 
 Money is NUMERIC(78, 0): exact integers of up to 78 digits (uint256 has 78).
 
@@ -454,10 +454,18 @@ class PostgresLedger:
 
     @staticmethod
     def _deposit(db: Conn, deposit_id: bytes, lock: bool = False) -> DepositRow | None:
+        """The deposit; with ``lock``, its row locked for this transaction first and read
+        after (a statement of its own, so its lease is read as of the lock, not before)."""
+        if (
+            lock
+            and db.execute(
+                "SELECT 1 FROM deposits WHERE id = %s FOR UPDATE", (deposit_id,)
+            ).fetchone()
+            is None
+        ):
+            return None
         row = db.execute(
-            f"SELECT {_DEPOSIT_COLUMNS} FROM deposits WHERE id = %s"
-            + (" FOR UPDATE OF deposits" if lock else ""),
-            (deposit_id,),
+            f"SELECT {_DEPOSIT_COLUMNS} FROM deposits WHERE id = %s", (deposit_id,)
         ).fetchone()
         return None if row is None else _deposit_row(row)
 
@@ -566,27 +574,32 @@ class PostgresLedger:
                 )
             return True
 
+    @staticmethod
+    def _lock_marked(db: Conn, marker_prefix: str) -> list[bytes]:
+        """Lock the deposits one server's marks are on (rechecked after any wait), so a
+        renewal or a release never crosses a take-over that set_active_usage is making."""
+        rows = db.execute(
+            "SELECT id FROM deposits WHERE active_usage IS NOT NULL "
+            "AND left(active_usage, %s) = %s ORDER BY id FOR UPDATE",
+            (len(marker_prefix), marker_prefix),
+        ).fetchall()
+        return [_b(row[0]) for row in rows]
+
     def renew_marks(self, marker_prefix: str, until: float) -> int:
         """Extend the lease of every mark that starts with ``marker_prefix`` (one server's)."""
         with self._transaction(write=True) as db:
+            ids = self._lock_marked(db, marker_prefix)
             cursor = db.execute(
-                "UPDATE leases SET until = %s WHERE deposit IN (SELECT id FROM deposits WHERE "
-                "active_usage IS NOT NULL AND left(active_usage, %s) = %s)",
-                (until, len(marker_prefix), marker_prefix),
+                "UPDATE leases SET until = %s WHERE deposit = ANY(%s)", (until, ids)
             )
             return cursor.rowcount
 
     def clear_active_usages(self, marker_prefix: str) -> int:
         with self._transaction(write=True) as db:
-            db.execute(
-                "DELETE FROM leases WHERE deposit IN (SELECT id FROM deposits WHERE "
-                "active_usage IS NOT NULL AND left(active_usage, %s) = %s)",
-                (len(marker_prefix), marker_prefix),
-            )
+            ids = self._lock_marked(db, marker_prefix)
+            db.execute("DELETE FROM leases WHERE deposit = ANY(%s)", (ids,))
             cursor = db.execute(
-                "UPDATE deposits SET active_usage = NULL WHERE active_usage IS NOT NULL "
-                "AND left(active_usage, %s) = %s",
-                (len(marker_prefix), marker_prefix),
+                "UPDATE deposits SET active_usage = NULL WHERE id = ANY(%s)", (ids,)
             )
             return cursor.rowcount
 

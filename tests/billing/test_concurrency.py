@@ -14,8 +14,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,4 +146,42 @@ def test_a_killed_process_leaves_a_consistent_ledger(tmp_path: Path, ledger_url:
     ok, figures = ledger.check_invariant()
     assert ok, figures
     assert len(ledger.receipts()) == sum(len(c) for c in chains.values())
+    ledger.close()
+
+
+def _race_for_mark(ledger: Any, dep: bytes, only_if: str | None, at: float, tag: str) -> list[str]:
+    """Eight threads (each its own connection) mark ``dep`` at once; the markers that won."""
+    barrier = threading.Barrier(8)
+    won: list[str] = []
+
+    def mark(marker: str) -> None:
+        barrier.wait()
+        if ledger.set_active_usage(dep, marker, only_if=only_if, until=at + 300, now=at):
+            won.append(marker)
+
+    threads = [threading.Thread(target=mark, args=(f"{tag}-{n}",)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return won
+
+
+def test_threads_racing_for_one_mark_leave_exactly_one_holder(ledger_url: str) -> None:
+    """Marks are compare and set under concurrency too: of eight servers that mark a free
+    deposit at once, one holds it; of eight that take over its stale mark at once, one does."""
+    ledger = open_ledger(ledger_url)
+    client = CLIENTS[0]
+    ledger.mint(client.account, 1000)
+    now = time.time()
+    dep = ledger.create_deposit(deposit(client, value=600, expires=2**40), now).id
+    [first] = _race_for_mark(ledger, dep, None, now, "a")
+    row = ledger.get_deposit(dep)
+    assert row is not None and row.active_usage == first
+    # the holder's lease ran out (1000 s later): who takes it over?
+    [second] = _race_for_mark(ledger, dep, first, now + 1000, "b")
+    row = ledger.get_deposit(dep)
+    assert row is not None and row.active_usage == second and row.active_until == now + 1300
+    ok, figures = ledger.check_invariant()
+    assert ok, figures
     ledger.close()
