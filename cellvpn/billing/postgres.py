@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from zope.interface import implementer
@@ -187,18 +186,17 @@ _DEPOSIT_COLUMNS = (
 
 def redacted(url: str) -> str:
     """The URL without its password (in the user part or the query), fit for a message."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://..."
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    head, sep, query = url.partition("?")
+    scheme, slashes, rest = head.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.partition(':')[0]}:***@{host}"
     query = "&".join(
         "password=***" if item.lower().startswith("password=") else item
-        for item in parts.query.split("&")
+        for item in query.split("&")
     )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return f"{scheme}{slashes}{authority}{slash}{path}{sep}{query}"
 
 
 def _first_line(e: BaseException) -> str:
@@ -635,9 +633,11 @@ class PostgresLedger:
         """The checks and changes of one redemption, with the deposit's row locked."""
         receipt, deposit_id, provider_public, now = request.request
         info = receipt.info
-        stored: Callable[[bytes], bool] = lambda h: (  # noqa: E731
-            db.execute("SELECT 1 FROM receipts WHERE hash = %s", (h,)).fetchone() is not None
-        )
+
+        def stored(receipt_hash: bytes) -> bool:
+            found = db.execute("SELECT 1 FROM receipts WHERE hash = %s", (receipt_hash,))
+            return found.fetchone() is not None
+
         dep = check_redemption(request, self._deposit(db, deposit_id, lock=True), stored)
         left = dep.locked - info.value
         cursor = db.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def test_a_server_that_is_not_there_is_one_line_without_the_password(tmp_path: P
 
 
 def test_a_malformed_url_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(LedgerOpenError, match="ledger URL"):
+    with pytest.raises(
+        LedgerOpenError, match=re.escape("ledger URL 'postgresql:///ledger?nosuchoption=1'")
+    ):
         open_ledger("postgresql:///ledger?nosuchoption=1")
 
 
