@@ -274,8 +274,10 @@ class PostgresLedger:
 
     def _conn(self) -> Conn:
         conn: Conn | None = getattr(self._local, "conn", None)
-        if conn is not None and not conn.closed:
-            return conn
+        if conn is not None:
+            if not (conn.closed or conn.broken):
+                return conn
+            self._drop(conn)  # the server went away since: connect again
         if self._closed:
             raise LedgerUnavailableError(f"ledger {self.name} is closed")
         try:
