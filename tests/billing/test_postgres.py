@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted
 
 from cellvpn.billing.interfaces import LedgerUnavailableError
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
@@ -104,3 +106,40 @@ def test_the_config_takes_a_postgresql_url(tmp_path: Path) -> None:
         assert LEDGER_URL.parse(url, tmp_path) == url
     with pytest.raises(ParseError):
         LEDGER_URL.parse("mysql://db.example/cellvpn", tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_runs_its_billing_on_a_postgresql_ledger(
+    pg_url: str, tmp_path: Path, reactor: Any
+) -> None:
+    """``[ledger] url = postgresql://...``: the server opens it, publishes its order and serves
+    ledger calls from its worker thread, as it does on SQLite."""
+    from cellvpn.billing.postgres import PostgresLedger
+    from cellvpn.config import load_server_config
+    from cellvpn.server.service import VPNServerService
+
+    config = load_server_config(
+        None,
+        {
+            "server.listen": "tcp:0:interface=127.0.0.1",
+            "server.state_dir": str(tmp_path / "state"),
+            "srv_vpn.enabled": "false",
+            "billing.price": "10",
+            "ledger.url": pg_url,
+        },
+    )
+    service = VPNServerService(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        assert service.ledger is not None and service.billing is not None
+        orders = await service.ledger.orders()
+        assert [o.order.provider for o in orders] == [service.billing.key.public]
+        assert await service.ledger.mint(CLIENT.account, 10**25) == 10**25
+        ok, figures = await service.ledger.check_invariant()
+        assert ok and figures["minted"] == 10**25
+    finally:
+        await service.stopService()
+    ledger = open_ledger(pg_url, create=False)
+    assert isinstance(ledger, PostgresLedger) and ledger.balance(CLIENT.account) == 10**25
+    ledger.close()
