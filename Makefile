@@ -6,7 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod
+DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod postgresql
+# Debian's postgresql would create and start a "main" cluster listening on TCP port 5432; the
+# tests start a throwaway server of their own on a Unix socket, so none is made.
+PG_CREATECLUSTER := /etc/postgresql-common/createcluster.conf
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: test demo venv debs lint typecheck bench clean flood fuzz
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,postgres]'
 	@# twistd finds the plugin through dropin.cache; write it now, as its owner.
 	$(PY) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	@touch $(STAMP)
@@ -27,7 +30,13 @@ debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	    case " $$missing " in *" postgresql "*) \
+	        mkdir -p $(dir $(PG_CREATECLUSTER)) && \
+	        grep -qsx 'create_main_cluster = false' $(PG_CREATECLUSTER) || \
+	        echo 'create_main_cluster = false' >> $(PG_CREATECLUSTER);; \
+	    esac; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $$missing; \
 	fi
 
 test: venv debs

@@ -19,7 +19,6 @@ and a test's main thread alike.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import threading
@@ -27,10 +26,21 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import implementer
 
+from cellvpn.billing.checks import (
+    ANY_DEPOSIT,
+    Prepared,
+    check_close,
+    check_deposit_request,
+    check_funds,
+    check_order,
+    check_redemption,
+    hash32,
+    invariant,
+)
 from cellvpn.billing.interfaces import (
     USAGE_KINDS,
     DepositRow,
@@ -45,23 +55,19 @@ from cellvpn.billing.interfaces import (
     UsageRow,
     UsageTotals,
 )
-from cellvpn.billing.keys import account_of, signed_by
-from cellvpn.billing.records import (
-    VPN_UNITS,
-    SignedClose,
-    SignedDeposit,
-    SignedOrder,
-    receipt_units_value_ok,
-)
-from cellvpn.wire.receipt import RECEIPT_VERSION, Receipt, Unit
-from cellvpn.wire.service import SRV_UID_VPN, ErrorCode
+from cellvpn.billing.keys import account_of
+from cellvpn.billing.migrate import BIG_INTEGERS, COLUMNS, MigrateError, Rows, normalise
+from cellvpn.billing.records import SignedClose, SignedDeposit, SignedOrder
+from cellvpn.wire.receipt import Receipt, Unit
+from cellvpn.wire.service import ErrorCode
+
+if TYPE_CHECKING:
+    from cellvpn.billing.postgres import PostgresLedger
 
 SCHEMA_VERSION = 3
 #: Versions this cellvpn upgrades in place: 1 lacked the grace and leases tables, 2 kept
 #: limits per client rather than per deposit.
 UPGRADES_FROM = ("1", "2")
-#: the deposit of limits saved before they were kept per deposit (schema 2 and older)
-ANY_DEPOSIT = b""
 BUSY_TIMEOUT_S = 10.0
 SYNCHRONOUS = ("FULL", "NORMAL")
 
@@ -178,12 +184,6 @@ class LedgerOpenError(Exception):
     """A ledger URL or file that cannot be used; the message is one line naming it."""
 
 
-def _hash32(name: str, value: bytes) -> bytes:
-    if not isinstance(value, bytes | bytearray) or len(value) != 32:
-        raise ValueError(f"{name} must be 32 bytes")
-    return bytes(value)
-
-
 def _deposit_row(row: tuple[Any, ...]) -> DepositRow:
     return DepositRow(
         id=row[0],
@@ -219,27 +219,6 @@ def _receipt_row(row: tuple[Any, ...]) -> ReceiptRow:
         redeemed_at=row[9],
         encoded=row[10],
     )
-
-
-class _Prepared:
-    """A redemption's work that needs no lock: encoding, hashing, the signature checks.
-
-    Done before the write lock is taken, so other writers wait less; which keys must have
-    signed is checked against the deposit inside the transaction.
-    """
-
-    __slots__ = ("encoded", "hash", "request", "signed_ok")
-
-    def __init__(self, request: RedeemRequest) -> None:
-        self.request = request
-        receipt = request.receipt
-        info_bytes = receipt.info.encode()
-        signs = receipt.signatures
-        self.signed_ok = len(signs) == 2 and all(
-            signed_by(s, s.public_key, info_bytes) for s in signs
-        )
-        self.encoded = receipt.encode()
-        self.hash = hashlib.sha3_256(self.encoded).digest()
 
 
 @implementer(ILedger)
@@ -406,7 +385,7 @@ class SqliteLedger:
         return balance
 
     def mint(self, account: bytes, value: int, public: bytes | None = None) -> int:
-        account = _hash32("account", account)
+        account = hash32("account", account)
         if value <= 0:
             raise ValueError("only a positive value can be minted")
         if public is not None and account_of(public) != account:
@@ -421,24 +400,13 @@ class SqliteLedger:
 
     def balance(self, account: bytes) -> int:
         with self._transaction(write=False) as db:
-            return self._balance(db, _hash32("account", account)) or 0
+            return self._balance(db, hash32("account", account)) or 0
 
     # --- orders -----------------------------------------------------------------------------
 
     def put_order(self, signed_order: SignedOrder) -> bytes:
+        check_order(signed_order)
         order = signed_order.order
-        if order.srv_uid != SRV_UID_VPN:
-            raise LedgerError(ErrorCode.TX_COND_WRONG_SRV_UID, f"order srv_uid is {order.srv_uid}")
-        if order.unit not in VPN_UNITS:
-            raise LedgerError(
-                ErrorCode.UNIT_TYPE_ERROR, f"order unit 0x{order.unit:x} is not SEC or B"
-            )
-        if order.units == 0:
-            raise LedgerError(ErrorCode.PRICE_ERROR, "an order must sell at least one unit")
-        if not signed_order.verify():
-            raise LedgerError(
-                ErrorCode.RECEIPT_NO_SIGN, "the order's signature is not its provider's"
-            )
         with self._transaction(write=True) as db:
             db.execute(
                 "INSERT OR IGNORE INTO orders (hash, provider, signed, added) VALUES (?, ?, ?, ?)",
@@ -471,25 +439,8 @@ class SqliteLedger:
         return None if row is None else _deposit_row(row)
 
     def create_deposit(self, signed_deposit: SignedDeposit, now: float) -> DepositRow:
+        check_deposit_request(signed_deposit, now)
         d = signed_deposit.deposit
-        if d.srv_uid != SRV_UID_VPN:
-            raise LedgerError(ErrorCode.TX_COND_WRONG_SRV_UID, f"deposit srv_uid is {d.srv_uid}")
-        if d.unit not in VPN_UNITS:
-            raise LedgerError(
-                ErrorCode.UNIT_TYPE_ERROR, f"deposit unit 0x{d.unit:x} is not SEC or B"
-            )
-        if not signed_deposit.verify():
-            raise LedgerError(
-                ErrorCode.RECEIPT_NO_SIGN, "the deposit's signature is not its owner's"
-            )
-        if d.expires <= now:
-            raise LedgerError(ErrorCode.TX_CREATION_ERROR, "the deposit's expiry is in the past")
-        if d.value <= 0:
-            raise LedgerError(ErrorCode.TX_CREATION_ERROR, "a deposit must lock a positive value")
-        if d.max_unit_price <= 0:
-            raise LedgerError(
-                ErrorCode.PRICE_ERROR, "a deposit needs a positive maximum unit price"
-            )
         deposit_id = d.hash
         owner = account_of(d.owner)
         with self._transaction(write=True) as db:
@@ -498,15 +449,8 @@ class SqliteLedger:
                     ErrorCode.WRONG_HASH, f"deposit {deposit_id.hex()} already exists"
                 )
             balance = self._balance(db, owner)
-            if balance is None:
-                raise LedgerError(
-                    ErrorCode.TX_COND_NOT_ENOUGH, f"account {owner.hex()} was never credited"
-                )
-            if balance < d.value:
-                raise LedgerError(
-                    ErrorCode.TX_COND_NOT_ENOUGH,
-                    f"account {owner.hex()} holds {balance}, the deposit needs {d.value}",
-                )
+            check_funds(owner, balance, d.value)
+            assert balance is not None
             db.execute(
                 "UPDATE accounts SET balance = ?, public = coalesce(public, ?) WHERE account = ?",
                 (str(balance - d.value), d.owner, owner),
@@ -550,24 +494,7 @@ class SqliteLedger:
     def close_deposit(self, signed_close: SignedClose, now: float) -> int:
         c = signed_close.close
         with self._transaction(write=True) as db:
-            dep = self._deposit(db, c.deposit)
-            if dep is None:
-                raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"no deposit {c.deposit.hex()}")
-            if c.owner != dep.owner_public:
-                raise LedgerError(
-                    ErrorCode.RECEIPT_WRONG_PKEY_HASH, "only the deposit's owner can close it"
-                )
-            if not signed_close.verify():
-                raise LedgerError(ErrorCode.RECEIPT_NO_SIGN, "the close is not signed by the owner")
-            if dep.closed:
-                raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"deposit {dep.id.hex()} is closed")
-            if dep.active_usage is not None and not dep.expired(now) and not dep.stale(now):
-                raise LedgerError(
-                    ErrorCode.CANT_ADD_USAGE,
-                    f"deposit {dep.id.hex()} is in use ({dep.active_usage}) until "
-                    f"{dep.active_until:.0f}; close it when the session has ended, when its "
-                    "server has not renewed the mark by then, or after the deposit expires",
-                )
+            dep = check_close(signed_close, self._deposit(db, c.deposit), now)
             # an expired deposit, or a mark its server stopped renewing, never keeps money
             db.execute("UPDATE deposits SET active_usage = NULL WHERE id = ?", (dep.id,))
             db.execute("DELETE FROM leases WHERE deposit = ?", (dep.id,))
@@ -648,7 +575,7 @@ class SqliteLedger:
     def redeem(
         self, receipt: Receipt, deposit_id: bytes, provider_public: bytes, now: float
     ) -> RedeemResult:
-        request = _Prepared(RedeemRequest(receipt, deposit_id, provider_public, now))
+        request = Prepared(RedeemRequest(receipt, deposit_id, provider_public, now))
         with self._transaction(write=True) as db:
             return self._redeem(db, request)
 
@@ -658,7 +585,7 @@ class SqliteLedger:
         One commit (one fsync) for many receipts is what lets a busy server keep full
         durability; nothing is reported redeemed before the commit that makes it so.
         """
-        prepared = [_Prepared(r) for r in requests]
+        prepared = [Prepared(r) for r in requests]
         results: list[RedeemResult | LedgerError] = []
         with self._transaction(write=True) as db:
             for request in prepared:
@@ -674,73 +601,17 @@ class SqliteLedger:
                 db.execute("RELEASE redeem")
         return results
 
-    def _redeem(self, db: sqlite3.Connection, request: _Prepared) -> RedeemResult:
+    def _redeem(self, db: sqlite3.Connection, request: Prepared) -> RedeemResult:
         """The checks and changes of one redemption, inside the caller's transaction."""
         receipt, deposit_id, provider_public, now = request.request
         info = receipt.info
-        signs = receipt.signatures
-        dep = self._deposit(db, deposit_id)
-        if dep is None:
-            raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"no deposit {deposit_id.hex()}")
-        if dep.closed:
-            raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"deposit {dep.id.hex()} is closed")
-        if dep.expired(now):
-            raise LedgerError(ErrorCode.TX_COND_NOT_FOUND, f"deposit {dep.id.hex()} has expired")
-        if info.srv_uid != dep.srv_uid:
-            raise LedgerError(
-                ErrorCode.TX_COND_WRONG_SRV_UID,
-                f"receipt srv_uid {info.srv_uid}, deposit srv_uid {dep.srv_uid}",
-            )
-        if info.version != RECEIPT_VERSION:
-            raise LedgerError(
-                ErrorCode.RECEIPT_WRONG_VERSION, f"receipt version {info.version}, not 2"
-            )
-        if len(signs) < 2:
-            raise LedgerError(
-                ErrorCode.RECEIPT_NO_SIGN, "the receipt needs the provider's and the client's"
-            )
-        if signs[0].public_key != provider_public:
-            raise LedgerError(
-                ErrorCode.RECEIPT_WRONG_PKEY_HASH, "signature 0 is not the provider's"
-            )
-        if signs[1].public_key != dep.owner_public:
-            raise LedgerError(
-                ErrorCode.RECEIPT_WRONG_PKEY_HASH, "signature 1 is not the deposit owner's"
-            )
-        unsigned = receipt.unsigned_bytes()
-        if unsigned is not None:
-            raise LedgerError(ErrorCode.WRONG_HASH, unsigned)
-        if not request.signed_ok:
-            raise LedgerError(
-                ErrorCode.RECEIPT_NO_SIGN, "a signature does not verify (or there are more)"
-            )
-        if info.units_type != dep.unit:
-            raise LedgerError(
-                ErrorCode.UNIT_TYPE_ERROR,
-                f"receipt unit 0x{info.units_type:x}, deposit unit 0x{dep.unit:x}",
-            )
-        if info.units == 0 or not receipt_units_value_ok(
-            info.value, info.units, dep.max_unit_price
-        ):
-            raise LedgerError(
-                ErrorCode.RECEIPT_UNITS_ERROR,
-                f"{info.value} for {info.units} units is over the deposit's maximum unit "
-                f"price {dep.max_unit_price}",
-            )
-        if info.prev_hash != dep.state_hash:
-            # A receipt whose prev is the current state cannot be stored yet (its hash would
-            # be the state), so the store is only asked on this path, to say which it is.
-            if db.execute("SELECT 1 FROM receipts WHERE hash = ?", (request.hash,)).fetchone():
-                raise LedgerError(ErrorCode.WRONG_HASH, "this receipt was redeemed already")
-            raise LedgerError(
-                ErrorCode.WRONG_HASH,
-                "the receipt's prev hash is not the deposit's state (replayed or forked)",
-            )
-        if info.value > dep.locked:
-            raise LedgerError(
-                ErrorCode.TX_COND_NOT_ENOUGH,
-                f"the receipt asks {info.value}, the deposit holds {dep.locked}",
-            )
+        dep = check_redemption(
+            request,
+            self._deposit(db, deposit_id),
+            lambda h: (
+                db.execute("SELECT 1 FROM receipts WHERE hash = ?", (h,)).fetchone() is not None
+            ),
+        )
         left = dep.locked - info.value
         cursor = db.execute(
             "UPDATE deposits SET locked = ?, state_hash = ?, receipts = receipts + 1 "
@@ -1000,7 +871,6 @@ class SqliteLedger:
 
     def check_invariant(self) -> tuple[bool, dict[str, Any]]:
         """Money adds up, globally and per deposit, in one consistent snapshot."""
-        problems: list[str] = []
         with self._transaction(write=False) as db:
             minted = sum(int(row[0]) for row in db.execute("SELECT value FROM mints"))
             balances = [int(row[0]) for row in db.execute("SELECT balance FROM accounts")]
@@ -1008,48 +878,49 @@ class SqliteLedger:
                 _deposit_row(row)
                 for row in db.execute(f"SELECT {_DEPOSIT_COLUMNS} FROM deposits").fetchall()
             ]
-            paid: dict[bytes, int] = {}
-            count: dict[bytes, int] = {}
-            last: dict[bytes, tuple[int, bytes]] = {}
-            for dep_id, seq, value, receipt_hash in db.execute(
-                "SELECT deposit, seq, value, hash FROM receipts"
-            ):
-                paid[dep_id] = paid.get(dep_id, 0) + int(value)
-                count[dep_id] = count.get(dep_id, 0) + 1
-                if seq > last.get(dep_id, (0, b""))[0]:
-                    last[dep_id] = (seq, receipt_hash)
-        locked = sum(d.locked for d in deposits)
-        balance_sum = sum(balances)
-        problems += [f"a balance is negative: {b}" for b in balances if b < 0]
-        for d in deposits:
-            name = d.id.hex()
-            spent = paid.get(d.id, 0)
-            if d.locked < 0:
-                problems.append(f"deposit {name} holds a negative value")
-            if d.initial != d.locked + spent + d.returned:
-                problems.append(
-                    f"deposit {name}: initial {d.initial} != locked {d.locked} + paid {spent} "
-                    f"+ returned {d.returned}"
+            receipts = [
+                (dep_id, seq, int(value), receipt_hash)
+                for dep_id, seq, value, receipt_hash in db.execute(
+                    "SELECT deposit, seq, value, hash FROM receipts"
                 )
-            if d.closed and d.locked != 0:
-                problems.append(f"deposit {name} is closed but holds {d.locked}")
-            if d.state_hash != last.get(d.id, (0, d.id))[1]:
-                problems.append(f"deposit {name}: state hash is not its last receipt's")
-            if not d.receipts == count.get(d.id, 0) == last.get(d.id, (0, b""))[0]:
-                problems.append(f"deposit {name}: its receipts are not numbered 1 to {d.receipts}")
-        if balance_sum + locked != minted:
-            problems.append(f"balances {balance_sum} + locked {locked} != minted {minted}")
-        figures: dict[str, Any] = {
-            "minted": minted,
-            "balances": balance_sum,
-            "locked": locked,
-            "redeemed": sum(paid.values()),
-            "returned": sum(d.returned for d in deposits),
-            "accounts": len(balances),
-            "deposits": len(deposits),
-            "problems": problems,
-        }
-        return not problems, figures
+            ]
+        return invariant(minted, balances, deposits, receipts)
+
+    def export_rows(self) -> Rows:
+        """Every row of every table but ``meta``, as plain values in the order added (a copy
+        into another ledger, :mod:`cellvpn.billing.migrate`)."""
+        with self._transaction(write=False) as db:
+            return {
+                table: [
+                    normalise(table, row)
+                    for row in db.execute(
+                        f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid"
+                    )
+                ]
+                for table, columns in COLUMNS.items()
+            }
+
+    def import_rows(self, rows: Rows) -> None:
+        """Write a copy's rows into this ledger, which must be empty, in one transaction."""
+        with self._transaction(write=True) as db:
+            for table in COLUMNS:
+                if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                    raise MigrateError(
+                        f"ledger {self.path} is not empty (its {table} has rows); a copy goes "
+                        "into an empty ledger"
+                    )
+            for table, columns in COLUMNS.items():
+                marks = ", ".join("?" * len(columns))
+                db.executemany(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+                    [
+                        tuple(
+                            str(v) if v is not None and c in BIG_INTEGERS else v
+                            for c, v in zip(columns, row, strict=True)
+                        )
+                        for row in rows.get(table, [])
+                    ],
+                )
 
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table, sorted: a test compares two dumps to see any change."""
@@ -1060,16 +931,29 @@ class SqliteLedger:
             }
 
 
-def open_ledger(url: str, create: bool = True) -> SqliteLedger:
-    """The ledger a URL names: ``sqlite:////absolute/path`` or ``sqlite:relative/path``.
+#: the schemes of a PostgreSQL ledger's URL (libpq's URI syntax)
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_ledger(url: str, create: bool = True) -> SqliteLedger | PostgresLedger:
+    """The ledger a URL names: ``sqlite:////absolute/path``, ``sqlite:relative/path`` or
+    ``postgresql://...`` (a PostgreSQL database, :mod:`cellvpn.billing.postgres`).
 
     A query may choose durability: ``?synchronous=normal`` (survives a crashed process, may
     lose the last transactions on power loss) instead of the default ``full``.
     """
+    if url.startswith(POSTGRES_SCHEMES):
+        try:
+            from cellvpn.billing.postgres import open_postgres
+        except ImportError as e:  # psycopg is an optional dependency
+            raise LedgerOpenError(
+                f"a PostgreSQL ledger needs psycopg (pip install 'cellvpn[postgres]'): {e}"
+            ) from None
+        return open_postgres(url, create=create)
     if not url.startswith("sqlite:"):
         raise LedgerOpenError(
-            f"ledger URL {url!r} is not understood: cellvpn knows sqlite:////absolute/path "
-            "and sqlite:relative/path"
+            f"ledger URL {url!r} is not understood: cellvpn knows sqlite:////absolute/path, "
+            "sqlite:relative/path and postgresql://user@host/database"
         )
     rest, _, query = url[len("sqlite:") :].partition("?")
     synchronous = "FULL"

@@ -31,6 +31,7 @@ from cellvpn.billing.interfaces import (
     UsageTotals,
 )
 from cellvpn.billing.keys import KeyFileError, KeyPair, account_of, create_key, load_key
+from cellvpn.billing.migrate import MigrateError, migrate
 from cellvpn.billing.records import (
     DepositClose,
     DepositRequest,
@@ -398,6 +399,32 @@ def cmd_keygen(ns: argparse.Namespace) -> Answer:
     return Answer(result, f"created key {ns.path} (mode 0600)\naccount {key.account_hex}")
 
 
+def cmd_migrate(ns: argparse.Namespace) -> Answer:
+    """Copy every table of one ledger into another, empty one (SQLite to PostgreSQL or back)."""
+    if ns.source == ns.target:
+        raise _BadArgumentError("--from and --to name the same ledger")
+    source = open_ledger(ns.source, create=False)
+    try:
+        target = open_ledger(ns.target, create=True)
+        try:
+            copied = migrate(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    figures = copied["invariant"]
+    result = {
+        "rows": copied["rows"],
+        "invariant": {k: str(v) if isinstance(v, int) else v for k, v in figures.items()},
+    }
+    counts = ", ".join(f"{n} {table}" for table, n in copied["rows"].items())
+    text = (
+        f"copied {counts}\nboth ledgers add up the same: minted {figures['minted']}, balances "
+        f"{figures['balances']}, locked {figures['locked']}, redeemed {figures['redeemed']}"
+    )
+    return Answer(result, text)
+
+
 # --- running them -------------------------------------------------------------------------
 
 
@@ -418,7 +445,13 @@ def _guarded(run: Callable[[], Answer]) -> Answer:
         return run()
     except LedgerError as e:
         raise _fail(f"ledger refused: {e.summary}") from None
-    except (_BadArgumentError, KeyFileError, LedgerOpenError, LedgerUnavailableError) as e:
+    except (
+        _BadArgumentError,
+        KeyFileError,
+        LedgerOpenError,
+        LedgerUnavailableError,
+        MigrateError,
+    ) as e:
         raise _fail(str(e)) from None
     except ValueError as e:  # a value the records or the ledger cannot take
         raise _fail(str(e)) from None
@@ -468,6 +501,13 @@ class _ReceiptsHandler(LedgerHandler):
         return 0
 
 
+def _migrate_handler(ns: argparse.Namespace) -> int:
+    if getattr(ns, "socket", None):
+        raise _fail("migrate copies between two ledgers it opens itself; it has no --socket")
+    _emit(ns, _guarded(lambda: cmd_migrate(ns)))
+    return 0
+
+
 def _keygen_handler(ns: argparse.Namespace) -> int:
     if getattr(ns, "socket", None):
         from cellvpn.cli.viasocket import KEYGEN_REFUSAL
@@ -499,7 +539,10 @@ def add_ledger_commands(subparsers: Any) -> None:
         "--ledger",
         metavar="URL",
         default=None,
-        help=f"sqlite:////absolute/path or sqlite:relative/path (default {DEFAULT_LEDGER_URL})",
+        help=(
+            "sqlite:////absolute/path, sqlite:relative/path or postgresql://user@host/db "
+            f"(default {DEFAULT_LEDGER_URL})"
+        ),
     )
     p.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=_SOCKET_HELP)
     actions = p.add_subparsers(dest="ledger_action", metavar="ACTION", required=True)
@@ -507,6 +550,15 @@ def add_ledger_commands(subparsers: Any) -> None:
     a = actions.add_parser("keygen", parents=[common], help="create a 0600 Ed25519 key file")
     a.add_argument("path", help="key file to create (never overwritten)")
     a.set_defaults(handler=_keygen_handler)
+
+    a = actions.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy every table into another, empty ledger and check both add up the same",
+    )
+    a.add_argument("--from", dest="source", required=True, metavar="URL", help="ledger to copy")
+    a.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty ledger")
+    a.set_defaults(handler=_migrate_handler)
 
     a = actions.add_parser("balance", parents=[common], help="an account's balance")
     a.add_argument("account", metavar="ACCOUNT", help="account id (64 hex digits) or key file")

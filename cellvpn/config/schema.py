@@ -592,16 +592,18 @@ TOKEN: Parser[str] = Parser(_token, "a ticker of 1 to 10 ASCII letters or digits
 
 
 def _ledger_url(text: str, base: Path) -> str:
-    if text.startswith("sqlite:////"):
+    if text.startswith(("sqlite:////", "postgresql://", "postgres://")):
         return text
     if text.startswith("sqlite:") and not text.startswith("sqlite:/") and len(text) > 7:
         return "sqlite:///" + str((base / text[7:]).resolve())
     raise ParseError
 
 
-#: Where the ledger is; a relative sqlite path starts at the config file's folder.
+#: Where the ledger is; a relative sqlite path starts at the config file's folder; a
+#: postgresql:// URL names a PostgreSQL database (libpq's URI syntax).
 LEDGER_URL: Parser[str] = Parser(
-    _ledger_url, "sqlite:////absolute/path or sqlite:path/relative/to/this/file"
+    _ledger_url,
+    "sqlite:////absolute/path, sqlite:path/relative/to/this/file or postgresql://user@host/db",
 )
 
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellvpn.billing.keys import KeyPair
 from cellvpn.billing.records import DepositClose, DepositRequest, SignedClose, SignedDeposit
 from cellvpn.billing.sqlite import SqliteLedger
+
+if TYPE_CHECKING:
+    from cellvpn.billing.postgres import PostgresLedger
+
+    #: a ledger of either backend, as the parametrised tests get it
+    AnyLedger = SqliteLedger | PostgresLedger
 from cellvpn.wire.receipt import Receipt, ReceiptInfo, Unit
 
 NOW = 1_800_000_000.0

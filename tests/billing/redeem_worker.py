@@ -1,6 +1,6 @@
-"""A process that redeems receipts against a shared ledger file (run by test_concurrency).
+"""A process that redeems receipts against a shared ledger (run by test_concurrency).
 
-    python -m tests.billing.redeem_worker LEDGER JOBS GO_FILE
+    python -m tests.billing.redeem_worker LEDGER_URL JOBS GO_FILE
 
 JOBS holds one JSON object per line: ``{"deposit", "provider", "receipt"}`` in hex. The worker
 says it is ready by creating GO_FILE.ready-PID, waits for GO_FILE to exist (so the workers
@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from cellvpn.billing.interfaces import LedgerError, LedgerUnavailableError
-from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.billing.sqlite import open_ledger
 from cellvpn.wire.receipt import Receipt
 
 
-def main(ledger_path: str, jobs_path: str, go_path: str) -> None:
-    ledger = SqliteLedger(ledger_path, create=False)
+def main(ledger_url: str, jobs_path: str, go_path: str) -> None:
+    ledger = open_ledger(ledger_url, create=False)
     jobs = [json.loads(line) for line in Path(jobs_path).read_text().splitlines()]
     go = Path(go_path)
     Path(f"{go_path}.ready-{os.getpid()}").touch()

@@ -1,9 +1,8 @@
-"""AsyncLedger: every call on one worker thread, never on the reactor's."""
+"""AsyncLedger: every call on one worker thread, never on the reactor's, on either backend."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from twisted.internet import task
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.interfaces import LedgerBusyError, LedgerError, LedgerUnavailableError
 from cellvpn.billing.records import Order, SignedOrder
-from cellvpn.billing.sqlite import SqliteLedger
+from cellvpn.billing.sqlite import SqliteLedger, open_ledger
 from cellvpn.wire.receipt import Unit
 from cellvpn.wire.service import ErrorCode
 
@@ -25,11 +24,22 @@ PROVIDER = key("provider")
 CLIENT = key("client")
 
 
-class ThreadRecordingLedger(SqliteLedger):
+def _open(url: str, mixin: type | None = None) -> Any:
+    """The ledger at ``url``, of its backend's class with ``mixin``'s behaviour added."""
+    probe = open_ledger(url)
+    if mixin is None:
+        return probe
+    probe.close()
+    base = type(probe)
+    cls = type(f"{mixin.__name__}On{base.__name__}", (mixin, base), {})
+    return cls(probe.path if isinstance(probe, SqliteLedger) else url)
+
+
+class ThreadRecordingLedger:
     """Notes the thread of every ledger call."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.threads: list[threading.Thread] = []
 
     def __getattribute__(self, name: str) -> Any:
@@ -48,9 +58,9 @@ class ThreadRecordingLedger(SqliteLedger):
 
 @pytest_twisted.ensureDeferred
 async def test_calls_run_in_order_on_one_thread_that_is_not_the_reactors(
-    tmp_path: Path, reactor: Any
+    ledger_url: str, reactor: Any
 ) -> None:
-    ledger = ThreadRecordingLedger(tmp_path / "ledger.db")
+    ledger = _open(ledger_url, ThreadRecordingLedger)
     aledger = AsyncLedger(ledger, reactor)
     assert await aledger.mint(CLIENT.account, 1000) == 1000
     row = await aledger.create_deposit(deposit(CLIENT, value=600), NOW)
@@ -73,9 +83,9 @@ async def test_calls_run_in_order_on_one_thread_that_is_not_the_reactors(
 
 @pytest_twisted.ensureDeferred
 async def test_refusals_arrive_as_failures_and_a_stopped_ledger_says_so(
-    tmp_path: Path, reactor: Any
+    ledger_url: str, reactor: Any
 ) -> None:
-    aledger = AsyncLedger(SqliteLedger(tmp_path / "ledger.db"), reactor)
+    aledger = AsyncLedger(_open(ledger_url), reactor)
     with pytest.raises(LedgerError) as info:
         await aledger.create_deposit(deposit(CLIENT), NOW)
     assert info.value.code == ErrorCode.TX_COND_NOT_ENOUGH
@@ -84,11 +94,11 @@ async def test_refusals_arrive_as_failures_and_a_stopped_ledger_says_so(
         await aledger.balance(CLIENT.account)
 
 
-class CountingLedger(SqliteLedger):
+class CountingLedger:
     """Counts the commits of redemptions."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.batches: list[int] = []
 
     def redeem_many(self, requests: Any) -> Any:
@@ -98,9 +108,9 @@ class CountingLedger(SqliteLedger):
 
 @pytest_twisted.ensureDeferred
 async def test_redemptions_waiting_together_share_a_commit_and_keep_their_order(
-    tmp_path: Path, reactor: Any
+    ledger_url: str, reactor: Any
 ) -> None:
-    ledger = CountingLedger(tmp_path / "ledger.db")
+    ledger = _open(ledger_url, CountingLedger)
     aledger = AsyncLedger(ledger, reactor)
     await aledger.mint(CLIENT.account, 10**6)
     row = await aledger.create_deposit(deposit(CLIENT, value=10**6), NOW)
@@ -126,11 +136,11 @@ async def test_redemptions_waiting_together_share_a_commit_and_keep_their_order(
     await aledger.close()
 
 
-class GatedLedger(SqliteLedger):
+class GatedLedger:
     """Holds the worker in its first ``balance`` call until ``gate`` is set; notes call order."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.gate = threading.Event()
         self.order: list[str] = []
 
@@ -146,12 +156,12 @@ class GatedLedger(SqliteLedger):
 
 @pytest_twisted.ensureDeferred
 async def test_a_full_queue_refuses_at_once_but_redemptions_go_in_and_go_first(
-    tmp_path: Path, reactor: Any
+    ledger_url: str, reactor: Any
 ) -> None:
     """1 MB of DEPOSIT_CREATEs once queued 4,000 ledger calls that real REQUESTs waited behind.
     Now calls past ``max_queue`` fail at once (a try-again error), and a redemption is never
     refused and overtakes the calls waiting."""
-    ledger = GatedLedger(tmp_path / "ledger.db")
+    ledger = _open(ledger_url, GatedLedger)
     aledger = AsyncLedger(ledger, reactor, max_queue=16)
     await aledger.mint(CLIENT.account, 10**6)
     row = await aledger.create_deposit(deposit(CLIENT, value=10**6), NOW)
@@ -176,11 +186,11 @@ async def test_a_full_queue_refuses_at_once_but_redemptions_go_in_and_go_first(
 
 @pytest_twisted.ensureDeferred
 async def test_a_mark_queued_behind_a_starting_servers_publish_survives_it(
-    tmp_path: Path, reactor: Any
+    ledger_url: str, reactor: Any
 ) -> None:
     """A session that arrives while the server is still starting keeps its in-use mark: the
     release of the earlier run's marks and the order go in as one job, before it."""
-    ledger = SqliteLedger(tmp_path / "ledger.db")
+    ledger = _open(ledger_url)
     ledger.mint(CLIENT.account, 2000)
     stale = ledger.create_deposit(deposit(CLIENT, value=600), NOW).id
     fresh = ledger.create_deposit(deposit(CLIENT, value=600, n=1), NOW).id

@@ -7,7 +7,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from zope.interface.verify import verifyObject
@@ -21,14 +21,18 @@ from cellvpn.wire.service import ErrorCode
 
 from .helpers import DAY, NOW, chain, close, deposit, key, receipt
 
+if TYPE_CHECKING:
+    from .helpers import AnyLedger
+
 PROVIDER = key("provider")
 CLIENT = key("client")
 STRANGER = key("stranger")
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[SqliteLedger]:
-    led = SqliteLedger(tmp_path / "ledger.db")
+def ledger(ledger_url: str) -> Iterator[AnyLedger]:
+    """A fresh ledger of each backend (SQLite, PostgreSQL): the same tests, the same answers."""
+    led = open_ledger(ledger_url)
     yield led
     ok, figures = led.check_invariant()
     assert ok, figures
@@ -36,7 +40,7 @@ def ledger(tmp_path: Path) -> Iterator[SqliteLedger]:
 
 
 @pytest.fixture
-def funded(ledger: SqliteLedger) -> tuple[SqliteLedger, bytes]:
+def funded(ledger: AnyLedger) -> tuple[AnyLedger, bytes]:
     """A ledger with the client holding 5000 and a deposit of 1000 (max 2 per second)."""
     ledger.mint(CLIENT.account, 5000, CLIENT.public)
     row = ledger.create_deposit(deposit(CLIENT, value=1000, max_unit_price=2), NOW)
@@ -48,7 +52,7 @@ def refused(code: ErrorCode) -> Any:
     return pytest.raises(LedgerError, check=lambda e: e.code == code)
 
 
-def test_it_provides_the_interface(ledger: SqliteLedger) -> None:
+def test_it_provides_the_interface(ledger: AnyLedger) -> None:
     assert verifyObject(ILedger, ledger)
 
 
@@ -65,7 +69,7 @@ def test_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     again.close()
 
 
-def test_happy_path_exact_balances(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_happy_path_exact_balances(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     assert ledger.balance(CLIENT.account) == 4000
     row = ledger.get_deposit(dep_id)
@@ -104,7 +108,7 @@ def test_happy_path_exact_balances(funded: tuple[SqliteLedger, bytes]) -> None:
     assert ok and figures["redeemed"] == 200 and figures["locked"] == 800
 
 
-def test_money_beyond_64_bits(ledger: SqliteLedger) -> None:
+def test_money_beyond_64_bits(ledger: AnyLedger) -> None:
     big = 10**40
     ledger.mint(CLIENT.account, 3 * big)
     row = ledger.create_deposit(deposit(CLIENT, value=2 * big, max_unit_price=big), NOW)
@@ -117,7 +121,7 @@ def test_money_beyond_64_bits(ledger: SqliteLedger) -> None:
 # --- deposits ------------------------------------------------------------------------------
 
 
-def test_deposit_refusals(ledger: SqliteLedger) -> None:
+def test_deposit_refusals(ledger: AnyLedger) -> None:
     with refused(ErrorCode.TX_COND_NOT_ENOUGH):  # never credited
         ledger.create_deposit(deposit(CLIENT), NOW)
     ledger.mint(CLIENT.account, 500)
@@ -145,7 +149,7 @@ def test_deposit_refusals(ledger: SqliteLedger) -> None:
     assert ledger.balance(CLIENT.account) == 0
 
 
-def test_close_returns_exactly_the_unspent_value(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_close_returns_exactly_the_unspent_value(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     for r in chain(PROVIDER, CLIENT, dep_id, 3, value=111):
         ledger.redeem(r, dep_id, PROVIDER.public, NOW)
@@ -160,7 +164,7 @@ def test_close_returns_exactly_the_unspent_value(funded: tuple[SqliteLedger, byt
         ledger.redeem(receipt(PROVIDER, CLIENT, row.state_hash), dep_id, PROVIDER.public, NOW)
 
 
-def test_close_refusals(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_close_refusals(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     with refused(ErrorCode.TX_COND_NOT_FOUND):
         ledger.close_deposit(close(CLIENT, bytes(32)), NOW)
@@ -177,7 +181,7 @@ def test_close_refusals(funded: tuple[SqliteLedger, bytes]) -> None:
     assert ledger.close_deposit(close(CLIENT, dep_id), NOW) == 1000
 
 
-def test_expired_deposit_can_only_be_closed(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_expired_deposit_can_only_be_closed(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     row = ledger.get_deposit(dep_id)
     assert row is not None
@@ -189,7 +193,7 @@ def test_expired_deposit_can_only_be_closed(funded: tuple[SqliteLedger, bytes]) 
     assert ledger.balance(CLIENT.account) == 5000
 
 
-def test_active_usage_is_compare_and_set(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_active_usage_is_compare_and_set(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     assert ledger.set_active_usage(dep_id, "srv-a:1")
     assert ledger.set_active_usage(dep_id, "srv-a:1")  # the same marker again
@@ -214,7 +218,7 @@ def _sigs(r: Receipt, *signers: KeyPair) -> Receipt:
     return Receipt(r.info, tuple(k.signature(data) for k in signers))
 
 
-def test_every_redeem_refusal_has_its_code(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_every_redeem_refusal_has_its_code(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     ok = receipt(PROVIDER, CLIENT, dep_id, value=100, units=60)
     info = ok.info
@@ -285,7 +289,7 @@ def test_every_redeem_refusal_has_its_code(funded: tuple[SqliteLedger, bytes]) -
 
 
 def test_value_equal_to_the_rest_is_paid_and_then_nothing_more(
-    funded: tuple[SqliteLedger, bytes],
+    funded: tuple[AnyLedger, bytes],
 ) -> None:
     ledger, dep_id = funded
     all_of_it = receipt(PROVIDER, CLIENT, dep_id, value=1000, units=500)
@@ -297,7 +301,7 @@ def test_value_equal_to_the_rest_is_paid_and_then_nothing_more(
     assert ledger.close_deposit(close(CLIENT, dep_id), NOW) == 0
 
 
-def test_a_replayed_receipt_changes_nothing(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_a_replayed_receipt_changes_nothing(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     first, second = chain(PROVIDER, CLIENT, dep_id, 2)
     ledger.redeem(first, dep_id, PROVIDER.public, NOW)
@@ -311,7 +315,7 @@ def test_a_replayed_receipt_changes_nothing(funded: tuple[SqliteLedger, bytes]) 
     assert ledger.balance(PROVIDER.account) == 120
 
 
-def test_a_forked_receipt_changes_nothing(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_a_forked_receipt_changes_nothing(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     one = receipt(PROVIDER, CLIENT, dep_id, value=60)
     other = receipt(PROVIDER, CLIENT, dep_id, value=59)  # same prev, different receipt
@@ -326,7 +330,7 @@ def test_a_forked_receipt_changes_nothing(funded: tuple[SqliteLedger, bytes]) ->
 
 
 def test_a_receipt_for_one_deposit_is_no_good_for_another(
-    funded: tuple[SqliteLedger, bytes],
+    funded: tuple[AnyLedger, bytes],
 ) -> None:
     ledger, dep_id = funded
     other = ledger.create_deposit(deposit(CLIENT, value=1000, n=1), NOW).id
@@ -339,7 +343,7 @@ def test_a_receipt_for_one_deposit_is_no_good_for_another(
 # --- orders, limits, bans, statistics --------------------------------------------------------
 
 
-def test_orders(ledger: SqliteLedger) -> None:
+def test_orders(ledger: AnyLedger) -> None:
     order = Order(Unit.SEC, 3600, 36, "KEL", PROVIDER.public, int(NOW) + DAY, 0x1234)
     signed = SignedOrder.sign(order, PROVIDER)
     assert ledger.put_order(signed) == order.hash
@@ -356,7 +360,7 @@ def test_orders(ledger: SqliteLedger) -> None:
         ledger.put_order(SignedOrder.sign(replace(order, srv_uid=3), PROVIDER))
 
 
-def test_limits_and_bans(ledger: SqliteLedger) -> None:
+def test_limits_and_bans(ledger: AnyLedger) -> None:
     p, c = PROVIDER.account, CLIENT.account
     assert ledger.load_limits(p, c) is None
     ledger.save_limits(p, c, 2**70, 59.5, NOW)
@@ -374,7 +378,7 @@ def test_limits_and_bans(ledger: SqliteLedger) -> None:
     assert ledger.banned_until(p, c, NOW) == NOW + 10
 
 
-def test_usage_report(ledger: SqliteLedger) -> None:
+def test_usage_report(ledger: AnyLedger) -> None:
     p, c, s = PROVIDER.account, CLIENT.account, STRANGER.account
     ledger.add_usage(p, c, "paid", 60, 1000, 120)
     ledger.add_usage(p, c, "paid", 30.5, 2**65, 2**70)
@@ -391,7 +395,7 @@ def test_usage_report(ledger: SqliteLedger) -> None:
     assert len(ledger.report(p)) == 2
 
 
-def test_mint_checks_its_arguments(ledger: SqliteLedger) -> None:
+def test_mint_checks_its_arguments(ledger: AnyLedger) -> None:
     with pytest.raises(ValueError, match="positive"):
         ledger.mint(CLIENT.account, 0)
     with pytest.raises(ValueError, match="not the account's"):
@@ -414,7 +418,7 @@ def test_open_ledger_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert (tmp_path / "rel" / "b.db").exists()
     relative.close()
     for bad in (
-        "postgresql://host/db",
+        "mysql://host/db",
         "sqlite:///relative.db",
         "sqlite:/x.db",
         "sqlite:",
@@ -440,7 +444,7 @@ def test_a_file_that_is_not_a_ledger(tmp_path: Path) -> None:
         SqliteLedger(tmp_path / "l.db")
 
 
-def test_redeem_many_takes_each_request_on_its_own(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_redeem_many_takes_each_request_on_its_own(funded: tuple[AnyLedger, bytes]) -> None:
     ledger, dep_id = funded
     first, second, third = chain(PROVIDER, CLIENT, dep_id, 3, value=100)
     greedy = receipt(PROVIDER, CLIENT, first.hash, value=10**6, units=1)
@@ -470,7 +474,7 @@ def test_redeem_many_takes_each_request_on_its_own(funded: tuple[SqliteLedger, b
     assert ledger.redeem_many([]) == []
 
 
-def test_bytes_no_signature_covers_are_refused(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_bytes_no_signature_covers_are_refused(funded: tuple[AnyLedger, bytes]) -> None:
     """Extensions or a non-zero hash_type change a receipt's hash without anyone's signature:
     the ledger refuses them, so a receipt's hash is always that of what both parties signed."""
     ledger, dep_id = funded
@@ -490,7 +494,7 @@ def test_bytes_no_signature_covers_are_refused(funded: tuple[SqliteLedger, bytes
     assert result.receipt_hash == good.hash
 
 
-def test_marks_are_leases(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_marks_are_leases(funded: tuple[AnyLedger, bytes]) -> None:
     """A live lease holds the deposit; once its server stops renewing it, another server may
     take it over and the owner may close it; an expired deposit closes whatever its mark."""
     ledger, dep_id = funded
@@ -520,7 +524,7 @@ def test_marks_are_leases(funded: tuple[SqliteLedger, bytes]) -> None:
     assert row is not None and row.active_usage is None and row.closed
 
 
-def test_an_expired_deposit_closes_whatever_its_mark(ledger: SqliteLedger) -> None:
+def test_an_expired_deposit_closes_whatever_its_mark(ledger: AnyLedger) -> None:
     ledger.mint(CLIENT.account, 5000, CLIENT.public)
     row = ledger.create_deposit(deposit(CLIENT, value=700, expires=int(NOW) + 100), NOW)
     assert ledger.set_active_usage(row.id, "p:a:1", until=NOW + 10_000, now=NOW)
@@ -547,7 +551,7 @@ def test_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
 
 
 def test_a_redemption_adds_its_units_to_the_saved_limits(
-    funded: tuple[SqliteLedger, bytes],
+    funded: tuple[AnyLedger, bytes],
 ) -> None:
     """In the redemption's own transaction: a server killed right after it resumes with the
     receipt's units. Saves are deltas, never below zero."""
@@ -565,7 +569,7 @@ def test_a_redemption_adds_its_units_to_the_saved_limits(
     assert limits is not None and (limits.bytes_left, limits.seconds_left) == (0, 0.0)
 
 
-def test_limits_are_kept_per_deposit(funded: tuple[SqliteLedger, bytes]) -> None:
+def test_limits_are_kept_per_deposit(funded: tuple[AnyLedger, bytes]) -> None:
     """Two deposits of one client with one provider: what one buys and uses never moves the
     other's; without a deposit the answer is the client's total."""
     ledger, first = funded
