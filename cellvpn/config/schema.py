@@ -750,6 +750,17 @@ class EdgeSection:
         10.0,
         "Seconds between log lines about one kind of refusal (the rest are counted).",
     )
+    session_lines_per_second: float = option(
+        number(0.1, 10000),
+        2.0,
+        "Log lines a second about sessions that never got service (established, ended), after"
+        " a burst of session_lines_burst; the rest are counted and said once per log_interval.",
+    )
+    session_lines_burst: int = option(
+        integer(1, 1_000_000),
+        100,
+        "Lines about sessions without service that may be written at once.",
+    )
 
     checks: ClassVar[tuple[Check, ...]] = (
         Check(

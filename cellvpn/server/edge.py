@@ -150,3 +150,43 @@ class Refusals:
 
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class LineBudget:
+    """Lines about sessions that never got service, at most ``rate`` a second after a burst.
+
+    Anyone who completes a TLS handshake gets a session, and each session says two lines
+    (established, ended): a flood of handshakes would otherwise write the log at its own rate.
+    Lines past the budget are counted and said as one line per ``interval`` through ``say``.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        clock: Callable[[], float],
+        interval: float,
+        say: Callable[[int], None],
+    ) -> None:
+        self._bucket = TokenBucket(rate, burst, clock())
+        self._clock = clock
+        self.interval = interval
+        self._say = say
+        #: lines not written, in all and since the last summary
+        self.skipped = 0
+        self._since = 0
+        self._said_at = float("-inf")
+
+    def allow(self) -> bool:
+        now = self._clock()
+        if self._bucket.take(now):
+            allowed = True
+        else:
+            allowed = False
+            self.skipped += 1
+            self._since += 1
+        if self._since and now - self._said_at >= self.interval:
+            self._said_at = now
+            since, self._since = self._since, 0
+            self._say(since)
+        return allowed

@@ -55,7 +55,7 @@ from cellvpn.net.netlink import Netlink
 from cellvpn.server.access import REGISTRY_FILE, AccessError, Enrollment
 from cellvpn.server.billing import ServerBilling
 from cellvpn.server.clients import ClientRegistry, RegistryError
-from cellvpn.server.edge import Admission, EdgeLimits, Refusal, Refusals
+from cellvpn.server.edge import Admission, EdgeLimits, LineBudget, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
 from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
@@ -182,6 +182,7 @@ class VPNServerService(MultiService):
             )
         )
         self.refusals = Refusals(self._say_refusal, reactor.seconds, edge.log_interval)
+        self.session_lines = self._session_lines(edge)
         #: enrolled clients: who is refused at setup, and the client_* control commands
         self.enrollment = Enrollment(None, ClientRegistry(), self._save_registry, reactor.seconds)
         self._registry_lock = DeferredLock()
@@ -534,6 +535,9 @@ class VPNServerService(MultiService):
                 edge.connect_burst,
             )
             self.refusals.interval = edge.log_interval
+            skipped = self.session_lines.skipped
+            self.session_lines = self._session_lines(edge)
+            self.session_lines.skipped = skipped
             self.stream_settings = replace(
                 self.stream_settings, alives_per_second=edge.alives_per_second
             )
@@ -581,6 +585,24 @@ class VPNServerService(MultiService):
         if session is not None:
             why = f"session {session.session_id or 0:#010x} with {session.peer}: {why}"
         self.refusals.count(kind, why)
+
+    def _session_lines(self, edge: EdgeSection) -> LineBudget:
+        return LineBudget(
+            edge.session_lines_per_second,
+            edge.session_lines_burst,
+            self.reactor.seconds,
+            edge.log_interval,
+            self._say_skipped_lines,
+        )
+
+    def _say_skipped_lines(self, since: int) -> None:
+        self.log.warn(
+            "{since} line(s) about sessions that never got service not written (more than"
+            " {rate:g} a second; {total} in all)",
+            since=since,
+            rate=self.config.edge.session_lines_per_second,
+            total=self.session_lines.skipped,
+        )
 
     def _say_refusal(self, kind: Refusal, since: int, example: str) -> None:
         self.log.warn(

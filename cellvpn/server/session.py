@@ -77,6 +77,8 @@ class ServerSession:
         self.passing = False
         #: a REQUEST came on this session (there is one per session)
         self.requested = False
+        #: the service was granted at some point: its end is always logged
+        self.served = False
         #: traffic waits (both ways) for the ledger: credit used up, or grace bytes spent
         self.held = False
         #: VPN_SEND packets of the current read, forwarded together at its end
@@ -200,6 +202,8 @@ class ServerSession:
         server.sessions.add(sid, self)
         self.established_at = time.time()
         self._request_deadline()
+        if not server.session_lines.allow():
+            return
         self.log.info(
             "session {sid} with {peer}{client} established (channels {channels}, "
             "capabilities {caps})",
@@ -251,6 +255,8 @@ class ServerSession:
                 self.server.refusal(kind, None, text)
             return
         self.server.session_ended(self)
+        if not self.served and not self.server.session_lines.allow():
+            return
         self.log.info(
             "session {sid} with {peer} ended: {why}",
             sid=f"{self.session_id:#010x}",
@@ -399,6 +405,7 @@ class ServerSession:
     def grant(self, how: UsageInput) -> None:
         """Activate the usage and tell the client (SUCCESS)."""
         self.usage.fire(how)
+        self.served = True
         self.send_service(PacketType.SUCCESS, Success(self.usage_id).encode())
         self.log.info(
             "session {sid}: service granted ({state}), usage {usage}",

@@ -19,7 +19,7 @@ from zope.interface import directlyProvides
 from cellvpn.billing.records import DepositRequest, SignedDeposit
 from cellvpn.conn.flow import MIN_CHUNK, chunk_size
 from cellvpn.ratelimit import TokenBucket
-from cellvpn.server.edge import Admission, EdgeLimits, Refusal, Refusals
+from cellvpn.server.edge import Admission, EdgeLimits, LineBudget, Refusal, Refusals
 from cellvpn.server.service import _StreamFactory
 from cellvpn.stream.connection import Closed, Role, StreamConnection, StreamSettings
 from cellvpn.wire import vpn
@@ -346,3 +346,40 @@ def test_a_peer_that_goes_on_sending_after_our_close_is_cut_off(tmp_path: Path) 
     for _ in range(16):
         c.proto.dataReceived(b"x" * 65536)
     assert getattr(transport, "aborted", False)
+
+
+def test_the_line_budget_writes_a_burst_then_its_rate_and_says_what_it_skipped() -> None:
+    """2 lines a second after a burst of 3; what is over is counted and said once per 10 s."""
+    now = [0.0]
+    said: list[tuple[float, int]] = []
+    budget = LineBudget(2.0, 3, lambda: now[0], 10.0, lambda n: said.append((now[0], n)))
+    assert [budget.allow() for _ in range(5)] == [True, True, True, False, False]
+    assert said == [(0.0, 1)] and budget.skipped == 2  # the first skip is said at once
+    now[0] = 1.0  # two more lines of rate
+    assert [budget.allow() for _ in range(3)] == [True, True, False]
+    assert said == [(0.0, 1)] and budget.skipped == 3
+    now[0] = 10.0
+    assert budget.allow() is True
+    assert said == [(0.0, 1), (10.0, 2)]  # the two skipped since the last summary
+    now[0] = 30.0
+    assert budget.allow() is True and said == [(0.0, 1), (10.0, 2)]  # nothing new to say
+
+
+def test_sessions_without_service_write_lines_within_the_budget(tmp_path: Path) -> None:
+    """Forty sessions that never ask for service: the burst (5) of lines and one summary,
+    not eighty lines; a session that got service still says that it ended."""
+    server, clock, _written = make_server(
+        tmp_path, **{"edge.session_lines_per_second": "0.1", "edge.session_lines_burst": "5"}
+    )
+    with capturedLogs() as events:
+        for _ in range(40):
+            Client(server, clock).lose()
+        served = Client(server, clock)
+        served.request()
+        served.lose()
+    lines = [formatEvent(e) for e in events]
+    session_lines = [ln for ln in lines if " established " in ln or " ended: " in ln]
+    assert len([ln for ln in session_lines if " ended: " in ln]) >= 1
+    assert len(session_lines) == 5 + 1, session_lines  # the burst, and the served one's end
+    assert server.session_lines.skipped == 40 * 2 + 1 - 5
+    assert any("not written (more than 0.1 a second" in ln for ln in lines)
