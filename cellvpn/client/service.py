@@ -20,7 +20,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +35,7 @@ from cellvpn.client.check import (
     check_parameters,
 )
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
+from cellvpn.client.metrics import listen_client_metrics
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
 from cellvpn.client.socks import SocksService
 from cellvpn.client.stream import ClientStream
@@ -144,6 +145,8 @@ class VPNClientService(MultiService):
         self.dropped_not_connected = 0
         self._keep_trying = False
         self._retry: IDelayedCall | None = None
+        #: ``[metrics] listen``, when it names an endpoint
+        self.metrics_port: IListeningPort | None = None
         self._start_waiters: list[defer.Deferred[int]] = []
         self._tls: Any = None
         self._busy: defer.Deferred[Any] | None = None
@@ -183,6 +186,7 @@ class VPNClientService(MultiService):
     def privilegedStartService(self) -> None:
         if self._billing_error is not None:
             raise StartupError(f"[wallet]: {self._billing_error}")
+        self.metrics_port = listen_client_metrics(self.reactor, self.config.metrics.listen, self)
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -203,6 +207,9 @@ class VPNClientService(MultiService):
     def stopService(self) -> Any:
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: self._shutdown())
+        if self.metrics_port is not None:
+            port, self.metrics_port = self.metrics_port, None
+            d.addBoth(lambda _: port.stopListening())
         return d
 
     def _unexpected(self, failure: Failure, what: str) -> None:

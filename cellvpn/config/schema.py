@@ -805,6 +805,7 @@ class ClientConfig:
     client: ClientSection = field(default_factory=ClientSection)
     control: ClientControlSection = field(default_factory=ClientControlSection)
     wallet: WalletSection = field(default_factory=WalletSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     warnings: tuple[str, ...] = ()
 
 
