@@ -306,9 +306,20 @@ class ClientTunnel:
             await self._close()
             await deferToThread(self.journal.clear)
 
+    @property
+    def state(self) -> str:
+        """What the TUN is now, for the status: absent, open (no address yet), up, or up with
+        the tunnel routes removed (the link is lost and there is no kill switch)."""
+        if self.port is None:
+            return "absent"
+        if self.address is None:
+            return "open"
+        return "up" if self.tunnel_routes_up else "up, tunnel routes removed"
+
     def describe(self) -> dict[str, Any]:
         return {
             "tun": self.name,
+            "tun_state": self.state,
             "address": str(self.address) if self.address else None,
             "gateway": str(self.gateway) if self.gateway else None,
             "mtu": self.mtu,

@@ -144,7 +144,12 @@ def client_status(status: Mapping[str, Any]) -> str:
         ("server", status.get("server")),
         ("address", status.get("address")),
         ("gateway", status.get("gateway")),
-        ("tun", status.get("tun")),
+        (
+            "tun",
+            f"{status['tun']} ({status['tun_state']})"
+            if status.get("tun_state")
+            else status.get("tun"),
+        ),
         ("session id", f"{status['session_id']:#010x}" if status.get("session_id") else None),
         ("reason", status.get("last_error")),
         ("warning", status.get("warning")),

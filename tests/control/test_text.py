@@ -86,6 +86,20 @@ def test_client_status_text() -> None:
     assert text.splitlines() == ["VPN client lost connection", "server: 192.0.2.1:8089"]
 
 
+def test_client_status_names_the_tuns_state() -> None:
+    text = client_status(
+        {
+            "text": "VPN client lost connection",
+            "tun": "cvpn-cli",
+            "tun_state": "up, tunnel routes removed",
+        }
+    )
+    assert text.splitlines() == [
+        "VPN client lost connection",
+        "tun: cvpn-cli (up, tunnel routes removed)",
+    ]
+
+
 def test_the_average_rate_is_in_kib_per_second() -> None:
     """Bytes both ways over the session's length, in KiB (1024 bytes) per second."""
     session = {

@@ -63,11 +63,13 @@ def test_without_kill_switch_tunnel_routes_go_while_disconnected(
     server.stop()
     wait_for(lambda: status(lab, cli)["status"] == "CONN_LOST", timeout=15, what="CONN_LOST")
     wait_for(lambda: "0.0.0.0/1" not in cli.ip("-4", "route").stdout, timeout=10, what="routes")
+    assert status(lab, cli)["tun_state"] == "up, tunnel routes removed"
     assert ping(cli, "192.0.2.1", count=1)  # the underlay itself still works
     lab.server = Twistd(lab.srv, "cellvpn", tmp_path / "server.cfg", tmp_path / "server2.log")
     lab.server.wait_log(r"TUN cvpn-srv up")
     wait_for(lambda: status(lab, cli)["status"] == "STARTED", timeout=90, what="reconnect")
     assert "0.0.0.0/1 dev cvpn-cli" in cli.ip("-4", "route").stdout
+    assert status(lab, cli)["tun_state"] == "up"
     assert ping(cli, "198.18.5.1")
 
 
