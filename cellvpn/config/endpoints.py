@@ -190,6 +190,14 @@ class ServerEndpoint:
         return None if interface in _WILDCARDS else interface
 
 
+def plugin_endpoint_types() -> frozenset[str]:
+    """The prefixes of the server endpoint plugins installed (``twisted.plugins``)."""
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    return frozenset(p.prefix for p in getPlugins(IStreamServerEndpointStringParser))
+
+
 def parse_server_endpoint(description: str, *, tls: bool = True) -> ServerEndpoint:
     """Check an endpoint string like ``serverFromString`` would, without a reactor.
 
@@ -198,10 +206,17 @@ def parse_server_endpoint(description: str, *, tls: bool = True) -> ServerEndpoi
     """
     args, kwargs = tokenize(description)
     name = args[0] if args else ""
-    if name == "ssl" and not tls:
-        raise ParseError("ssl is not allowed here: cellvpn adds TLS itself")
+    if name in ("ssl", "tls") and not tls:
+        raise ParseError(f"{name} is not allowed here: cellvpn adds TLS itself")
+    if name == "haproxy":
+        # the PROXY protocol in front of another endpoint, which is checked as such
+        inner = parse_server_endpoint(description.partition(":")[2], tls=tls)
+        return ServerEndpoint(name, inner.params)
     kind = _TYPES.get(name)
     if kind is None:
+        if name and name in plugin_endpoint_types():
+            # an installed endpoint plugin: Twisted checks its arguments when it listens
+            return ServerEndpoint(name, {})
         raise ParseError(f"unknown endpoint type {name!r}")
     positional = args[1:]
     if len(positional) > len(kind.params):

@@ -27,6 +27,9 @@ GOOD = [
     "systemd:domain=INET:index=0",
     "systemd:domain=INET6:name=cellvpn",
     "systemd:domain=UNIX:index=3",
+    # the PROXY protocol in front of a TCP listener, and another installed endpoint plugin
+    "haproxy:tcp:8089:interface=192.0.2.1",
+    "stdio:",
 ]
 
 BAD = [
@@ -34,6 +37,8 @@ BAD = [
     ("8089", "unknown endpoint type '8089'"),
     ("TCP:8089", "unknown endpoint type 'TCP'"),
     ("udp:53", "unknown endpoint type 'udp'"),
+    ("haproxy:tcp:99999", "port '99999' is not"),
+    ("haproxy:udp:53", "unknown endpoint type 'udp'"),
     ("tcp", "tcp needs port"),
     ("tcp:", "port '' is not"),
     ("tcp:99999", "port '99999' is not"),
@@ -104,3 +109,11 @@ def test_tokenizer_agrees_with_twisted(text: str) -> None:
     """The tokenizer splits strings exactly as Twisted's strports parser does."""
     args, kwargs = _parse(text)  # type: ignore[no-untyped-call]
     assert tokenize(text) == (args, kwargs)
+
+
+def test_haproxy_in_front_names_the_address_of_its_listener() -> None:
+    assert parse_server_endpoint("haproxy:tcp:8089:interface=192.0.2.1").address == "192.0.2.1"
+    with pytest.raises(ParseError, match="ssl is not allowed here"):
+        parse_server_endpoint("haproxy:ssl:8089:privateKey=k.pem", tls=False)
+    with pytest.raises(ParseError, match="tls is not allowed here"):
+        parse_server_endpoint("tls:8089", tls=False)
