@@ -30,33 +30,24 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cellvpn.billing.keys import KeyPair
-from cellvpn.billing.records import DepositRequest, SignedDeposit
 from cellvpn.billing.sqlite import open_ledger
-from cellvpn.wire.receipt import Receipt, ReceiptInfo, Unit
+from cellvpn.wire.receipt import Receipt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from redeem_bench import prepare as prepare_receipts
 
 NOW = time.time()
 
 
 def prepare(url: str, provider: KeyPair, deposits: int, count: int) -> list[tuple[bytes, bytes]]:
-    """``deposits`` funded deposits and ``count`` receipts over them, interleaved, encoded."""
+    """``deposits`` funded deposits and ``count`` receipts over them, interleaved, encoded
+    (the receipts ``redeem_bench.py`` makes, written into the ledger at ``url``)."""
     ledger = open_ledger(url)
-    chains: list[list[tuple[bytes, bytes]]] = []
-    per_chain = -(-count // deposits)
-    for _ in range(deposits):
-        client = KeyPair.generate()
-        ledger.mint(client.account, 10**12)
-        request = DepositRequest(client.public, Unit.SEC, 10, 10**12, int(NOW) + 86400, bytes(16))
-        dep_id = ledger.create_deposit(SignedDeposit.sign(request, client), NOW).id
-        prev, chain = dep_id, []
-        for i in range(per_chain):
-            info = ReceiptInfo(1, Unit.SEC, 60, 600, prev, addition=i)
-            data = info.encode()
-            r = Receipt(info, (provider.signature(data), client.signature(data)))
-            chain.append((r.encode(), dep_id))
-            prev = r.hash
-        chains.append(chain)
-    ledger.close()
-    return [job for group in zip(*chains, strict=True) for job in group][:count]
+    try:
+        jobs = prepare_receipts(ledger, provider, deposits, count)
+    finally:
+        ledger.close()
+    return [(receipt.encode(), dep_id) for receipt, dep_id in jobs]
 
 
 def worker(

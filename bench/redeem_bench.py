@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellvpn.billing.interfaces import RedeemRequest
+from cellvpn.billing.interfaces import ILedger, RedeemRequest
 from cellvpn.billing.keys import KeyPair
 from cellvpn.billing.records import DepositRequest, SignedDeposit
 from cellvpn.billing.sqlite import SqliteLedger
@@ -31,7 +31,7 @@ NOW = time.time()
 
 
 def prepare(
-    ledger: SqliteLedger, provider: KeyPair, deposits: int, count: int
+    ledger: ILedger, provider: KeyPair, deposits: int, count: int
 ) -> list[tuple[Receipt, bytes]]:
     """``deposits`` funded deposits and ``count`` receipts over them, in redeemable order."""
     chains: list[list[tuple[Receipt, bytes]]] = []
