@@ -134,11 +134,10 @@ def test_a_full_disk_refuses_new_payers_and_keeps_running_ones(netns: Any, tmp_p
 
 def test_a_read_only_ledger_stops_the_start_with_one_line(tmp_path: Path) -> None:
     """A ledger on a read-only file system: the server does not start, and says why in one
-    line (no traceback); the ledger file is untouched."""
+    line (no traceback)."""
     require_root("mounting a file system")
     with small_disk(tmp_path / "ro", "4m") as ro:
         SqliteLedger(ro / "ledger.db").close()
-        before = (ro / "ledger.db").read_bytes()
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
         cfg = tmp_path / "s.cfg"
         cfg.write_text(
@@ -162,4 +161,3 @@ def test_a_read_only_ledger_stops_the_start_with_one_line(tmp_path: Path) -> Non
             f"cellvpn cannot start: cannot open ledger {ro / 'ledger.db'}: unable to open "
             "database file (the file system is read-only; the ledger must be written)"
         ), line
-        assert (ro / "ledger.db").read_bytes() == before
