@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 
-from cellvpn.conn.protocol import StreamProtocol
+from cellvpn.conn.protocol import StreamApplication, StreamProtocol
 from cellvpn.conn.tls import client_tls
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.wire import vpn
@@ -27,7 +27,7 @@ from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.service import PacketType, Request
 
 
-class Session:
+class Session(StreamApplication):
     """A minimal client application: grant, then one address."""
 
     def __init__(self) -> None:

@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from cellvpn.conn.protocol import StreamProtocol
+from cellvpn.conn.protocol import StreamApplication, StreamProtocol
 from cellvpn.server.check import MAX_CHECK_DATA
 from cellvpn.stream.connection import Closed, Established, HelloReceived
 from cellvpn.wire.channel import CHANNEL_R
@@ -120,7 +120,7 @@ def figures(
     )
 
 
-class CheckStream:
+class CheckStream(StreamApplication):
     """The stream application of one check: start the session, send CHECK_REQUEST once it is
     established, fire ``done`` with ``(code, facts)`` at the answer, the loss, or the deadline."""
 

@@ -14,7 +14,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cellvpn.conn.protocol import StreamProtocol
+from cellvpn.conn.protocol import StreamApplication, StreamProtocol
 from cellvpn.conn.tls import TLSVerificationError, describe_tls_failure
 from cellvpn.device import vnet
 from cellvpn.stream import caps
@@ -89,7 +89,7 @@ class StreamOwner(Protocol):
     def proxy_packet(self, stream: ClientStream, packet: vpn.VpnPacket) -> None: ...
 
 
-class ClientStream:
+class ClientStream(StreamApplication):
     """The application on one client stream."""
 
     log = Logger()

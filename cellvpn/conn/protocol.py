@@ -80,6 +80,21 @@ class StreamApplication(TypingProtocol):
 
     def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None: ...
 
+    # The hooks below have defaults: an application that subclasses this class explicitly
+    # overrides only those it needs.
+
+    def handshake_completed(self, proto: StreamProtocol) -> None:
+        """TLS finished its handshake (the peer's certificate can be read now)."""
+        return None
+
+    def input_done(self) -> None:
+        """One read was fed to the connection: whatever it brought can be written as a batch."""
+        return None
+
+    def output_overflow(self, proto: StreamProtocol, backlog: int) -> None:
+        """The stream is about to be cut for holding ``backlog`` unsent bytes."""
+        return None
+
 
 def peer_name(transport: object) -> str:
     """``host:port`` of the remote end, for log lines."""
@@ -143,8 +158,8 @@ class StreamProtocol(Protocol):
         self._ticker: LoopingCall | None = None
         self._abort_call: IDelayedCall | None = None
         self.lost = False
-        #: the application's hook after each read (batches what the read brought), if any
-        self._input_done: Callable[[], object] | None = getattr(app, "input_done", None)
+        #: the application's hook after each read (batches what the read brought)
+        self._input_done: Callable[[], object] = app.input_done
         self.paused = False
         #: how often the transport was full (for the status)
         self.pauses = 0
@@ -189,9 +204,7 @@ class StreamProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
-        done = getattr(self.app, "handshake_completed", None)
-        if done is not None:
-            done(self)
+        self.app.handshake_completed(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._abort_call is not None:
@@ -202,8 +215,7 @@ class StreamProtocol(Protocol):
                 self.lost_cause()
             return
         events = self.conn.receive_data(data)
-        if self._input_done is not None:
-            self._input_done()
+        self._input_done()
         if events:
             self._dispatch(events)
         self.flush()
@@ -230,9 +242,7 @@ class StreamProtocol(Protocol):
     def _over_high(self, backlog: int, bounds: OutputBounds) -> None:
         if backlog > bounds.output_limit and not self.overflowed:
             self.overflowed = True
-            over = getattr(self.app, "output_overflow", None)
-            if over is not None:
-                over(self, backlog)
+            self.app.output_overflow(self, backlog)
             self.lost_cause()
         elif "output" not in self._read_holds:
             # the transport paused us already (its buffer is past WRITE_BUFFER); it resumes

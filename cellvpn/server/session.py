@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cellvpn.conn.protocol import StreamProtocol
+from cellvpn.conn.protocol import StreamApplication, StreamProtocol
 from cellvpn.conn.tls import (
     client_certificate_problem,
     describe_tls_failure,
@@ -51,7 +51,7 @@ _OP_VPN_SEND_GSO = vpn.OpCode.VPN_SEND_GSO
 _PKT_DATA = vpn.PKT_TYPE_DATA
 
 
-class ServerSession:
+class ServerSession(StreamApplication):
     """The server side of one stream."""
 
     log = Logger()

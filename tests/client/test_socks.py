@@ -19,7 +19,7 @@ from cellvpn.client.socks5 import Reply, reply
 from cellvpn.client.stream import ClientStream
 from cellvpn.config import load_client_config
 from cellvpn.conn.flow import CHUNK
-from cellvpn.conn.protocol import StreamProtocol
+from cellvpn.conn.protocol import StreamApplication, StreamProtocol
 from cellvpn.stream.connection import HelloReceived, Role, StreamConnection, StreamSettings
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.service import PacketType, Success
@@ -30,7 +30,7 @@ CONNECT_NET_HOST = b"\x05\x01\x00\x01\xc6\x13\x00\x0a\x00\x50"  # 198.19.0.10:80
 CONNECT_NAME = b"\x05\x01\x00\x03\x08far.test\x01\xbb"  # far.test:443
 
 
-class _NoApp:
+class _NoApp(StreamApplication):
     def stream_connected(self, proto: Any) -> None: ...
 
 
@@ -41,7 +41,7 @@ class FakeStream:
         self.usage_id = 5
         self.sent: list[VpnPacket] = []
         conn = StreamConnection(Role.CLIENT, StreamSettings())
-        self.proto = StreamProtocol(conn, _NoApp(), clock)  # type: ignore[arg-type]
+        self.proto = StreamProtocol(conn, _NoApp(), clock)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 
