@@ -39,13 +39,8 @@ from cellvpn.net.routepolicy import (
     check_route,
 )
 from cellvpn.tun.device import (
-    TUN_F_CSUM,
-    TUN_F_TSO4,
-    TUN_F_TSO6,
-    TunError,
     get_iff,
-    open_tun,
-    set_offload,
+    open_tun_offloaded,
 )
 from cellvpn.tun.port import TunPort
 from cellvpn.wire.vpn import AddrReply
@@ -200,18 +195,9 @@ class ClientTunnel:
         )
 
     async def _open(self, offload: bool) -> None:
-        handle = None
-        if offload:
-            try:
-                handle = open_tun(self.wanted_name, vnet_hdr=True)
-                set_offload(handle.fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-            except TunError as e:
-                if handle is not None:
-                    handle.close()
-                    handle = None
-                self.log.info("no large-packet offload on this TUN: {why}", why=str(e))
-        if handle is None:
-            handle = open_tun(self.wanted_name)
+        handle, why_not = open_tun_offloaded(self.wanted_name, offload=offload)
+        if why_not:
+            self.log.info("no large-packet offload on this TUN: {why}", why=why_not)
         self.vnet = handle.vnet_hdr
         try:
             created = not get_iff(handle.fd)[1] & _IFF_PERSIST

@@ -66,7 +66,7 @@ from cellvpn.server.session import ServerSession
 from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
-from cellvpn.tun.device import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunError, open_tun, set_offload
+from cellvpn.tun.device import TunError, open_tun_offloaded
 from cellvpn.tun.port import TunPort
 from cellvpn.wire import vpn
 from cellvpn.wire.setup import CloseCode
@@ -358,24 +358,17 @@ class VPNServerService(MultiService):
 
     def _open_tun(self) -> None:
         v = self.config.srv_vpn
-        handle = None
-        if v.offload is not Offload.OFF:
-            try:
-                handle = open_tun(v.tun_name, vnet_hdr=True)
-                set_offload(handle.fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-            except TunError as e:
-                if handle is not None:
-                    handle.close()
-                    handle = None
-                if v.offload is Offload.ON:
-                    raise StartupError(f"offload = on, but the TUN cannot do it: {e}") from None
-                self.log.info("no large-packet offload on this TUN: {why}", why=str(e))
-        if handle is None:
-            try:
-                handle = open_tun(v.tun_name)
-            except TunError as e:
-                raise StartupError(str(e)) from None
-        else:
+        try:
+            handle, why_not = open_tun_offloaded(
+                v.tun_name, offload=v.offload is not Offload.OFF, required=v.offload is Offload.ON
+            )
+        except TunError as e:
+            if v.offload is Offload.ON:
+                raise StartupError(f"offload = on, but the TUN cannot do it: {e}") from None
+            raise StartupError(str(e)) from None
+        if why_not:
+            self.log.info("no large-packet offload on this TUN: {why}", why=why_not)
+        if handle.vnet_hdr:
             self.offload = True
             self.stream_settings = replace(self.stream_settings, caps=caps.KNOWN)
         self.tun_name = handle.name

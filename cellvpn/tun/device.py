@@ -241,3 +241,31 @@ def set_queue_enabled(fd: int, enabled: bool) -> None:
     except OSError as e:
         verb = "attach" if enabled else "detach"
         raise TunError(f"cannot {verb} the TUN queue: {e.strerror}") from None
+
+
+#: the offloads cellvpn's data path handles: checksums left to the receiver, TCP super-packets
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+
+
+def open_tun_offloaded(
+    name: str | None, *, offload: bool, required: bool = False
+) -> tuple[TunHandle, str]:
+    """Open ``name`` with large-packet offload when ``offload`` asks for it, else plain.
+
+    Returns the handle (its ``vnet_hdr`` says which it got) and, when offload was asked for and
+    the TUN cannot do it, why not (empty otherwise). With ``required`` that is an error instead.
+    """
+    if offload:
+        handle = None
+        try:
+            handle = open_tun(name, vnet_hdr=True)
+            set_offload(handle.fd, OFFLOADS)
+            return handle, ""
+        except TunError as e:
+            if handle is not None:
+                handle.close()
+            if required:
+                raise
+            why = str(e)
+        return open_tun(name), why
+    return open_tun(name), ""

@@ -22,6 +22,7 @@ from cellvpn.tun.device import (
     get_iff,
     open_queue,
     open_tun,
+    open_tun_offloaded,
     set_offload,
     set_queue_enabled,
 )
@@ -152,3 +153,32 @@ def test_vnet_hdr_and_offloads(netns: Any) -> None:
         assert "vnet_hdr on" in ns.ip("-d", "link", "show", "cvpn0").stdout
         with pytest.raises(TunError, match="TSO needs TUN_F_CSUM"):
             set_offload(h.fd, TUN_F_TSO4)
+
+
+@pytest.mark.netns
+def test_open_with_offload_falls_back_to_plain_and_says_why(
+    netns: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = netns("tun")
+    with inside(ns.name):
+        offloaded, why = open_tun_offloaded("cvpn0", offload=True)
+    with offloaded:
+        assert offloaded.vnet_hdr and why == ""
+        assert "vnet_hdr on" in ns.ip("-d", "link", "show", "cvpn0").stdout
+    with inside(ns.name):
+        plain, why = open_tun_offloaded("cvpn1", offload=False)
+    with plain:
+        assert not plain.vnet_hdr and why == ""
+
+    def refused(fd: int, flags: int) -> None:
+        raise TunError("cannot set TUN offloads 0x7: Invalid argument")
+
+    monkeypatch.setattr("cellvpn.tun.device.set_offload", refused)
+    with inside(ns.name):
+        fallback, why = open_tun_offloaded("cvpn2", offload=True)
+    with fallback:
+        assert not fallback.vnet_hdr
+        assert why == "cannot set TUN offloads 0x7: Invalid argument"
+        assert not get_iff(fallback.fd)[1] & IFF_VNET_HDR
+    with inside(ns.name), pytest.raises(TunError, match="Invalid argument"):
+        open_tun_offloaded("cvpn3", offload=True, required=True)
