@@ -31,9 +31,13 @@ from cellvpn.client.billing import ClientBilling
 from cellvpn.client.check import (
     CHECK_BAD_PARAMETERS,
     CHECK_TIMEOUT,
+    DEFAULT_PROBES,
+    DEFAULT_RECV,
+    DEFAULT_SEND,
     CheckStream,
     check_parameters,
 )
+from cellvpn.client.checkbook import CheckBook, configured_servers, result_rows, server_text
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
 from cellvpn.client.metrics import listen_client_metrics
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
@@ -59,7 +63,6 @@ from cellvpn.hooks import (
     process_path,
 )
 from cellvpn.net.netlink import NetConfigError
-from cellvpn.server.check import MAX_CHECK_DATA
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.tun.device import TunError
@@ -172,6 +175,10 @@ class VPNClientService(MultiService):
             self.socks = SocksService(c.socks, self, reactor)
             self.socks.setServiceParent(self)
         self.control = ControlService(config.control.socket, self, reactor)
+        #: the checks running, by the token their caller polls them with
+        self.checks_running: dict[str, CheckStream] = {}
+        #: the last check of each server, kept in state_dir
+        self.check_book = CheckBook(c.state_dir, reactor)
         self.control.setServiceParent(self)
         #: runs the up and down hooks, one at a time and in order
         self.hooks = HookRunner(reactor, reactor, c.hook_timeout, max_running=1, max_queued=16)
@@ -407,11 +414,19 @@ class VPNClientService(MultiService):
         return self.stop().addCallback(self._answer)
 
     def control_vpn_client_check(
-        self, addr: str, port: int, size: int = MAX_CHECK_DATA, timeout: float = CHECK_TIMEOUT
+        self,
+        addr: str,
+        port: int,
+        send: int = DEFAULT_SEND,
+        recv: int = DEFAULT_RECV,
+        timeout: float = CHECK_TIMEOUT,
+        probes: int = DEFAULT_PROBES,
+        token: str | None = None,
     ) -> defer.Deferred[dict[str, Any]]:
-        """``vpn_client check``: CHECK_REQUEST/CHECK_RESPONSE to ``addr:port`` on a stream of
-        its own (the tunnel, if up, is not touched); ``code`` as the original's."""
-        why = check_parameters(addr, port, size, timeout)
+        """``vpn_client check``: round trips, upload and download to ``addr:port`` on a stream
+        of its own (the tunnel, if up, is not touched); ``code`` as the original's. ``token``
+        names the check for ``vpn_client_check_progress`` while it runs."""
+        why = check_parameters(addr, port, send, recv, timeout, probes)
         tls = None
         if why is None:
             try:
@@ -421,7 +436,7 @@ class VPNClientService(MultiService):
         if why is not None or tls is None:
             return defer.succeed({"code": CHECK_BAD_PARAMETERS, "reason": why})
         host = addr.strip()
-        check = CheckStream(self.reactor, size, float(timeout))
+        check = CheckStream(self.reactor, send, recv, float(timeout), probes)
         c = self.config.client
 
         def build() -> Protocol:
@@ -436,19 +451,43 @@ class VPNClientService(MultiService):
         tcp = HostnameEndpoint(self.reactor, host, port, timeout=min(timeout, CONNECT_TIMEOUT))
         d = tcp.connect(bulk_tls_factory(tls, True, _Factory(build)))
         d.addErrback(lambda f: check.failed_to_connect(f.getErrorMessage()))
-        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        server = server_text(host, port)
+        if token is not None:
+            self.checks_running[str(token)] = check
 
-        def answer(outcome: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+        async def answer(outcome: tuple[int, dict[str, Any]]) -> dict[str, Any]:
             code, facts = outcome
+            if token is not None:
+                self.checks_running.pop(str(token), None)
             self.log.info(
                 "check of {server}: {text}{why}",
                 server=server,
                 text=CHECK_TEXT[code],
                 why=f" ({facts['reason']})" if facts.get("reason") else "",
             )
-            return {"code": code, "server": server, **facts}
+            at = self.reactor.seconds()
+            result = {"code": code, "server": server, "checked_at": at, **facts}
+            try:
+                await self.check_book.record(server, result, at)
+            except OSError as e:
+                self.log.warn("cannot keep the check of {server}: {why}", server=server, why=e)
+            return result
 
-        return check.done.addCallback(answer)
+        return check.done.addCallback(lambda o: defer.Deferred.fromCoroutine(answer(o)))
+
+    def control_vpn_client_check_progress(self, token: str) -> dict[str, Any] | None:
+        """Where the check named ``token`` is (None: it is not running)."""
+        check = self.checks_running.get(str(token))
+        return check.progress() if check is not None else None
+
+    def control_vpn_client_check_result(self) -> defer.Deferred[dict[str, Any]]:
+        """``vpn_client check result``: the servers known and their last check."""
+
+        async def rows() -> dict[str, Any]:
+            checked = await self.check_book.results()
+            return {"servers": result_rows(configured_servers(self.config), checked)}
+
+        return defer.Deferred.fromCoroutine(rows())
 
     def control_local_receipts(self) -> list[dict[str, Any]]:
         """``cellvpn-ctl ledger receipts --local --socket``: every receipt this client signed."""

@@ -193,6 +193,22 @@ class ServerCollector(Collector):
             "Connections, sessions and packets refused or cut off at the edge, by kind.",
             [({"kind": kind.value}, server.refusals.counts.get(kind.value, 0)) for kind in Refusal],
         )
+        checks = server.checks
+        yield _one(
+            "counter",
+            "cellvpn_check_requests_total",
+            "CHECK_REQUESTs answered (vpn_client check).",
+            checks.requests,
+        )
+        yield _family(
+            "counter",
+            "cellvpn_check_bytes_total",
+            "Data bytes of CHECKs: sent by clients (from_client), sent back (to_client).",
+            [
+                ({"direction": "from_client"}, checks.from_client_bytes),
+                ({"direction": "to_client"}, checks.to_client_bytes),
+            ],
+        )
         edge = server.edge_stats()
         yield _one("gauge", "cellvpn_streams", "Streams (TCP connections) open.", edge["streams"])
         yield _one("gauge", "cellvpn_handshakes", "TLS handshakes in flight.", edge["handshakes"])

@@ -54,6 +54,7 @@ from cellvpn.hooks import Callbacks, Facts, HookRunner, hook_environment, proces
 from cellvpn.net.netlink import Netlink
 from cellvpn.server.access import REGISTRY_FILE, AccessError, Enrollment
 from cellvpn.server.billing import ServerBilling
+from cellvpn.server.check import CheckCounters
 from cellvpn.server.clients import ClientRegistry, RegistryError
 from cellvpn.server.edge import Admission, EdgeLimits, LineBudget, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
@@ -209,6 +210,8 @@ class VPNServerService(MultiService):
         self.tun_name: str | None = None
         self.tun_ready = False
         self.finished = EndedSessions(FINISHED_KEPT)
+        #: CHECKs answered, and their data both ways
+        self.checks = CheckCounters()
         self.billing: ServerBilling | None = None
         self.ledger: AsyncLedger | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
@@ -802,6 +805,7 @@ class VPNServerService(MultiService):
             "tun_ready": self.tun_ready,
             "network": str(self.network),
             "pool": self.pool.stats(),
+            "checks": self.checks.describe(),
         }
 
 
