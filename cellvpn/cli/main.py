@@ -78,20 +78,34 @@ def _vpn_client(ns: argparse.Namespace) -> int:
             raise CtlError("VPN server address not defined, use -addr <server_address>", 255)
         if ns.port is None:
             raise CtlError("VPN server port not defined, use -port <server_port>", 255)
-        answer = call(sock, "vpn_client_start", {"addr": ns.addr, "port": ns.port}, timeout=60)
-        code = int(answer["code"])
-        words = text.START_TEXT.get(code, "Can't start VPN client")
-        reason = answer["status"].get("last_error")
-        if code < 0 and reason:
-            words += f"\n{reason}"
-        _emit(ns, {"code": code, "text": words, **answer}, words)
-        return _exit_code(code)
+        return _vpn_client_start(ns, sock)
     if ns.action == "check":
         return _vpn_client_check(ns, sock)
     answer = call(sock, "vpn_client_stop", {}, timeout=60)
     code = int(answer["code"])
     words = text.STOP_TEXT.get(code, "VPN client not stopped")
     _emit(ns, {"code": code, "text": words, **answer}, words)
+    return _exit_code(code)
+
+
+def _vpn_client_start(ns: argparse.Namespace, sock: str) -> int:
+    """``vpn_client start``: each step it waits for on stderr as it comes (text mode), then
+    the original's answer; ``--json`` prints only the final state, steps included."""
+    from cellvpn.cli.progress import StepPrinter
+
+    steps = None if ns.json else StepPrinter(sys.stderr)
+    watch = Watch("status", {}, steps.seen, 0.1) if steps is not None else None
+    args = {"addr": ns.addr, "port": ns.port}
+    answer = call(sock, "vpn_client_start", args, timeout=60, watch=watch)
+    code = int(answer["code"])
+    status = answer["status"]
+    if steps is not None and code != 1:  # already started: this start took no steps
+        steps.seen(status)
+    words = text.START_TEXT.get(code, "Can't start VPN client")
+    reason = status.get("last_error")
+    if code < 0 and reason:
+        words += f"\n{reason}"
+    _emit(ns, {"code": code, "text": words, "state": status["status"], **answer}, words)
     return _exit_code(code)
 
 

@@ -53,10 +53,14 @@ class StepPrinter:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.said = 0
+        self.attempt: object = None
 
     def seen(self, status: Any) -> None:
         if not isinstance(status, Mapping):
             return
+        if status.get("start_attempt") != self.attempt:
+            self.attempt = status.get("start_attempt")  # a new attempt: its steps from the first
+            self.said = 0
         steps = status.get("start_steps") or []
         for step in steps[self.said :]:
             self.out.write(f"{step_line(step)}\n")

@@ -42,6 +42,7 @@ from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_ma
 from cellvpn.client.metrics import listen_client_metrics
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
 from cellvpn.client.socks import SocksService
+from cellvpn.client.steps import StartStep, StartSteps
 from cellvpn.client.stream import ClientStream
 from cellvpn.client.tunnel import AddressRefusedError, ClientTunnel
 from cellvpn.config import ClientConfig
@@ -144,6 +145,8 @@ class VPNClientService(MultiService):
         #: what the last connection warned of (a certificate pin that renewal will break)
         self.trust_warning: str | None = None
         self.sessions_established = 0
+        #: sessions established again after a lost link
+        self.reconnects = 0
         self.resume_token = b""
         self.dropped_not_connected = 0
         self._keep_trying = False
@@ -151,6 +154,8 @@ class VPNClientService(MultiService):
         #: ``[metrics] listen``, when it names an endpoint
         self.metrics_port: IListeningPort | None = None
         self._start_waiters: list[defer.Deferred[int]] = []
+        #: the steps of the latest attempt to connect (``vpn_client start`` shows them)
+        self.steps = StartSteps(reactor.seconds)
         self._tls: Any = None
         self._busy: defer.Deferred[Any] | None = None
         c = config.client
@@ -368,6 +373,10 @@ class VPNClientService(MultiService):
             "session_id": stream.session_id if up and stream else None,
             "usage_id": stream.usage_id if up and stream else None,
             "sessions_established": self.sessions_established,
+            "reconnects": self.reconnects,
+            "start_attempt": self.steps.attempt,
+            "start_step": self.steps.current.name.lower() if self.steps.current else None,
+            "start_steps": self.steps.describe(),
             "last_error": self.last_error,
             # a STOPPED client with a retry due is still trying: seconds until the next attempt
             "retrying_in": self._retry_in(),
@@ -532,6 +541,8 @@ class VPNClientService(MultiService):
         c = self.config.client
         stream = ClientStream(self.reactor, c.keepalive, self, self.resume_token, c.vpn)
         self.stream = stream
+        self.steps.begin(self._server_text())
+        stream.on_step = lambda step: self._step(stream, step)
         settings = self.stream_settings
 
         def build() -> Protocol:
@@ -547,6 +558,10 @@ class VPNClientService(MultiService):
         d = tcp.connect(bulk_tls_factory(self._tls, True, _Factory(build)))
         d.addErrback(self._connect_failed, stream)
         stream.setup_timer = self.reactor.callLater(CONNECT_TIMEOUT, self._setup_timeout, stream)
+
+    def _step(self, stream: ClientStream, step: StartStep, text: str = "") -> None:
+        if stream is self.stream:
+            self.steps.step(step, text)
 
     def _connect_failed(self, failure: Failure, stream: ClientStream) -> None:
         why = f"cannot connect to {self._server_text()}: {failure.getErrorMessage()}"
@@ -591,6 +606,9 @@ class VPNClientService(MultiService):
     def stream_address(self, stream: ClientStream, reply: vpn.AddrReply) -> None:
         if stream is not self.stream:
             return
+        self._step(
+            stream, StartStep.TUNNEL, f"setting up {reply.client} on the TUN, routes and DNS"
+        )
         d = self._serial(lambda: self._bring_up(stream, reply))
         d.addErrback(self._bring_up_failed, stream)
 
@@ -622,6 +640,10 @@ class VPNClientService(MultiService):
                 # the server has answered; the hook has a deadline of its own
                 self._cancel(stream.setup_timer)
                 stream.setup_timer = None
+                if self.config.client.up is not None:
+                    self._step(
+                        stream, StartStep.UP_HOOK, f"running the up hook {self.config.client.up}"
+                    )
                 result = await self._tunnel_up(facts)
                 if result is not None and not result.ok and self.config.client.up_required:
                     raise HookFailedError(result)
@@ -641,6 +663,9 @@ class VPNClientService(MultiService):
         self._cancel(stream.setup_timer)
         stream.setup_timer = None
         self.backoff.reset()
+        self._step(stream, StartStep.UP, f"up: {what}")
+        if self.state is ClientState.CONN_LOST:
+            self.reconnects += 1
         self.sessions_established += 1
         self.last_error = None
         self.machine.fire(ClientInput.UP)
@@ -715,6 +740,7 @@ class VPNClientService(MultiService):
             return
         self._cancel(stream.setup_timer)
         stream.setup_timer = None
+        self._step(stream, StartStep.FAILED, f"failed: {why}")
         self.stream = None
         if self.billing is not None:
             self.billing.session_ended(stream)
@@ -776,6 +802,7 @@ class VPNClientService(MultiService):
     def _schedule(self, what: Any) -> None:
         delay = self.backoff.next()
         self.log.info("next attempt in {delay:.1f} s", delay=delay)
+        self.steps.step(StartStep.RETRY, f"next attempt in {delay:.1f} s")
         self._retry = self.reactor.callLater(delay, self._retry_now, what)
 
     def _retry_in(self) -> float | None:

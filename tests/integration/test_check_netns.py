@@ -105,3 +105,37 @@ def test_check_measures_a_server_and_says_why_when_it_cannot(netns: Any, tmp_pat
 
     status = ctl_json(cli, lab.socket("client"), "status")
     assert status["status"] == "STARTED" and status["sessions_established"] == 1
+
+    # a start says each step it waits for (stderr), then the result; --json the final state
+    ctl(cli, lab.socket("client"), "vpn_client", "stop")
+    start = ["vpn_client", "start", "-addr", SERVER_IP, "-port", "8089"]
+    done = ctl(cli, lab.socket("client"), *start)
+    print(done.stderr)
+    assert done.stdout.strip() == "VPN client started successfully"
+    said = [line.split("  ", 2)[2] for line in done.stderr.splitlines()]
+    assert said[:5] == [
+        f"connecting to {SERVER_IP}:8089 (TCP)",
+        "TLS handshake",
+        "session setup (HELLO, WELCOME)",
+        "waiting for the service grant (REQUEST)",
+        "waiting for the address (ADDR_REQUEST)",
+    ]
+    assert said[5].startswith("setting up 198.18.5.") and said[5].endswith(
+        " on the TUN, routes and DNS"
+    )
+    assert said[6].startswith("up: address 198.18.5.") and len(said) == 7
+    ctl(cli, lab.socket("client"), "vpn_client", "stop")
+    final = ctl_json(cli, lab.socket("client"), *start)
+    assert (final["code"], final["state"]) == (0, "STARTED")
+    assert [s["step"] for s in final["status"]["start_steps"]] == [
+        "connecting", "tls", "session", "grant", "address", "tunnel", "up"
+    ]  # fmt: skip
+    ctl(cli, lab.socket("client"), "vpn_client", "stop")
+    refused = ctl(cli, lab.socket("client"), "vpn_client", "start", "-addr", SERVER_IP,
+                  "-port", "8090", check=False)  # fmt: skip
+    assert refused.returncode == 254
+    assert (
+        refused.stderr.splitlines()[-1]
+        .split("  ", 2)[2]
+        .startswith(f"failed: cannot connect to {SERVER_IP}:8090: ")
+    )
