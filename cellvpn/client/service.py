@@ -54,6 +54,7 @@ from cellvpn.conn.tlsbulk import bulk_tls_factory
 from cellvpn.control.service import ControlService
 from cellvpn.control.text import CHECK_TEXT
 from cellvpn.errors import StartupError
+from cellvpn.histogram import RTT_SECONDS, Buckets
 from cellvpn.hooks import (
     Callbacks,
     Facts,
@@ -147,6 +148,8 @@ class VPNClientService(MultiService):
         self.sessions_established = 0
         #: sessions established again after a lost link
         self.reconnects = 0
+        #: every keepalive round trip, for /metrics
+        self.keepalive_rtts = Buckets(RTT_SECONDS)
         self.resume_token = b""
         self.dropped_not_connected = 0
         self._keep_trying = False
@@ -546,8 +549,10 @@ class VPNClientService(MultiService):
         settings = self.stream_settings
 
         def build() -> Protocol:
+            conn = StreamConnection(Role.CLIENT, settings)
+            conn.on_rtt = self.keepalive_rtts.observe
             return StreamProtocol(
-                StreamConnection(Role.CLIENT, settings),
+                conn,
                 stream,
                 self.reactor,
                 c.congestion,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from cellvpn.lab import SERVER_IP, VENV_BIN, VpnLab, ctl, ctl_json
+from tests.conftest import require_command
 from tests.integration.helpers import background
 
 
@@ -16,6 +18,22 @@ def check(lab: VpnLab, cli: Any, *args: str) -> tuple[int, dict[str, Any], str]:
     assert "Traceback" not in done.stderr
     answer = json.loads(done.stdout) if done.stdout.strip() else {}
     return done.returncode, answer, done.stderr
+
+
+#: Each service's /metrics, on the loopback of its own namespace.
+METRICS = "[metrics]\nlisten = tcp:9100:interface=127.0.0.1\n"
+
+
+def scrape(ns: Any) -> str:
+    return str(ns.exec("curl", "-sf", "http://127.0.0.1:9100/metrics").stdout)
+
+
+def sample(text: str, name: str) -> float:
+    """The value of the sample named exactly ``name`` (labels included, as written)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in the metrics")
 
 
 def server_checks(lab: VpnLab) -> dict[str, int]:
@@ -30,8 +48,8 @@ def test_check_measures_a_server_and_says_why_when_it_cannot(netns: Any, tmp_pat
     as Available / Not available from the state folder; the running tunnel carries on."""
     lab = VpnLab(netns, tmp_path)
     cli = lab.add_client_host()
-    lab.start_server()
-    lab.start_client(cli, "client")
+    lab.start_server(extra=METRICS + "per_client = true\n")
+    lab.start_client(cli, "client", extra=METRICS)
 
     before = server_checks(lab)
     code, answer, _ = check(lab, cli, "-addr", SERVER_IP, "-port", "8089")
@@ -44,6 +62,12 @@ def test_check_measures_a_server_and_says_why_when_it_cannot(netns: Any, tmp_pat
         "from_client_bytes": answer["sent_bytes"],
         "to_client_bytes": answer["received_bytes"],
     }
+    metrics = scrape(lab.srv)
+    assert sample(metrics, "cellvpn_check_requests_total") == after["requests"]
+    assert (
+        sample(metrics, 'cellvpn_check_bytes_total{direction="to_client"}')
+        == (after["to_client_bytes"])
+    )
     for key in ("connect_ms", "tls_ms", "setup_ms", "upload_ms", "download_ms"):
         assert 0 < answer[key] < 5000, (key, answer)
     assert 0 < answer["rtt_min_ms"] <= answer["rtt_avg_ms"] <= answer["rtt_max_ms"] < 5000
@@ -139,3 +163,18 @@ def test_check_measures_a_server_and_says_why_when_it_cannot(netns: Any, tmp_pat
         .split("  ", 2)[2]
         .startswith(f"failed: cannot connect to {SERVER_IP}:8090: ")
     )
+
+    # both /metrics by the book, with the histograms and the per-client series
+    server_text, client_text = scrape(lab.srv), scrape(cli)
+    for text in (server_text, client_text):
+        done = subprocess.run(
+            [require_command("promtool", "prometheus"), "check", "metrics"],
+            input=text, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout + done.stderr) == (0, ""), text
+    # three checks, and three tunnel sessions (the first, and two starts after stops)
+    assert sample(server_text, "cellvpn_session_duration_seconds_count") == 6
+    assert 'cellvpn_sessions_active_by_client{client="(anonymous)"}' in server_text
+    assert "cellvpn_client_keepalive_rtt_seconds_bucket" in client_text
+    assert sample(client_text, "cellvpn_client_reconnects_total") == 0
+    assert sample(client_text, "cellvpn_client_state") == 2  # STOPPED, after the refused start
