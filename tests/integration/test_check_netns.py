@@ -55,6 +55,7 @@ def test_check_measures_a_server_and_says_why_when_it_cannot(netns: Any, tmp_pat
     code, answer, _ = check(lab, cli, "-addr", SERVER_IP, "-port", "8089")
     after = server_checks(lab)
     assert code == 0 and answer["code"] == 0, answer
+    print(json.dumps(answer, indent=2, sort_keys=True))  # the figures as --json gives them
     assert answer["sent_bytes"] == answer["received_bytes"] == 262144
     assert answer["requests"] == 5 + 2 + 2 and answer["chunk_bytes"] == 261500
     assert {k: after[k] - before[k] for k in after} == {
@@ -111,6 +112,7 @@ def test_check_measures_a_server_and_says_why_when_it_cannot(netns: Any, tmp_pat
     assert code == 255 and "VPN server address not defined" in err
 
     result = ctl_json(cli, lab.socket("client"), "vpn_client", "check", "result")
+    print(json.dumps(result["servers"][:2], indent=2, sort_keys=True))
     rows = {r["server"]: r for r in result["servers"]}
     assert result["servers"][0]["server"] == f"{SERVER_IP}:8089"
     assert {s: (r["state"], r["configured"], r["code"]) for s, r in rows.items()} == {
