@@ -53,3 +53,18 @@ def test_each_step_of_a_start_is_said_once() -> None:
         "  +0.0 ms  connecting to 192.0.2.1:8089 (TCP)",
         "  +1.2 ms  TLS handshake",
     ]
+
+
+def test_check_sizes_and_timeout_take_the_older_spellings_too() -> None:
+    from cellvpn.cli.main import _check_sizes, build_parser
+
+    def sizes(*words: str) -> tuple[int, int, float]:
+        ns = build_parser().parse_args(["vpn_client", "check", "-addr", "h", "-port", "1", *words])
+        return _check_sizes(ns)
+
+    assert sizes() == (262144, 262144, 10.0)
+    assert sizes("--send", "5", "--recv", "6", "--timeout", "1500") == (5, 6, 1.5)
+    assert sizes("-size", "100", "-timeout", "3") == (100, 100, 3.0)
+    assert sizes("-size", "100", "--recv", "7") == (100, 7, 10.0)
+    ns = build_parser().parse_args(["vpn_client", "check", "result", "--json"])
+    assert (ns.action, ns.what, ns.json) == ("check", "result", True)
