@@ -6,9 +6,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod postgresql
+DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod postgresql prometheus
 # Debian's postgresql would create and start a "main" cluster listening on TCP port 5432; the
-# tests start a throwaway server of their own on a Unix socket, so none is made.
+# tests start a throwaway server of their own on a Unix socket, so none is made. prometheus is
+# there for promtool (the tests lint /metrics with it); its server, which Debian would start on
+# port 9090, is stopped and disabled again.
 PG_CREATECLUSTER := /etc/postgresql-common/createcluster.conf
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -37,6 +39,9 @@ debs:
 	    esac; \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $$missing; \
+	    case " $$missing " in *" prometheus "*) \
+	        if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service || true; fi;; \
+	    esac; \
 	fi
 
 test: venv debs

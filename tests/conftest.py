@@ -8,6 +8,20 @@ from typing import Any
 import pytest
 
 
+def require_command(name: str, package: str) -> str:
+    """The path of command ``name``; skip without it, unless CELLVPN_REQUIRE_NETNS=1 (CI, where
+    ``make test`` installs the Debian package), where it fails instead."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"needs {name} (Debian package {package}; make test installs it)"
+    if os.environ.get("CELLVPN_REQUIRE_NETNS") == "1":
+        pytest.fail(reason + " (CELLVPN_REQUIRE_NETNS=1)")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def reactor() -> Any:
     from twisted.internet import reactor as r

@@ -6,6 +6,8 @@ without importing the entry point that registers them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -17,7 +19,24 @@ class CtlError(Exception):
         self.code = code
 
 
-def call(socket_path: str, command: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
+@dataclass(frozen=True)
+class Watch:
+    """A second command asked every ``interval`` seconds on the same connection while the
+    first runs (what a long command is doing now); ``seen`` gets each answer."""
+
+    command: str
+    args: dict[str, Any]
+    seen: Callable[[Any], None]
+    interval: float = 0.1
+
+
+def call(
+    socket_path: str,
+    command: str,
+    args: dict[str, Any],
+    timeout: float = 30.0,
+    watch: Watch | None = None,
+) -> Any:
     """Run one control command and return its result (blocking; this is a CLI)."""
     from twisted.internet import defer, task
     from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
@@ -37,9 +56,12 @@ def call(socket_path: str, command: str, args: dict[str, Any], timeout: float = 
                 "(is it running? --socket names another socket)"
             )
             return
+        poller = None
         try:
             d = proto.callRemote(Call, command=command, args=args)
             d.addTimeout(timeout, reactor)
+            if watch is not None:
+                poller = _poll(reactor, proto, watch)
             response = await d
             outcome["result"] = response["result"]
         except defer.TimeoutError:
@@ -47,6 +69,8 @@ def call(socket_path: str, command: str, args: dict[str, Any], timeout: float = 
         except Exception as e:
             outcome["error"] = CtlError(_reason(e))
         finally:
+            if poller is not None and poller.running:
+                poller.stop()
             proto.transport.loseConnection()
 
     def main(reactor: Any) -> defer.Deferred[None]:
@@ -60,6 +84,30 @@ def call(socket_path: str, command: str, args: dict[str, Any], timeout: float = 
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("result")
+
+
+def _poll(reactor: Any, proto: Any, watch: Watch) -> Any:
+    """Ask ``watch.command`` every ``watch.interval`` s, one question at a time; a failed
+    answer is skipped (the main command's answer is what counts)."""
+    from twisted.internet import task
+
+    from cellvpn.control.commands import Call
+
+    asking: list[bool] = []
+
+    def ask() -> None:
+        if asking:
+            return
+        asking.append(True)
+        d = proto.callRemote(Call, command=watch.command, args=watch.args)
+        d.addCallback(lambda response: watch.seen(response["result"]))
+        d.addErrback(lambda _: None)
+        d.addBoth(lambda _: asking.clear())
+
+    loop = task.LoopingCall(ask)
+    loop.clock = reactor
+    loop.start(watch.interval, now=False)
+    return loop
 
 
 def _reason(e: BaseException) -> str:

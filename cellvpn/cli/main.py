@@ -10,7 +10,7 @@ from typing import Any
 
 from cellvpn import __version__
 from cellvpn.cli.configcheck import add_config_commands
-from cellvpn.cli.control import CtlError, call
+from cellvpn.cli.control import CtlError, Watch, call
 from cellvpn.cli.ledger import add_ledger_commands
 from cellvpn.control import text
 
@@ -78,14 +78,7 @@ def _vpn_client(ns: argparse.Namespace) -> int:
             raise CtlError("VPN server address not defined, use -addr <server_address>", 255)
         if ns.port is None:
             raise CtlError("VPN server port not defined, use -port <server_port>", 255)
-        answer = call(sock, "vpn_client_start", {"addr": ns.addr, "port": ns.port}, timeout=60)
-        code = int(answer["code"])
-        words = text.START_TEXT.get(code, "Can't start VPN client")
-        reason = answer["status"].get("last_error")
-        if code < 0 and reason:
-            words += f"\n{reason}"
-        _emit(ns, {"code": code, "text": words, **answer}, words)
-        return _exit_code(code)
+        return _vpn_client_start(ns, sock)
     if ns.action == "check":
         return _vpn_client_check(ns, sock)
     answer = call(sock, "vpn_client_stop", {}, timeout=60)
@@ -95,14 +88,73 @@ def _vpn_client(ns: argparse.Namespace) -> int:
     return _exit_code(code)
 
 
+def _vpn_client_start(ns: argparse.Namespace, sock: str) -> int:
+    """``vpn_client start``: each step it waits for on stderr as it comes (text mode), then
+    the original's answer; ``--json`` prints only the final state, steps included."""
+    from cellvpn.cli.progress import StepPrinter
+
+    steps = None if ns.json else StepPrinter(sys.stderr)
+    watch = Watch("status", {}, steps.seen, 0.1) if steps is not None else None
+    args = {"addr": ns.addr, "port": ns.port}
+    answer = call(sock, "vpn_client_start", args, timeout=60, watch=watch)
+    code = int(answer["code"])
+    status = answer["status"]
+    if steps is not None and code != 1:  # already started: this start took no steps
+        steps.seen(status)
+    words = text.START_TEXT.get(code, "Can't start VPN client")
+    reason = status.get("last_error")
+    if code < 0 and reason:
+        words += f"\n{reason}"
+    _emit(ns, {"code": code, "text": words, "state": status["status"], **answer}, words)
+    return _exit_code(code)
+
+
+def _check_sizes(ns: argparse.Namespace) -> tuple[int, int, float]:
+    """``--send``/``--recv`` (or the older ``-size`` for both) and the timeout in seconds
+    (``--timeout`` in ms, or the older ``-timeout`` in seconds)."""
+    from cellvpn.client.check import CHECK_TIMEOUT, DEFAULT_RECV, DEFAULT_SEND
+
+    send = ns.send if ns.send is not None else ns.size if ns.size is not None else DEFAULT_SEND
+    recv = ns.recv if ns.recv is not None else ns.size if ns.size is not None else DEFAULT_RECV
+    if ns.timeout_ms is not None:
+        timeout = ns.timeout_ms / 1000
+    else:
+        timeout = ns.timeout if ns.timeout is not None else CHECK_TIMEOUT
+    return send, recv, timeout
+
+
 def _vpn_client_check(ns: argparse.Namespace, sock: str) -> int:
-    """``vpn_client check -addr A -port P``: run by the client, which times the answer."""
+    """``vpn_client check -addr A -port P``: run by the client, which times the answers."""
+    import secrets
+
+    from cellvpn.cli.progress import TerminalBar
+
+    if ns.what == "result":
+        return _vpn_client_check_result(ns, sock)
     if ns.addr is None:
         raise CtlError("VPN server address not defined, use -addr <server_address>", 255)
     if ns.port is None:
         raise CtlError("VPN server port not defined, use -port <server_port>", 255)
-    args = {"addr": ns.addr, "port": ns.port, "size": ns.size, "timeout": ns.timeout}
-    answer = call(sock, "vpn_client_check", args, timeout=ns.timeout + 30)
+    send, recv, timeout = _check_sizes(ns)
+    token = secrets.token_hex(8)
+    args = {
+        "addr": ns.addr,
+        "port": ns.port,
+        "send": send,
+        "recv": recv,
+        "timeout": timeout,
+        "probes": ns.probes,
+        "token": token,
+    }
+    bar = TerminalBar(sys.stdout) if sys.stdout.isatty() else None
+    watch = None
+    if bar is not None:
+        watch = Watch("vpn_client_check_progress", {"token": token}, bar.draw, 0.1)
+    try:
+        answer = call(sock, "vpn_client_check", args, timeout=timeout + 30, watch=watch)
+    finally:
+        if bar is not None:
+            bar.clear()
     code = int(answer["code"])
     words = text.CHECK_TEXT.get(code, "Can't check VPN server")
     if code == 0:
@@ -111,6 +163,13 @@ def _vpn_client_check(ns: argparse.Namespace, sock: str) -> int:
         words += f"\n{answer['reason']}"
     _emit(ns, {"text": words, **answer}, words)
     return _exit_code(code)
+
+
+def _vpn_client_check_result(ns: argparse.Namespace, sock: str) -> int:
+    """``vpn_client check result``: each server known, Available / Not available / Unknown."""
+    answer = call(sock, "vpn_client_check_result", {})
+    _emit(ns, answer, text.check_results(answer["servers"]))
+    return 0
 
 
 def _vpn_stat(ns: argparse.Namespace) -> int:
@@ -235,14 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_status)
     p = sub.add_parser("vpn_client", help="start, stop or ask the VPN client", parents=[common])
     p.add_argument("action", choices=["start", "stop", "status", "check"])
+    p.add_argument(
+        "what", nargs="?", choices=["result"], help="check result: the servers' last checks"
+    )
     p.add_argument("-addr", help="server address (start, check)")
     p.add_argument("-port", type=int, help="server port (start, check)")
+    p.add_argument("--send", type=int, help="check: bytes to upload (262144)")
+    p.add_argument("--recv", type=int, help="check: bytes to download (262144)")
     p.add_argument(
-        "-size", type=int, default=10240, help="check: bytes sent and asked for (at most 10240)"
+        "--timeout", dest="timeout_ms", type=float, help="check: milliseconds for it all (10000)"
     )
-    p.add_argument(
-        "-timeout", type=float, default=10.0, help="check: seconds to wait for the answer"
-    )
+    p.add_argument("--probes", type=int, default=5, help="check: round trips timed (5)")
+    p.add_argument("-size", type=int, help="check: --send and --recv both (older spelling)")
+    p.add_argument("-timeout", type=float, help="check: --timeout in seconds (older spelling)")
+    p.add_argument("-H", help="accepted for compatibility with the node CLI; ignored")
     p.add_argument("-net", help="accepted for compatibility with the node CLI; ignored")
     p.set_defaults(handler=_vpn_client)
     p = sub.add_parser("vpn_stat", help="the server's VPN sessions", parents=[common])

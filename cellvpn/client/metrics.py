@@ -26,11 +26,16 @@ from twisted.web.server import Request
 
 from cellvpn import __version__
 from cellvpn.conn.listen import listen_now
+from cellvpn.histogram import Buckets
 from cellvpn.server.metrics import CONTENT_TYPE, MetricsSite
 
 
 class ClientStatus(Protocol):
-    """What the collector needs of the client: the status it shows ``vpn_client status``."""
+    """What the collector needs of the client: the status it shows ``vpn_client status``, and
+    the keepalive round trips it observed."""
+
+    @property
+    def keepalive_rtts(self) -> Buckets: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -97,19 +102,31 @@ class ClientCollector(Collector):
             {"not_connected": c["dropped_not_connected"], "tun_write": c["dropped_tun_write"]},
             "reason",
         )
+        yield _counter(
+            "cellvpn_client_reconnects",
+            "Sessions established again after a lost link.",
+            {"": st.get("reconnects", 0)},
+        )
+        yield self.client.keepalive_rtts.family(
+            "cellvpn_client_keepalive_rtt_seconds",
+            "Round trips of the client's keepalives to the server, one per keepalive answered.",
+        )
         rtt = st.get("keepalive_rtt_ms")
         if rtt is not None:
             yield _gauge(
-                "cellvpn_client_keepalive_rtt_seconds",
+                "cellvpn_client_keepalive_last_rtt_seconds",
                 "The last keepalive round trip to the server.",
                 rtt / 1000,
             )
         billing = st.get("billing")
-        if billing:
+        if billing:  # no wallet, no receipts
             yield _counter(
                 "cellvpn_client_receipts",
                 "Receipts the server asked for: signed, or refused by the client's checks.",
-                {"signed": billing["receipts_signed"], "refused": billing["receipts_refused"]},
+                {
+                    "signed": billing.get("receipts_signed", 0),
+                    "refused": billing.get("receipts_refused", 0),
+                },
                 "outcome",
             )
 

@@ -31,13 +31,18 @@ from cellvpn.client.billing import ClientBilling
 from cellvpn.client.check import (
     CHECK_BAD_PARAMETERS,
     CHECK_TIMEOUT,
+    DEFAULT_PROBES,
+    DEFAULT_RECV,
+    DEFAULT_SEND,
     CheckStream,
     check_parameters,
 )
+from cellvpn.client.checkbook import CheckBook, configured_servers, result_rows, server_text
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
 from cellvpn.client.metrics import listen_client_metrics
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
 from cellvpn.client.socks import SocksService
+from cellvpn.client.steps import StartStep, StartSteps
 from cellvpn.client.stream import ClientStream
 from cellvpn.client.tunnel import AddressRefusedError, ClientTunnel
 from cellvpn.config import ClientConfig
@@ -49,6 +54,7 @@ from cellvpn.conn.tlsbulk import bulk_tls_factory
 from cellvpn.control.service import ControlService
 from cellvpn.control.text import CHECK_TEXT
 from cellvpn.errors import StartupError
+from cellvpn.histogram import RTT_SECONDS, Buckets
 from cellvpn.hooks import (
     Callbacks,
     Facts,
@@ -59,7 +65,6 @@ from cellvpn.hooks import (
     process_path,
 )
 from cellvpn.net.netlink import NetConfigError
-from cellvpn.server.check import MAX_CHECK_DATA
 from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.tun.device import TunError
@@ -141,6 +146,10 @@ class VPNClientService(MultiService):
         #: what the last connection warned of (a certificate pin that renewal will break)
         self.trust_warning: str | None = None
         self.sessions_established = 0
+        #: sessions established again after a lost link
+        self.reconnects = 0
+        #: every keepalive round trip, for /metrics
+        self.keepalive_rtts = Buckets(RTT_SECONDS)
         self.resume_token = b""
         self.dropped_not_connected = 0
         self._keep_trying = False
@@ -148,6 +157,8 @@ class VPNClientService(MultiService):
         #: ``[metrics] listen``, when it names an endpoint
         self.metrics_port: IListeningPort | None = None
         self._start_waiters: list[defer.Deferred[int]] = []
+        #: the steps of the latest attempt to connect (``vpn_client start`` shows them)
+        self.steps = StartSteps(reactor.seconds)
         self._tls: Any = None
         self._busy: defer.Deferred[Any] | None = None
         c = config.client
@@ -172,6 +183,10 @@ class VPNClientService(MultiService):
             self.socks = SocksService(c.socks, self, reactor)
             self.socks.setServiceParent(self)
         self.control = ControlService(config.control.socket, self, reactor)
+        #: the checks running, by the token their caller polls them with
+        self.checks_running: dict[str, CheckStream] = {}
+        #: the last check of each server, kept in state_dir
+        self.check_book = CheckBook(c.state_dir, reactor)
         self.control.setServiceParent(self)
         #: runs the up and down hooks, one at a time and in order
         self.hooks = HookRunner(reactor, reactor, c.hook_timeout, max_running=1, max_queued=16)
@@ -361,6 +376,10 @@ class VPNClientService(MultiService):
             "session_id": stream.session_id if up and stream else None,
             "usage_id": stream.usage_id if up and stream else None,
             "sessions_established": self.sessions_established,
+            "reconnects": self.reconnects,
+            "start_attempt": self.steps.attempt,
+            "start_step": self.steps.current.name.lower() if self.steps.current else None,
+            "start_steps": self.steps.describe(),
             "last_error": self.last_error,
             # a STOPPED client with a retry due is still trying: seconds until the next attempt
             "retrying_in": self._retry_in(),
@@ -407,11 +426,19 @@ class VPNClientService(MultiService):
         return self.stop().addCallback(self._answer)
 
     def control_vpn_client_check(
-        self, addr: str, port: int, size: int = MAX_CHECK_DATA, timeout: float = CHECK_TIMEOUT
+        self,
+        addr: str,
+        port: int,
+        send: int = DEFAULT_SEND,
+        recv: int = DEFAULT_RECV,
+        timeout: float = CHECK_TIMEOUT,
+        probes: int = DEFAULT_PROBES,
+        token: str | None = None,
     ) -> defer.Deferred[dict[str, Any]]:
-        """``vpn_client check``: CHECK_REQUEST/CHECK_RESPONSE to ``addr:port`` on a stream of
-        its own (the tunnel, if up, is not touched); ``code`` as the original's."""
-        why = check_parameters(addr, port, size, timeout)
+        """``vpn_client check``: round trips, upload and download to ``addr:port`` on a stream
+        of its own (the tunnel, if up, is not touched); ``code`` as the original's. ``token``
+        names the check for ``vpn_client_check_progress`` while it runs."""
+        why = check_parameters(addr, port, send, recv, timeout, probes)
         tls = None
         if why is None:
             try:
@@ -421,7 +448,7 @@ class VPNClientService(MultiService):
         if why is not None or tls is None:
             return defer.succeed({"code": CHECK_BAD_PARAMETERS, "reason": why})
         host = addr.strip()
-        check = CheckStream(self.reactor, size, float(timeout))
+        check = CheckStream(self.reactor, send, recv, float(timeout), probes)
         c = self.config.client
 
         def build() -> Protocol:
@@ -436,19 +463,43 @@ class VPNClientService(MultiService):
         tcp = HostnameEndpoint(self.reactor, host, port, timeout=min(timeout, CONNECT_TIMEOUT))
         d = tcp.connect(bulk_tls_factory(tls, True, _Factory(build)))
         d.addErrback(lambda f: check.failed_to_connect(f.getErrorMessage()))
-        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        server = server_text(host, port)
+        if token is not None:
+            self.checks_running[str(token)] = check
 
-        def answer(outcome: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+        async def answer(outcome: tuple[int, dict[str, Any]]) -> dict[str, Any]:
             code, facts = outcome
+            if token is not None:
+                self.checks_running.pop(str(token), None)
             self.log.info(
                 "check of {server}: {text}{why}",
                 server=server,
                 text=CHECK_TEXT[code],
                 why=f" ({facts['reason']})" if facts.get("reason") else "",
             )
-            return {"code": code, "server": server, **facts}
+            at = self.reactor.seconds()
+            result = {"code": code, "server": server, "checked_at": at, **facts}
+            try:
+                await self.check_book.record(server, result, at)
+            except OSError as e:
+                self.log.warn("cannot keep the check of {server}: {why}", server=server, why=e)
+            return result
 
-        return check.done.addCallback(answer)
+        return check.done.addCallback(lambda o: defer.Deferred.fromCoroutine(answer(o)))
+
+    def control_vpn_client_check_progress(self, token: str) -> dict[str, Any] | None:
+        """Where the check named ``token`` is (None: it is not running)."""
+        check = self.checks_running.get(str(token))
+        return check.progress() if check is not None else None
+
+    def control_vpn_client_check_result(self) -> defer.Deferred[dict[str, Any]]:
+        """``vpn_client check result``: the servers known and their last check."""
+
+        async def rows() -> dict[str, Any]:
+            checked = await self.check_book.results()
+            return {"servers": result_rows(configured_servers(self.config), checked)}
+
+        return defer.Deferred.fromCoroutine(rows())
 
     def control_local_receipts(self) -> list[dict[str, Any]]:
         """``cellvpn-ctl ledger receipts --local --socket``: every receipt this client signed."""
@@ -493,11 +544,15 @@ class VPNClientService(MultiService):
         c = self.config.client
         stream = ClientStream(self.reactor, c.keepalive, self, self.resume_token, c.vpn)
         self.stream = stream
+        self.steps.begin(self._server_text())
+        stream.on_step = lambda step: self._step(stream, step)
         settings = self.stream_settings
 
         def build() -> Protocol:
+            conn = StreamConnection(Role.CLIENT, settings)
+            conn.on_rtt = self.keepalive_rtts.observe
             return StreamProtocol(
-                StreamConnection(Role.CLIENT, settings),
+                conn,
                 stream,
                 self.reactor,
                 c.congestion,
@@ -508,6 +563,10 @@ class VPNClientService(MultiService):
         d = tcp.connect(bulk_tls_factory(self._tls, True, _Factory(build)))
         d.addErrback(self._connect_failed, stream)
         stream.setup_timer = self.reactor.callLater(CONNECT_TIMEOUT, self._setup_timeout, stream)
+
+    def _step(self, stream: ClientStream, step: StartStep, text: str = "") -> None:
+        if stream is self.stream:
+            self.steps.step(step, text)
 
     def _connect_failed(self, failure: Failure, stream: ClientStream) -> None:
         why = f"cannot connect to {self._server_text()}: {failure.getErrorMessage()}"
@@ -552,6 +611,9 @@ class VPNClientService(MultiService):
     def stream_address(self, stream: ClientStream, reply: vpn.AddrReply) -> None:
         if stream is not self.stream:
             return
+        self._step(
+            stream, StartStep.TUNNEL, f"setting up {reply.client} on the TUN, routes and DNS"
+        )
         d = self._serial(lambda: self._bring_up(stream, reply))
         d.addErrback(self._bring_up_failed, stream)
 
@@ -583,6 +645,10 @@ class VPNClientService(MultiService):
                 # the server has answered; the hook has a deadline of its own
                 self._cancel(stream.setup_timer)
                 stream.setup_timer = None
+                if self.config.client.up is not None:
+                    self._step(
+                        stream, StartStep.UP_HOOK, f"running the up hook {self.config.client.up}"
+                    )
                 result = await self._tunnel_up(facts)
                 if result is not None and not result.ok and self.config.client.up_required:
                     raise HookFailedError(result)
@@ -602,6 +668,9 @@ class VPNClientService(MultiService):
         self._cancel(stream.setup_timer)
         stream.setup_timer = None
         self.backoff.reset()
+        self._step(stream, StartStep.UP, f"up: {what}")
+        if self.state is ClientState.CONN_LOST:
+            self.reconnects += 1
         self.sessions_established += 1
         self.last_error = None
         self.machine.fire(ClientInput.UP)
@@ -676,6 +745,7 @@ class VPNClientService(MultiService):
             return
         self._cancel(stream.setup_timer)
         stream.setup_timer = None
+        self._step(stream, StartStep.FAILED, f"failed: {why}")
         self.stream = None
         if self.billing is not None:
             self.billing.session_ended(stream)
@@ -737,6 +807,7 @@ class VPNClientService(MultiService):
     def _schedule(self, what: Any) -> None:
         delay = self.backoff.next()
         self.log.info("next attempt in {delay:.1f} s", delay=delay)
+        self.steps.step(StartStep.RETRY, f"next attempt in {delay:.1f} s")
         self._retry = self.reactor.callLater(delay, self._retry_now, what)
 
     def _retry_in(self) -> float | None:

@@ -7,6 +7,7 @@ only speaks the protocol.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
@@ -14,6 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cellvpn.client.steps import StartStep
 from cellvpn.conn.protocol import StreamApplication, StreamProtocol
 from cellvpn.conn.tls import TLSVerificationError, describe_tls_failure
 from cellvpn.device import vnet
@@ -134,14 +136,26 @@ class ClientStream(StreamApplication):
         self._addr_retry: IDelayedCall | None = None
         self._lost_reported = False
         self._send: Any = None
+        #: told each step of the setup (TCP up, TLS up, WELCOME, SUCCESS), if set
+        self.on_step: Callable[[StartStep], object] | None = None
+
+    def _step(self, step: StartStep) -> None:
+        if self.on_step is not None:
+            self.on_step(step)
 
     # --- StreamApplication -----------------------------------------------------------------
 
     def stream_connected(self, proto: StreamProtocol) -> None:
         self.proto = proto
+        self._step(StartStep.TLS)
+        if proto.handshake_done:
+            self.handshake_completed(proto)
         proto.conn.register_channel(CHANNEL_R, self._on_service_packet)
         proto.conn.register_channel(CHANNEL_S, self._on_vpn_packet)
         proto.conn.start(self.resume_token)
+
+    def handshake_completed(self, proto: StreamProtocol) -> None:
+        self._step(StartStep.SESSION)
 
     def hello_received(self, proto: StreamProtocol, event: HelloReceived) -> None:
         raise AssertionError("a client never receives HELLO")
@@ -156,6 +170,7 @@ class ClientStream(StreamApplication):
         pinger.clock = self.clock
         pinger.start(self.ping_interval, now=False)
         self._pinger = pinger
+        self._step(StartStep.GRANT)
         self.owner.stream_established(self)
         request = self.owner.make_request(self)
         if request is not None:  # None: billing sends it later (a deposit is being made)
@@ -283,6 +298,7 @@ class ClientStream(StreamApplication):
                 self.granted = True
                 self.owner.service_packet(self, ptype, data)
                 if self.want_address:
+                    self._step(StartStep.ADDRESS)
                     self.request_address()
                 else:
                     self.owner.stream_granted(self)

@@ -385,6 +385,24 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class ServerMetricsSection(MetricsSection):
+    """The Prometheus metrics listener, and which series it has."""
+
+    per_client: bool = option(
+        BOOL,
+        False,
+        "Series per client too (traffic and live sessions, labelled client = the enrolled name"
+        " or (anonymous)); off: only totals, whatever the number of clients.",
+    )
+    per_client_limit: int = option(
+        integer(1, 10000),
+        100,
+        "Most client names with series of their own (per_client); sessions of clients past it"
+        " are counted under client = (other).",
+    )
+
+
+@dataclass(frozen=True)
 class ClientSection:
     """Which server to use, how to trust it, and what the tunnel does on this host."""
 
@@ -791,7 +809,7 @@ class ServerConfig:
     tls: TLSServerSection = field(default_factory=TLSServerSection)
     srv_vpn: SrvVpnSection = field(default_factory=SrvVpnSection)
     control: ControlSection = field(default_factory=ControlSection)
-    metrics: MetricsSection = field(default_factory=MetricsSection)
+    metrics: ServerMetricsSection = field(default_factory=ServerMetricsSection)
     billing: BillingSection = field(default_factory=BillingSection)
     ledger: LedgerSection = field(default_factory=LedgerSection)
     warnings: tuple[str, ...] = ()

@@ -23,15 +23,62 @@ CHECK_TEXT = {
 }
 
 
+def _ms(value: object) -> str:
+    return "-" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]
+
+
+def rate_text(bytes_per_second: float) -> str:
+    """``12.34 MiB/s (103.5 Mbit/s)``: bytes as the rest of the figures, bits as links are sold."""
+    return f"{human_bytes(int(bytes_per_second))}/s ({bytes_per_second * 8 / 1e6:.1f} Mbit/s)"
+
+
 def check_figures(answer: Mapping[str, Any]) -> str:
-    """``vpn_client check``'s figures: connect time, round trip, bytes and their rate."""
-    rate = float(answer["bytes_per_second"]) / 1024
-    return (
-        f"connect {float(answer['connect_ms']):.2f} ms, rtt {float(answer['rtt_ms']):.2f} ms, "
-        f"sent {human_bytes(int(answer['sent_bytes']))}, "
-        f"received {human_bytes(int(answer['received_bytes']))}, {rate:.2f} KiB/s"
-        + (f"; the server saw us as {answer['seen_as']}" if answer.get("seen_as") else "")
-    )
+    """``vpn_client check``'s figures: connect, TLS and setup times, round trips, upload and
+    download with their rates, and the address the server saw."""
+    lines = [
+        f"connect {_ms(answer.get('connect_ms'))} ms, TLS {_ms(answer.get('tls_ms'))} ms, "
+        f"session setup {_ms(answer.get('setup_ms'))} ms",
+        f"rtt min/avg/max {_ms(answer.get('rtt_min_ms'))}/{_ms(answer.get('rtt_avg_ms'))}/"
+        f"{_ms(answer.get('rtt_max_ms'))} ms ({answer.get('probes', 0)} probes)",
+    ]
+    for way, size, ms, rate in (
+        ("upload", "sent_bytes", "upload_ms", "upload_bytes_per_second"),
+        ("download", "received_bytes", "download_ms", "download_bytes_per_second"),
+    ):
+        nbytes = int(answer.get(size) or 0)
+        if nbytes:
+            lines.append(
+                f"{way} {human_bytes(nbytes)} in {_ms(answer.get(ms))} ms: "
+                f"{rate_text(float(answer.get(rate) or 0))}"
+            )
+        else:
+            lines.append(f"{way}: none asked")
+    if answer.get("seen_as"):
+        lines.append(f"the server saw us as {answer['seen_as']}")
+    return "\n".join(lines)
+
+
+def check_results(rows: list[Mapping[str, Any]]) -> str:
+    """``vpn_client check result``: one line per server, its state and its last figures."""
+    if not rows:
+        return "No servers configured or checked"
+    lines = []
+    for row in rows:
+        line = f"{row['server']}: State {row['state']}"
+        if row.get("checked_at"):
+            line += f", checked {utc_time(float(row['checked_at']))}"
+        if row.get("code") == 0:
+            line += (
+                f", rtt {_ms(row.get('rtt_avg_ms'))} ms, "
+                f"up {rate_text(float(row.get('upload_bytes_per_second') or 0))}, "
+                f"down {rate_text(float(row.get('download_bytes_per_second') or 0))}"
+            )
+        elif row.get("reason"):
+            line += f": {row['reason']}"
+        if not row.get("configured"):
+            line += " (not configured)"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def human_bytes(value: int) -> str:
@@ -111,6 +158,10 @@ def vpn_stat(sessions: list[Mapping[str, Any]], full: bool = False) -> str:
 
 def utc_date(timestamp: float) -> str:
     return f"{datetime.fromtimestamp(timestamp, UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def utc_time(timestamp: float) -> str:
+    return f"{datetime.fromtimestamp(timestamp, UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def client_list(clients: list[Mapping[str, Any]]) -> str:

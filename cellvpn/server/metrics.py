@@ -193,6 +193,32 @@ class ServerCollector(Collector):
             "Connections, sessions and packets refused or cut off at the edge, by kind.",
             [({"kind": kind.value}, server.refusals.counts.get(kind.value, 0)) for kind in Refusal],
         )
+        yield server.session_lengths.family(
+            "cellvpn_session_duration_seconds",
+            "Length of the client sessions that ended, from setup to end.",
+        )
+        yield server.keepalive_rtts.family(
+            "cellvpn_keepalive_rtt_seconds",
+            "Round trips of the server's keepalives to its clients, one per keepalive answered.",
+        )
+        if server.per_client is not None:
+            yield from _per_client(server)
+        checks = server.checks
+        yield _one(
+            "counter",
+            "cellvpn_check_requests_total",
+            "CHECK_REQUESTs answered (vpn_client check).",
+            checks.requests,
+        )
+        yield _family(
+            "counter",
+            "cellvpn_check_bytes_total",
+            "Data bytes of CHECKs: sent by clients (from_client), sent back (to_client).",
+            [
+                ({"direction": "from_client"}, checks.from_client_bytes),
+                ({"direction": "to_client"}, checks.to_client_bytes),
+            ],
+        )
         edge = server.edge_stats()
         yield _one("gauge", "cellvpn_streams", "Streams (TCP connections) open.", edge["streams"])
         yield _one("gauge", "cellvpn_handshakes", "TLS handshakes in flight.", edge["handshakes"])
@@ -246,6 +272,30 @@ class ServerCollector(Collector):
                 "Signed receipts refused (bad client signature, or by the ledger).",
                 billing.refused,
             )
+
+
+def _per_client(server: VPNServerService) -> Iterator[Metric]:
+    """The per-client families ([metrics] per_client): traffic and live sessions by name."""
+    assert server.per_client is not None
+    live = ((s.client_name, s.counters) for s in server.sessions)
+    rows = server.per_client.rows(live)
+    for kind in ("packets", "bytes"):
+        yield _family(
+            "counter",
+            f"cellvpn_ip_{kind}_by_client_total",
+            f"IP {kind} carried between one client's sessions and the TUN.",
+            [
+                ({"client": label, "direction": d}, row[f"{d}_{kind}"])
+                for label, row in rows.items()
+                for d in _DIRECTIONS
+            ],
+        )
+    yield _family(
+        "gauge",
+        "cellvpn_sessions_active_by_client",
+        "Live sessions of one client.",
+        [({"client": label}, row["sessions_active"]) for label, row in rows.items()],
+    )
 
 
 def session_totals(server: VPNServerService) -> Counter[str]:

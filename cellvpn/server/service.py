@@ -50,15 +50,18 @@ from cellvpn.device.packet import mss_for_mtu
 from cellvpn.device.pool import Lease, LeasePool
 from cellvpn.device.tohost import ToHost, ToHostRules
 from cellvpn.errors import StartupError
+from cellvpn.histogram import RTT_SECONDS, SESSION_SECONDS, Buckets
 from cellvpn.hooks import Callbacks, Facts, HookRunner, hook_environment, process_path, server_facts
 from cellvpn.net.netlink import Netlink
 from cellvpn.server.access import REGISTRY_FILE, AccessError, Enrollment
 from cellvpn.server.billing import ServerBilling
+from cellvpn.server.check import CheckCounters
 from cellvpn.server.clients import ClientRegistry, RegistryError
 from cellvpn.server.edge import Admission, EdgeLimits, LineBudget, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
 from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
+from cellvpn.server.perclient import PerClient
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.renewal import Renewal
@@ -121,6 +124,7 @@ class _StreamFactory(Factory):
             server.refusal(refused, None, f"connection from {host} refused")
             return None
         conn = StreamConnection(Role.SERVER, server.stream_settings)
+        conn.on_rtt = server.keepalive_rtts.observe
         section = server.config.server
         session = ServerSession(server)
         session.source = source
@@ -209,6 +213,14 @@ class VPNServerService(MultiService):
         self.tun_name: str | None = None
         self.tun_ready = False
         self.finished = EndedSessions(FINISHED_KEPT)
+        #: CHECKs answered, and their data both ways
+        self.checks = CheckCounters()
+        #: histograms for /metrics: the length of each session at its end, each keepalive RTT
+        self.session_lengths = Buckets(SESSION_SECONDS)
+        self.keepalive_rtts = Buckets(RTT_SECONDS)
+        #: traffic per client name, when [metrics] per_client asks for it
+        m = config.metrics
+        self.per_client = PerClient(m.per_client_limit) if m.per_client else None
         self.billing: ServerBilling | None = None
         self.ledger: AsyncLedger | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
@@ -647,7 +659,12 @@ class VPNServerService(MultiService):
         if session.address is not None:
             self.forwarder.detach(session)
             self.pool.release(session.address, session, self.reactor.seconds())
-        self.finished.append(session.describe())  # before billing lets go of its state
+        facts = session.describe()
+        self.finished.append(facts)  # before billing lets go of its state
+        if session.session_id is not None:
+            self.session_lengths.observe(float(facts["length_seconds"]))
+            if self.per_client is not None:
+                self.per_client.session_ended(session.client_name, facts["counters"])
         if self.proxy is not None:
             self.proxy.session_ended(session)
         if self.billing is not None:
@@ -795,6 +812,7 @@ class VPNServerService(MultiService):
             "tun_ready": self.tun_ready,
             "network": str(self.network),
             "pool": self.pool.stats(),
+            "checks": self.checks.describe(),
         }
 
 

@@ -26,7 +26,7 @@ from cellvpn.conn.tls import (
 from cellvpn.device.counters import SessionCounters
 from cellvpn.ratelimit import TokenBucket
 from cellvpn.server.billing import UNMETERED, Bill
-from cellvpn.server.check import answer_check
+from cellvpn.server.check import answer_check, check_data_limit
 from cellvpn.server.edge import Refusal
 from cellvpn.server.usage import ACTIVE, UsageInput, new_usage
 from cellvpn.stream import caps
@@ -374,7 +374,11 @@ class ServerSession(StreamApplication):
             return
         self.check_left -= cost
         host = getattr(self.proto.transport.getPeer(), "host", "")  # type: ignore[union-attr]
-        answer = answer_check(request, host, time.time_ns())
+        conn = self.proto.conn
+        hello = conn.peer_hello
+        limit = check_data_limit(hello.max_frame if hello else 0, conn.settings.max_payload)
+        answer = answer_check(request, host, time.time_ns(), limit)
+        self.server.checks.answered(request, answer)
         self.send_service(PacketType.CHECK_RESPONSE, answer.encode())
         if not self.requested:
             self._request_deadline()  # a check in progress is activity

@@ -183,6 +183,8 @@ class StreamConnection:
         rate = self.settings.alives_per_second
         self._alives = TokenBucket(rate, max(1.0, 2 * rate), self._started)
         self.stats = StreamStats()
+        #: told each keepalive round trip, in seconds, as it is measured (a histogram's observe)
+        self.on_rtt: Callable[[float], object] | None = None
         self.session_id: int | None = None
         self.caps: frozenset[str] = frozenset()
         self.peer_hello: Hello | None = None
@@ -498,8 +500,10 @@ class StreamConnection:
         if ftype == FrameType.ALIVE:
             self.stats.alives_received += 1
             if self._keepalive_sent_at is not None:
-                self.stats.last_rtt = self._clock() - self._keepalive_sent_at
+                rtt = self.stats.last_rtt = self._clock() - self._keepalive_sent_at
                 self._keepalive_sent_at = None
+                if self.on_rtt is not None:
+                    self.on_rtt(rtt)
             return None
         if ftype == FrameType.HELLO:
             return self._on_hello(payload)

@@ -15,11 +15,13 @@ from twisted.internet.testing import MemoryReactorClock
 from cellvpn.client.metrics import client_registry, listen_client_metrics
 from cellvpn.client.service import VPNClientService
 from cellvpn.config import load_client_config
+from cellvpn.histogram import RTT_SECONDS, Buckets
 
 STATUS: dict[str, Any] = {
     "status": "STARTED",
     "status_code": 1,
     "sessions_established": 3,
+    "reconnects": 2,
     "counters": {
         "sent_packets": 10,
         "sent_bytes": 14000,
@@ -36,6 +38,9 @@ STATUS: dict[str, Any] = {
 class Fixed:
     def __init__(self, status: dict[str, Any]) -> None:
         self._status = status
+        self.keepalive_rtts = Buckets(RTT_SECONDS)
+        for rtt in (0.0004, 0.002, 0.002, 3.0):
+            self.keepalive_rtts.observe(rtt)
 
     def status(self) -> dict[str, Any]:
         return self._status
@@ -61,7 +66,15 @@ def test_the_client_families_say_what_the_status_says() -> None:
         ("cellvpn_client_ip_bytes_total", (("direction", "received"),)): 28000.0,
         ("cellvpn_client_dropped_packets_total", (("reason", "not_connected"),)): 4.0,
         ("cellvpn_client_dropped_packets_total", (("reason", "tun_write"),)): 1.0,
-        ("cellvpn_client_keepalive_rtt_seconds", ()): 0.0025,
+        ("cellvpn_client_keepalive_last_rtt_seconds", ()): 0.0025,
+        ("cellvpn_client_reconnects_total", ()): 2.0,
+        ("cellvpn_client_keepalive_rtt_seconds_bucket", (("le", "0.0005"),)): 1.0,
+        ("cellvpn_client_keepalive_rtt_seconds_bucket", (("le", "0.001"),)): 1.0,
+        ("cellvpn_client_keepalive_rtt_seconds_bucket", (("le", "0.0025"),)): 3.0,
+        ("cellvpn_client_keepalive_rtt_seconds_bucket", (("le", "2.5"),)): 3.0,
+        ("cellvpn_client_keepalive_rtt_seconds_bucket", (("le", "+Inf"),)): 4.0,
+        ("cellvpn_client_keepalive_rtt_seconds_count", ()): 4.0,
+        ("cellvpn_client_keepalive_rtt_seconds_sum", ()): 3.0044,
         ("cellvpn_client_receipts_total", (("outcome", "signed"),)): 7.0,
         ("cellvpn_client_receipts_total", (("outcome", "refused"),)): 1.0,
     }
@@ -74,7 +87,7 @@ def test_without_a_round_trip_or_a_wallet_those_families_are_absent() -> None:
     quiet["billing"] = None
     got = samples(generate_latest(client_registry(Fixed(quiet), process=False)).decode())
     names = {name for name, _ in got}
-    assert "cellvpn_client_keepalive_rtt_seconds" not in names
+    assert "cellvpn_client_keepalive_last_rtt_seconds" not in names
     assert "cellvpn_client_receipts_total" not in names
     assert got["cellvpn_client_up", ()] == 0.0 and got["cellvpn_client_state", ()] == 3.0
 

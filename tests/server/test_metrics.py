@@ -33,11 +33,17 @@ def parse_exposition(text: str) -> dict[str, dict[str, Any]]:
     for family in text_string_to_metric_families(text):
         name = family.name + "_total" if family.type == "counter" else family.name
         assert name not in families, f"{name} twice"
-        assert family.documentation and family.type in {"counter", "gauge"}, name
+        assert family.documentation and family.type in {"counter", "gauge", "histogram"}, name
         samples: dict[frozenset[tuple[str, str]], float] = {}
         for sample in family.samples:
-            assert sample.name == name, f"{sample.name} in {name}"
-            labels = frozenset(sample.labels.items())
+            items = sample.labels.items()
+            if family.type == "histogram":  # _bucket{le}, _count, _sum: the suffix as a label
+                suffix = sample.name.removeprefix(name)
+                assert suffix in ("_bucket", "_count", "_sum"), f"{sample.name} in {name}"
+                items = [*items, ("sample", suffix[1:])]
+            else:
+                assert sample.name == name, f"{sample.name} in {name}"
+            labels = frozenset(items)
             assert labels not in samples, f"{name}{dict(labels)} twice"
             samples[labels] = sample.value
         assert samples, f"{name} has no samples"
@@ -96,12 +102,19 @@ def test_exposition_parses_and_sums_live_and_ended_sessions(tmp_path: Path) -> N
     assert value(families, "cellvpn_tun_up") == 1
     assert "cellvpn_tun_read_packets_total" not in families  # no TUN opened
     assert "cellvpn_billing_receipts_redeemed_total" not in families  # free service
-    # no per-session series: labels are direction, reason, kind or version only
+    # no per-session series: labels are direction, reason, kind or version only (and the
+    # histograms' buckets)
     for name, family in families.items():
         if name.startswith(PROCESS_PREFIXES):
             continue
         for labels in family["samples"]:
-            assert {k for k, _ in labels} <= {"direction", "reason", "kind", "version"}
+            allowed = {"direction", "reason", "kind", "version", "le", "sample"}
+            assert {k for k, _ in labels} <= allowed
+    # a's session ended: its length is in the histogram (it lasted no time on this clock)
+    assert value(families, "cellvpn_session_duration_seconds", sample="count") == 1
+    assert value(families, "cellvpn_session_duration_seconds", le="1.0", sample="bucket") == 1
+    assert value(families, "cellvpn_keepalive_rtt_seconds", sample="count") == 0
+    assert "cellvpn_ip_bytes_by_client_total" not in families  # per_client is off
 
 
 def test_counters_never_go_down_when_old_sessions_are_forgotten() -> None:

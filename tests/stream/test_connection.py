@@ -192,6 +192,8 @@ def test_keepalive_only_when_idle_and_answered_with_alive() -> None:
     """A tick with no traffic sends KEEPALIVE; the peer answers ALIVE; the RTT is measured."""
     client, server, clock = pair()
     establish(client, server)
+    observed: list[float] = []
+    client.on_rtt = observed.append
     client.tick()  # traffic happened during setup: no keepalive yet
     assert client.data_to_send() == b""
     clock.now += 3
@@ -206,6 +208,9 @@ def test_keepalive_only_when_idle_and_answered_with_alive() -> None:
     assert client.stats.keepalives_sent == 1 and client.stats.alives_received == 1
     assert server.stats.keepalives_received == 1
     assert client.stats.last_rtt == pytest.approx(0.25)
+    assert observed == [client.stats.last_rtt]  # the histogram hears of it, once
+    client.receive_data(alive)  # an ALIVE nobody asked for measures nothing
+    assert len(observed) == 1
 
 
 def test_no_keepalive_while_traffic_flows() -> None:
