@@ -790,11 +790,7 @@ class ServerBilling:
         """Limits used up without a signed next receipt: NOTIFY_STOPPED, no more packets."""
         bill.stopped_at = time.time()
         bill.pending = None
-        if session.usage.can(UsageInput.STOP):
-            session.usage.fire(UsageInput.STOP)
-        self.server.forwarder_detach(session)
-        if self.server.proxy is not None:
-            self.server.proxy.usage_ended(session)
+        session.end_usage(UsageInput.STOP)
         error = Error(code, session.usage_id)
         session.send_service(PacketType.NOTIFY_STOPPED, error.encode())
         session.flush()

@@ -39,7 +39,7 @@ from cellvpn.wire.setup import CloseCode
 
 if TYPE_CHECKING:
     from cellvpn.billing.records import SignedOrder
-    from cellvpn.server.service import VPNServerService
+    from cellvpn.server.sessionhost import SessionHost
 
 _PONG = vpn.VpnPacket(vpn.OpCode.PONG).encode()
 _VPN_DATA_HEADER = struct.Struct("<iIIIxxxx")
@@ -56,7 +56,7 @@ class ServerSession:
 
     log = Logger()
 
-    def __init__(self, server: VPNServerService) -> None:
+    def __init__(self, server: SessionHost) -> None:
         self.server = server
         self.proto: StreamProtocol | None = None
         self.peer = "unknown peer"
@@ -414,13 +414,18 @@ class ServerSession:
             usage=f"{self.usage_id:#010x}",
         )
 
-    def refuse(self, code: int, why: str) -> None:
-        """Refuse or end the usage with ERROR (always the 24-byte body)."""
-        if self.usage.can(UsageInput.REFUSE):
-            self.usage.fire(UsageInput.REFUSE)
+    def end_usage(self, how: UsageInput) -> None:
+        """The usage ends (refused, or stopped at zero): not one more packet either way, and
+        the proxy lets go of the session's connections. The one place a usage ends."""
+        if self.usage.can(how):
+            self.usage.fire(how)
         self.server.forwarder_detach(self)
         if self.server.proxy is not None:
             self.server.proxy.usage_ended(self)
+
+    def refuse(self, code: int, why: str) -> None:
+        """Refuse or end the usage with ERROR (always the 24-byte body)."""
+        self.end_usage(UsageInput.REFUSE)
         self.send_service(PacketType.ERROR, Error(code, self.usage_id).encode())
         self.log.info(
             "session {sid} with {peer}: service refused ({code}): {why}",
