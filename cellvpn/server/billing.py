@@ -371,7 +371,7 @@ class ServerBilling:
                 sid=_sid(session),
                 subjects=", ".join(bill.subjects),
             )
-        self._feed(session, bill, GraceBegun(self.clock.seconds(), _carried(session), service))
+        self._feed(session, bill, GraceBegun(self.clock.seconds(), session.carried(), service))
         self.log.info(
             "session {sid}: deposit {dep} not in the ledger yet: grace for {grace:g} s",
             sid=_sid(session),
@@ -449,7 +449,7 @@ class ServerBilling:
                 unit=_unit_name(bill.unit),
             )
             now = self.clock.seconds()
-            self._feed(session, bill, Restored(left, deposit.locked, now, _carried(session)))
+            self._feed(session, bill, Restored(left, deposit.locked, now, session.carried()))
             return
         if deposit.locked < bill.order.price:
             self._refuse(
@@ -615,7 +615,7 @@ class ServerBilling:
             result.value,
             result.locked_left,
             self.clock.seconds(),
-            _carried(session),
+            session.carried(),
         )
         writes = self._feed(session, bill, redeemed)
         if writes is not None:
@@ -654,7 +654,7 @@ class ServerBilling:
                 close=True,
                 ban=True,
                 now=self.clock.seconds(),
-                carried=_carried(session),
+                carried=session.carried(),
             ),
         )
 
@@ -750,7 +750,7 @@ class ServerBilling:
         bill.timers.pop(timer, None)
         if session.bill is bill:
             now = self.clock.seconds()
-            d = self._feed(session, bill, TimedOut(timer, now, _carried(session)))
+            d = self._feed(session, bill, TimedOut(timer, now, session.carried()))
             _logged(d, self.log, "booking a timed-out bill")
 
     def _tick(self, session: ServerSession, bill: Bill) -> None:
@@ -857,7 +857,7 @@ class ServerBilling:
             return
         now = self.clock.seconds()
         d = self._feed(
-            session, bill, Refused(code, why, close, ban, now=now, carried=_carried(session))
+            session, bill, Refused(code, why, close, ban, now=now, carried=session.carried())
         )
         _logged(d, self.log, "booking a refused bill")
 
@@ -884,7 +884,7 @@ class ServerBilling:
         session.bill = None
         try:
             # every timer of the bill stops; a session that ends in grace uses up budget
-            ended = self._feed(session, bill, Ended(self.clock.seconds(), _carried(session)))
+            ended = self._feed(session, bill, Ended(self.clock.seconds(), session.carried()))
             for timer in list(bill.timers):  # none should be left: the meter stopped them
                 _stop(bill.timers.pop(timer))
             _stop(bill.closing)  # the stream is gone already
@@ -896,7 +896,7 @@ class ServerBilling:
                 await bill.redemption
             # only a bill that was paid has limits to save: the meter books nothing for a
             # refused REQUEST, which must not overwrite what the client has saved
-            saved = self._feed(session, bill, Save(self.clock.seconds(), _carried(session)))
+            saved = self._feed(session, bill, Save(self.clock.seconds(), session.carried()))
             if saved is not None:
                 await saved
         finally:
@@ -917,7 +917,7 @@ class ServerBilling:
                 if bill is None or bill.mode != "paid":
                     continue
                 try:
-                    saved = self._feed(session, bill, Save(self.clock.seconds(), _carried(session)))
+                    saved = self._feed(session, bill, Save(self.clock.seconds(), session.carried()))
                     if saved is not None:
                         await saved
                 except Exception as e:  # a failed save must not stop the next ones
@@ -970,17 +970,6 @@ def _forged(receipt: Receipt, pending: Receipt, client_public: bytes) -> str | N
     if not signed_by(sig, client_public, receipt.info_bytes):
         return "the client's signature on the receipt is not valid"
     return None
-
-
-def _carried(session: ServerSession) -> int:
-    """Bytes the session carried both ways, IP and L4 proxy, as billing counts them."""
-    c = session.counters
-    return (
-        c.from_client_bytes
-        + c.to_client_bytes
-        + c.proxy_from_client_bytes
-        + c.proxy_to_client_bytes
-    )
 
 
 def _sid(session: ServerSession) -> str:

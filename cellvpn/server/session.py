@@ -79,6 +79,8 @@ class ServerSession:
         self.requested = False
         #: the service was granted at some point: its end is always logged
         self.served = False
+        #: when it was granted (the service's clock), for the usage report
+        self.granted_at: float | None = None
         #: traffic waits (both ways) for the ledger: credit used up, or grace bytes spent
         self.held = False
         #: VPN_SEND packets of the current read, forwarded together at its end
@@ -284,6 +286,16 @@ class ServerSession:
         else:
             self.allowance = UNMETERED
 
+    def carried(self) -> int:
+        """Bytes the session carried both ways, IP and L4 proxy, as usage counts them."""
+        c = self.counters
+        return (
+            c.from_client_bytes
+            + c.to_client_bytes
+            + c.proxy_from_client_bytes
+            + c.proxy_to_client_bytes
+        )
+
     def charge(self, size: int) -> None:
         """Bytes carried outside the forwarder (the L4 proxy), billed like IP bytes."""
         self.allowance -= size
@@ -406,6 +418,8 @@ class ServerSession:
         """Activate the usage and tell the client (SUCCESS)."""
         self.usage.fire(how)
         self.served = True
+        if self.granted_at is None:
+            self.granted_at = self.server.reactor.seconds()
         self.send_service(PacketType.SUCCESS, Success(self.usage_id).encode())
         self.log.info(
             "session {sid}: service granted ({state}), usage {usage}",
