@@ -322,7 +322,7 @@ class ServerBilling:
         bill.meter.life.observe(lambda old, event, new: self._moved(session, event, new))
         session.bill = bill
         deposit = await self.ledger.get_deposit(request.tx_cond)
-        if session.ended:
+        if session.ended or session.bill is not bill:
             return
         if deposit is None:
             await self._grace(session, bill)
@@ -361,7 +361,7 @@ class ServerBilling:
             service = await self._grace_left(bill)
         finally:
             bill.judging_grace = False
-        if session.ended:
+        if session.ended or session.bill is not bill:  # gone, or taken over meanwhile
             return
         if not service:
             self.grace_refused += 1
