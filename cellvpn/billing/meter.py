@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from cellvpn.billing.interfaces import DepositRow
+from cellvpn.billing.records import Order, receipt_units_value_ok
 from cellvpn.fsm import Machine
-from cellvpn.wire.service import ErrorCode
+from cellvpn.wire.service import SRV_UID_VPN, ErrorCode
 
 #: An allowance that is never used up (free service, grace, billed by seconds).
 UNMETERED = 1 << 62
@@ -429,6 +431,24 @@ def decide(m: Reading) -> Decision:
     waiting = m.pending or ask
     mark = m.limit - half if m.limit > half and not waiting else m.limit
     return Decision(ask_next=ask, cannot_pay=cannot, allowance=max(1, int(mark)))
+
+
+def judge_deposit(
+    order: Order, client: bytes, deposit: DepositRow, now: float
+) -> tuple[ErrorCode, str] | None:
+    """Why ``deposit`` cannot pay ``client``'s bill on ``order`` (None: it can), in the
+    order the checks are made: owner, service, open, unit, price."""
+    if deposit.owner != client:
+        return ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"
+    if deposit.srv_uid != SRV_UID_VPN:
+        return ErrorCode.TX_COND_WRONG_SRV_UID, "the deposit is for another service"
+    if deposit.closed or deposit.expired(now):
+        return ErrorCode.TX_COND_NOT_FOUND, "the deposit is closed or expired"
+    if deposit.unit != order.unit:
+        return ErrorCode.UNIT_TYPE_ERROR, "the deposit pays for another unit"
+    if not receipt_units_value_ok(order.price, order.units, deposit.max_unit_price):
+        return ErrorCode.RECEIPT_UNITS_ERROR, "the price is above the deposit's maximum"
+    return None
 
 
 # --- the meter ---------------------------------------------------------------------------------

@@ -74,9 +74,10 @@ from cellvpn.billing.meter import (
     Tick,
     TimedOut,
     Timer,
+    judge_deposit,
 )
 from cellvpn.billing.proof import proven_key
-from cellvpn.billing.records import Order, SignedDeposit, SignedOrder, receipt_units_value_ok
+from cellvpn.billing.records import Order, SignedDeposit, SignedOrder
 from cellvpn.config.schema import BillingSection
 from cellvpn.server.edge import Refusal
 from cellvpn.server.sourceprefix import source_prefix
@@ -403,24 +404,10 @@ class ServerBilling:
 
     # --- paying -------------------------------------------------------------------------------
 
-    def _check_deposit(self, bill: Bill, deposit: DepositRow) -> tuple[ErrorCode, str] | None:
-        order = bill.order
-        if deposit.owner != bill.client:
-            return ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"
-        if deposit.srv_uid != SRV_UID_VPN:
-            return ErrorCode.TX_COND_WRONG_SRV_UID, "the deposit is for another service"
-        if deposit.closed or deposit.expired(time.time()):
-            return ErrorCode.TX_COND_NOT_FOUND, "the deposit is closed or expired"
-        if deposit.unit != order.unit:
-            return ErrorCode.UNIT_TYPE_ERROR, "the deposit pays for another unit"
-        if not receipt_units_value_ok(order.price, order.units, deposit.max_unit_price):
-            return ErrorCode.RECEIPT_UNITS_ERROR, "the price is above the deposit's maximum"
-        return None
-
     async def _pay(self, session: ServerSession, bill: Bill, deposit: DepositRow) -> None:
         # in grace, a deposit that cannot pay is no payment: grace ended unpaid, as the original
         grace = bill.mode == "grace"
-        problem = self._check_deposit(bill, deposit)
+        problem = judge_deposit(bill.order, bill.client, deposit, time.time())
         if problem is not None:
             self._refuse(session, *problem, close=grace, ban=grace)
             return

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 from twisted.internet.task import Clock
 
+from cellvpn.billing.interfaces import DepositRow
 from cellvpn.billing.meter import (
     TRANSITIONS,
     UNMETERED,
@@ -44,9 +45,12 @@ from cellvpn.billing.meter import (
     TimedOut,
     Timer,
     decide,
+    judge_deposit,
     new_bill_machine,
 )
+from cellvpn.billing.records import Order
 from cellvpn.fsm import InvalidTransitionError
+from cellvpn.wire.receipt import Unit
 from cellvpn.wire.service import ErrorCode
 
 IDLE, GRACE, PAID, STOPPED = "idle", "grace", "paid", "stopped"
@@ -724,3 +728,73 @@ def test_seconds_held_are_not_billed() -> None:
     clock.advance(5)
     meter.handle(Tick(clock.seconds()))
     assert meter.limit == 60
+
+
+# --- the deposit a REQUEST names ----------------------------------------------------------------
+
+CLIENT = b"c" * 32
+ORDER = Order(unit=Unit.B, units=1000, price=10, token="CELL", provider=b"p" * 32, expires=2000)
+DEPOSIT = DepositRow(
+    id=b"d" * 32,
+    owner=CLIENT,
+    owner_public=b"k" * 32,
+    srv_uid=1,
+    unit=Unit.B,
+    max_unit_price=1,
+    locked=100,
+    initial=100,
+    expires=2000,
+    state_hash=b"d" * 32,
+    closed=False,
+    active_usage=None,
+)
+
+
+@pytest.mark.parametrize(
+    ("what", "changes", "now", "expected"),
+    [
+        ("a deposit that can pay", {}, 1000, None),
+        (
+            "another owner",
+            {"owner": b"o" * 32},
+            1000,
+            (ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"),
+        ),
+        (
+            "another service",
+            {"srv_uid": 2},
+            1000,
+            (ErrorCode.TX_COND_WRONG_SRV_UID, "the deposit is for another service"),
+        ),
+        (
+            "closed",
+            {"closed": True},
+            1000,
+            (ErrorCode.TX_COND_NOT_FOUND, "the deposit is closed or expired"),
+        ),
+        ("expired", {}, 2000, (ErrorCode.TX_COND_NOT_FOUND, "the deposit is closed or expired")),
+        (
+            "another unit",
+            {"unit": Unit.SEC},
+            1000,
+            (ErrorCode.UNIT_TYPE_ERROR, "the deposit pays for another unit"),
+        ),
+        (
+            "a price above its maximum",
+            {"max_unit_price": 0},
+            1000,
+            (ErrorCode.RECEIPT_UNITS_ERROR, "the price is above the deposit's maximum"),
+        ),
+        (
+            "the owner is checked first",
+            {"owner": b"o" * 32, "closed": True, "unit": Unit.SEC},
+            3000,
+            (ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"),
+        ),
+    ],
+)
+def test_the_deposit_a_request_names(
+    what: str, changes: dict[str, object], now: float, expected: object
+) -> None:
+    deposit = replace(DEPOSIT, **changes)  # type: ignore[arg-type]
+    assert judge_deposit(ORDER, CLIENT, deposit, now) == expected, what
