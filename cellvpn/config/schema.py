@@ -795,7 +795,11 @@ class LedgerSection:
     """Where accounts, deposits and receipts are kept."""
 
     url: str | None = option(
-        optional(LEDGER_URL), None, "The ledger's location; empty = state_dir/ledger.db."
+        optional(LEDGER_URL),
+        None,
+        "The ledger's location; empty = state_dir/ledger.db. A free server (no [billing]"
+        " price) opens a ledger only when this is set, and books there each free session's"
+        " seconds and bytes as usage of kind free when it ends.",
     )
 
 

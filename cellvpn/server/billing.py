@@ -1,4 +1,10 @@
-"""The server's side of billing on channel 'R': who pays, how much is left, when to ask again.
+"""The server's side of billing on channel 'R': the edge that carries out the meter's actions.
+
+What a bill does is decided by :class:`cellvpn.billing.meter.Meter`, sans-IO; this module feeds
+it events (a REQUEST judged, bytes carried, a tick, a receipt signed, redeemed or refused, a
+timer gone off, the session's end) and carries out the actions it returns against the ledger
+(through :class:`~cellvpn.billing.asyncledger.AsyncLedger`, off the reactor thread), the clock
+(the service's ``IReactorTime``: every timer is the bill's and stops with it) and the stream.
 
 The flow keeps the original's shape (REQUEST -> SIGN_REQUEST <-> SIGN_RESPONSE -> SUCCESS, or
 ERROR; NOTIFY_STOPPED at the end) on cellvpn's own ledger:
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +42,43 @@ from twisted.logger import Logger
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.interfaces import DepositRow, LedgerError, LedgerUnavailableError
 from cellvpn.billing.keys import KeyPair, account_of, signed_by
-from cellvpn.billing.meter import BillInput, BillState, Reading, decide, new_bill_machine
+from cellvpn.billing.meter import (
+    UNMETERED,
+    Action,
+    AskFirst,
+    AskReceipt,
+    Ban,
+    BillInput,
+    BillState,
+    BookGrace,
+    BookUsage,
+    Carried,
+    Ended,
+    Event,
+    Found,
+    GraceBegun,
+    Grant,
+    Hold,
+    Meter,
+    Redeemed,
+    Refuse,
+    Refused,
+    Restored,
+    Save,
+    SetAllowance,
+    Signed,
+    StartTimer,
+    Stop,
+    StopTimer,
+    Terms,
+    Tick,
+    TimedOut,
+    Timer,
+    judge_deposit,
+)
 from cellvpn.billing.proof import proven_key
-from cellvpn.billing.records import Order, SignedDeposit, SignedOrder, receipt_units_value_ok
+from cellvpn.billing.records import Order, SignedDeposit, SignedOrder
 from cellvpn.config.schema import BillingSection
-from cellvpn.fsm import Machine
 from cellvpn.server.edge import Refusal
 from cellvpn.server.sourceprefix import source_prefix
 from cellvpn.server.usage import UsageInput, UsageState
@@ -52,10 +91,8 @@ if TYPE_CHECKING:
     from cellvpn.server.service import VPNServerService
     from cellvpn.server.session import ServerSession
 
-#: An allowance that is never used up (free service, grace).
-UNMETERED = 1 << 62
-#: Seconds between looks at the ledger for a deposit during grace.
-GRACE_POLL = 1.0
+__all__ = ["UNMETERED", "Bill", "ServerBilling"]
+
 #: Seconds between the NOTIFY_STOPPED and the close, so the client reads why.
 STOP_LINGER = 2.0
 #: How long an order the server publishes stays valid (it is renewed at every start).
@@ -72,63 +109,40 @@ REDEEM_RETRY = 1.0
 
 @dataclass
 class Bill:
-    """One session's billing state."""
+    """One session's bill: its meter, and what the edge keeps for the ledger and the wire."""
 
     client_public: bytes
     client: bytes
     deposit_id: bytes
-    unit: int = Unit.SEC
+    meter: Meter
     #: the order this session pays by: the one it was offered, kept when a reload changes it
-    order: Order | None = None
-    #: idle, grace, paid, stopped: the bill's life (``cellvpn.billing.meter``)
-    life: Machine[BillState, BillInput] = field(default_factory=new_bill_machine)
-    #: units left (bytes or seconds) of what was paid for
-    limit: float = 0
-    #: the allowance handed to the forwarder when it was last armed (B)
-    armed: int = 0
-    locked_left: int = 0
+    order: Order
     #: the deposit's state hash: the prev hash of the next receipt
     state_hash: bytes = bytes(32)
+    #: the receipt the meter asked for, as sent (signed by the provider)
     pending: Receipt | None = None
     pending_kind: str = ""
-    attempts: int = 0
-    timer: IDelayedCall | None = None
-    next_failed: ErrorCode | None = None
-    #: a signed receipt is in the ledger's hands: at zero, carry on (into debt) until it is done
-    redeeming: bool = False
-    #: fires once that receipt's outcome is booked on this bill (the session's end waits for it)
+    #: fires once a receipt's outcome is booked on this bill (the session's end waits for it)
     redemption: defer.Deferred[None] | None = None
     marker: str = ""
-    grace_timer: IDelayedCall | None = None
-    poller: LoopingCall | None = None
-    ticker: LoopingCall | None = None
-    last_tick: float = 0.0
-    paid_value: int = 0
-    started: float = 0.0
-    saved_bytes: int = 0
-    saved_seconds: float = 0.0
-    receipts: int = 0
-    #: when NOTIFY_STOPPED went out (wall clock), for reports
-    stopped_at: float | None = None
-    #: traffic is held: the credit of a pending redemption, or the grace bytes, are used up
-    held: bool = False
     #: the budgets this session's grace is booked against: its key and its source prefix
     subjects: tuple[str, ...] = ()
-    #: grace: when it began (the reactor's clock), the bytes counter then, what it used
-    grace_since: float | None = None
-    grace_bytes_at: int = 0
-    grace_seconds: float = 0.0
-    grace_bytes: int = 0
-    #: the session has traffic in grace (False: out of budget, it must pay first)
-    grace_service: bool = False
-    #: the service was granted on paid terms (a receipt, or saved limits) at some point
-    metered: bool = False
-    #: ``limit`` as the ledger's saved limits have it (what the last save or redemption left)
-    synced: float = 0.0
+    #: the grace budgets are being looked up (counted as grace for grace_per_address)
+    judging_grace: bool = False
+    #: when NOTIFY_STOPPED went out (wall clock), for reports
+    stopped_at: float | None = None
+    #: the bill's timers that run, by the meter's name for them
+    timers: dict[Timer, IDelayedCall | LoopingCall] = field(default_factory=dict)
+    #: the close that follows NOTIFY_STOPPED or a refusal
+    closing: IDelayedCall | None = None
 
     @property
     def mode(self) -> str:
-        return self.life.state.value
+        return self.meter.mode
+
+    @property
+    def unit(self) -> int:
+        return self.order.unit
 
 
 class ServerBilling:
@@ -173,7 +187,7 @@ class ServerBilling:
         if cleared:
             self.log.info("released {n} deposit(s) marked in use by an earlier run", n=cleared)
         saver = LoopingCall(self.save_all)
-        saver.clock = self.server.reactor
+        saver.clock = self.clock
         saver.start(self.config.save_interval, now=False)
         self._saver = saver
         self.log.info(
@@ -203,6 +217,9 @@ class ServerBilling:
         token) for the sessions that come after it. A session keeps the order it was offered,
         so what a client agreed to never changes under it. True when the order changed."""
         self.config = config
+        for session in self.server.sessions:
+            if session.bill is not None:  # the credit, timeouts, grace bytes: at once
+                session.bill.meter.terms = self._terms(session.bill.order)
         order = self._sign(config)
         if _terms(order.order) == _terms(self.order.order):
             return False
@@ -231,8 +248,21 @@ class ServerBilling:
             session.order_offered = self.order
         return self.order.encode()
 
-    def _order(self, bill: Bill) -> Order:
-        return bill.order if bill.order is not None else self.order.order
+    def _terms(self, order: Order) -> Terms:
+        """What a bill on ``order`` is metered by, with this server's [billing] rules."""
+        c = self.config
+        by_bytes = order.unit == Unit.B
+        return Terms(
+            by_bytes=by_bytes,
+            units=order.units,
+            price=order.price,
+            credit=c.redeem_credit_bytes if by_bytes else c.redeem_credit_seconds,
+            receipt_timeout=c.receipt_timeout,
+            receipt_attempts=c.receipt_attempts,
+            grace_period=self.grace_period,
+            grace_bytes=c.grace_bytes,
+            ban_seconds=self.grace_period * 50,
+        )
 
     # --- REQUEST ------------------------------------------------------------------------------
 
@@ -286,18 +316,27 @@ class ServerBilling:
             client_public=public,
             client=client,
             deposit_id=request.tx_cond,
+            meter=Meter(self._terms(offered.order), self.clock.seconds()),
             order=offered.order,
-            started=self.clock.seconds(),
             subjects=(f"key:{client.hex()}", f"net:{prefix}"),
         )
+        bill.meter.life.observe(lambda old, event, new: self._moved(session, event, new))
         session.bill = bill
         deposit = await self.ledger.get_deposit(request.tx_cond)
-        if session.ended:
+        if session.ended or session.bill is not bill:
             return
         if deposit is None:
             await self._grace(session, bill)
             return
         await self._pay(session, bill, deposit)
+
+    def _moved(self, session: ServerSession, event: BillInput, new: BillState) -> None:
+        """Log lines for steps of a bill that no action says."""
+        if event is BillInput.UNSIGNED and new is BillState.PAID:
+            self.log.info(
+                "session {sid}: the next receipt was not signed; service ends with the limits",
+                sid=_sid(session),
+            )
 
     # --- grace --------------------------------------------------------------------------------
 
@@ -308,7 +347,7 @@ class ServerBilling:
             for s in self.server.sessions
             if s is not session
             and s.bill is not None
-            and s.bill.mode == "grace"
+            and (s.bill.mode == "grace" or s.bill.judging_grace)
             and _host(s.peer) == host
         )
         if in_grace >= self.config.grace_per_address:
@@ -318,17 +357,14 @@ class ServerBilling:
                 f"deposit not in the ledger and {host} already has {in_grace} grace session(s)",
             )
             return
-        bill.life.fire(BillInput.GRACE)
-        bill.grace_service = await self._grace_left(bill)
-        if session.ended:
+        bill.judging_grace = True
+        try:
+            service = await self._grace_left(bill)
+        finally:
+            bill.judging_grace = False
+        if session.ended or session.bill is not bill:  # gone, or taken over meanwhile
             return
-        if bill.grace_service:
-            bill.grace_since = self.clock.seconds()
-            bill.grace_bytes_at = _carried(session)
-            # grace traffic has a cap: at it, traffic waits for the first receipt
-            session.allowance = max(1, self.config.grace_bytes)
-            session.grant(UsageInput.GRANT_GRACE)
-        else:
+        if not service:
             self.grace_refused += 1
             self.log.info(
                 "session {sid}: no grace left for {subjects}: nothing passes before the "
@@ -336,12 +372,7 @@ class ServerBilling:
                 sid=_sid(session),
                 subjects=", ".join(bill.subjects),
             )
-        clock = self.server.reactor
-        bill.grace_timer = clock.callLater(self.grace_period, self._grace_over, session)
-        poller = LoopingCall(self._poll, session)
-        poller.clock = clock
-        poller.start(GRACE_POLL, now=False).addErrback(self._failed, session, "polling")
-        bill.poller = poller
+        self._feed(session, bill, GraceBegun(self.clock.seconds(), session.carried(), service))
         self.log.info(
             "session {sid}: deposit {dep} not in the ledger yet: grace for {grace:g} s",
             sid=_sid(session),
@@ -361,88 +392,30 @@ class ServerBilling:
                 return False
         return True
 
-    async def _end_grace(self, session: ServerSession, bill: Bill) -> None:
-        """Grace is over (paid, failed, or the session ended): book what it used."""
-        if bill.grace_since is None:
-            return
-        bill.grace_seconds = self.clock.seconds() - bill.grace_since
-        bill.grace_bytes = _carried(session) - bill.grace_bytes_at
-        bill.grace_since = None
-        # what grace carried is booked as grace, not as paid, in the usage report
-        bill.saved_seconds += bill.grace_seconds
-        bill.saved_bytes += bill.grace_bytes
-        await self.ledger.book_grace(
-            self.key.account, bill.subjects, time.time(), bill.grace_seconds, bill.grace_bytes
-        )
-        await self.ledger.add_usage(
-            self.key.account, bill.client, "grace", bill.grace_seconds, bill.grace_bytes, 0
-        )
-
-    async def _poll(self, session: ServerSession) -> None:
-        bill = session.bill
-        if bill is None or bill.mode != "grace" or session.ended:
+    async def _poll(self, session: ServerSession, bill: Bill) -> None:
+        if session.bill is not bill or bill.mode != "grace" or session.ended:
             return
         deposit = await self.ledger.get_deposit(bill.deposit_id)
-        if deposit is not None and bill.mode == "grace" and not session.ended:
-            _stop_loop(bill.poller)
-            _cancel(bill.grace_timer)
-            self.log.info("session {sid}: deposit appeared in the ledger", sid=_sid(session))
-            await self._pay(session, bill, deposit)
-
-    def _grace_over(self, session: ServerSession) -> None:
-        bill = session.bill
-        if bill is None or bill.mode != "grace":
+        if deposit is None or Timer.POLL not in bill.meter.timers or session.ended:
             return
-        _stop_loop(bill.poller)
-        self._ban(session, bill, self.grace_period * 50)
-        self._refuse(
-            session,
-            ErrorCode.TX_COND_NOT_FOUND,
-            f"deposit never appeared within {self.grace_period:g} s: key banned for "
-            f"{self.grace_period * 50:g} s",
-            close=True,
-        )
-
-    def _ban(self, session: ServerSession, bill: Bill, seconds: float) -> None:
-        """Ban the session's key for ``seconds`` (grace ended unpaid, or fraud)."""
-        self.banned += 1
-        d = defer.Deferred.fromCoroutine(self._end_grace(session, bill))
-        d.addCallback(
-            lambda _: self.ledger.ban(self.key.account, bill.client, time.time() + seconds)
-        )
-        d.addErrback(self._failed, session, "banning")
+        self._feed(session, bill, Found())
+        self.log.info("session {sid}: deposit appeared in the ledger", sid=_sid(session))
+        await self._pay(session, bill, deposit)
 
     # --- paying -------------------------------------------------------------------------------
 
-    def _check_deposit(self, bill: Bill, deposit: DepositRow) -> tuple[ErrorCode, str] | None:
-        order = self._order(bill)
-        if deposit.owner != bill.client:
-            return ErrorCode.RECEIPT_WRONG_PKEY_HASH, "the deposit belongs to another key"
-        if deposit.srv_uid != SRV_UID_VPN:
-            return ErrorCode.TX_COND_WRONG_SRV_UID, "the deposit is for another service"
-        if deposit.closed or deposit.expired(time.time()):
-            return ErrorCode.TX_COND_NOT_FOUND, "the deposit is closed or expired"
-        if deposit.unit != order.unit:
-            return ErrorCode.UNIT_TYPE_ERROR, "the deposit pays for another unit"
-        if not receipt_units_value_ok(order.price, order.units, deposit.max_unit_price):
-            return ErrorCode.RECEIPT_UNITS_ERROR, "the price is above the deposit's maximum"
-        return None
-
     async def _pay(self, session: ServerSession, bill: Bill, deposit: DepositRow) -> None:
-        problem = self._check_deposit(bill, deposit)
+        # in grace, a deposit that cannot pay is no payment: grace ended unpaid, as the original
+        grace = bill.mode == "grace"
+        problem = judge_deposit(bill.order, bill.client, deposit, time.time())
         if problem is not None:
-            if bill.mode == "grace":
-                # grace ended unpaid (a deposit that cannot pay is no payment): as the original
-                self._ban(session, bill, self.grace_period * 50)
-            self._refuse(session, *problem, close=bill.mode == "grace")
+            self._refuse(session, *problem, close=grace, ban=grace)
             return
         if not await self._mark(session, bill, deposit):
             return
         if deposit.active_usage is not None:
             # taken over from an older session: it may have redeemed a receipt meanwhile
             deposit = await self.ledger.get_deposit(bill.deposit_id) or deposit
-        bill.unit = deposit.unit
-        bill.locked_left = deposit.locked
         bill.state_hash = deposit.state_hash
         limits = None
         if not any(
@@ -450,32 +423,31 @@ class ServerBilling:
             for s in self.server.sessions
         ):
             limits = await self.ledger.load_limits(self.key.account, bill.client, bill.deposit_id)
-        if session.ended:
+        if session.ended or session.bill is not bill:
             return
         left: float = 0
         if limits is not None:
             left = limits.bytes_left if bill.unit == Unit.B else limits.seconds_left
         if left > 0:
-            bill.limit = bill.synced = left
             self.log.info(
                 "session {sid}: resuming with {left} {unit} saved from an earlier session",
                 sid=_sid(session),
                 left=int(left),
                 unit=_unit_name(bill.unit),
             )
-            self._paid(session, bill)
+            now = self.clock.seconds()
+            self._feed(session, bill, Restored(left, deposit.locked, now, session.carried()))
             return
-        if bill.locked_left < self._order(bill).price:
-            if bill.mode == "grace":
-                self._ban(session, bill, self.grace_period * 50)
+        if deposit.locked < bill.order.price:
             self._refuse(
                 session,
                 ErrorCode.TX_COND_NOT_ENOUGH,
                 "the deposit cannot pay one receipt",
-                close=bill.mode == "grace",
+                close=grace,
+                ban=grace,
             )
             return
-        self._ask(session, bill, "first", bill.state_hash)
+        self._feed(session, bill, AskFirst())
 
     async def _mark(self, session: ServerSession, bill: Bill, deposit: DepositRow) -> bool:
         """One usage per deposit: take it, take it over from our own older session, or from
@@ -516,69 +488,29 @@ class ServerBilling:
         bill.marker = marker
         return True
 
-    def _ask(self, session: ServerSession, bill: Bill, kind: str, prev: bytes) -> None:
-        """Issue a receipt signed by the provider: SIGN_REQUEST."""
-        order = self._order(bill)
+    def _receipt(self, bill: Bill) -> Receipt:
+        """A receipt signed by the provider, for the next units of ``bill``."""
+        order = bill.order
         info = ReceiptInfo(
             srv_uid=SRV_UID_VPN,
             units_type=order.unit,
             units=order.units,
             value=order.price,
-            prev_hash=prev,
+            prev_hash=bill.state_hash,
             # a fresh number each time: a receipt asked for again (its signed answer lost on
             # the way) is a new receipt the client may sign; both name the same prev, so the
             # ledger redeems at most one of them
             addition=secrets.randbits(63),
         )
-        receipt = Receipt(info, (self.key.signature(info.encode()),))
-        bill.pending = receipt
-        bill.pending_kind = kind
-        bill.attempts = 0
-        self._send_pending(session, bill)
-
-    def _send_pending(self, session: ServerSession, bill: Bill) -> None:
-        if bill.pending is None or session.ended:
-            return
-        bill.attempts += 1
-        session.send_service(PacketType.SIGN_REQUEST, bill.pending.encode())
-        session.flush()
-        bill.timer = self.server.reactor.callLater(
-            self.config.receipt_timeout, self._receipt_timeout, session
-        )
-
-    def _receipt_timeout(self, session: ServerSession) -> None:
-        bill = session.bill
-        if bill is None or bill.pending is None:
-            return
-        bill.timer = None
-        if bill.attempts < self.config.receipt_attempts:
-            self._send_pending(session, bill)
-            return
-        kind = bill.pending_kind
-        bill.pending = None
-        if kind == "first":
-            self._refuse(
-                session,
-                ErrorCode.RECEIPT_NO_SIGN,
-                f"no signed receipt after {bill.attempts} attempts",
-                close=True,
-            )
-        else:
-            # as the original: the client keeps what it paid for, then the service stops
-            bill.next_failed = ErrorCode.RECEIPT_NO_SIGN
-            self.log.info(
-                "session {sid}: the next receipt was not signed; service ends with the limits",
-                sid=_sid(session),
-            )
-            self._rearm(session, bill)
+        return Receipt(info, (self.key.signature(info.encode()),))
 
     def service_packet(self, session: ServerSession, ptype: int, data: memoryview) -> bool:
         if ptype == PacketType.SIGN_RESPONSE:
             bill = session.bill
-            busy = bill is not None and bill.redeeming
+            busy = bill is not None and bill.meter.redeeming
             d = defer.Deferred.fromCoroutine(self._signed(session, Receipt.decode(data)))
             d.addErrback(self._failed, session, "redeeming a receipt")
-            if bill is not None and bill.redeeming and not busy:
+            if bill is not None and bill.meter.redeeming and not busy:
                 bill.redemption = d  # this one went to the ledger
             return True
         if ptype == PacketType.ERROR:
@@ -611,7 +543,7 @@ class ServerBilling:
 
     async def _signed(self, session: ServerSession, receipt: Receipt) -> None:
         bill = session.bill
-        pending = bill.pending if bill is not None else None
+        pending = bill.pending if bill is not None and bill.meter.pending else None
         if bill is None or pending is None or receipt.info_bytes != pending.info_bytes:
             self.refused += 1
             self._error(session, ErrorCode.RECEIPT_CANT_FIND, "SIGN_RESPONSE for no receipt")
@@ -627,19 +559,14 @@ class ServerBilling:
             # checked here, before the receipt buys any credit: a forged signature would
             # otherwise carry traffic until the ledger refused it
             self.refused += 1
-            bill.pending = None
-            _cancel(bill.timer)
             self._fraud(session, bill, ErrorCode.RECEIPT_NO_SIGN, forged)
             return
         bill.pending = None
-        _cancel(bill.timer)
         kind = bill.pending_kind
-        bill.redeeming = True
+        self._feed(session, bill, Signed())
         try:
             result = await self._redeem(session, bill, receipt)
         except LedgerError as e:
-            bill.redeeming = False
-            self._release(session, bill)
             self.refused += 1
             self.log.info(
                 "session {sid}: receipt refused by the ledger: {why}",
@@ -648,25 +575,17 @@ class ServerBilling:
             )
             if e.code in FRAUD:
                 self._fraud(session, bill, e.code, e.summary)
-            elif kind == "first":
-                self._refuse(session, e.code, e.summary, close=True)
             else:
-                # the deposit ran dry or expired: an honest end, at zero, with no ban
-                bill.next_failed = e.code
-                self._rearm(session, bill)
+                # the first receipt refused ends the REQUEST; a further one refused (the
+                # deposit ran dry or expired) is an honest end, at zero, with no ban
+                self._feed(
+                    session,
+                    bill,
+                    Refused(e.code, e.summary, close=kind == "first", honest=kind != "first"),
+                )
             return
-        bill.redeeming = False
         self.redeemed += 1
-        bill.receipts += 1
-        bill.locked_left = result.locked_left
         bill.state_hash = result.receipt_hash
-        bill.paid_value += result.value
-        bill.limit += receipt.info.units
-        bill.synced += receipt.info.units  # the ledger added them in the redemption
-        if bill.mode == "grace":
-            # the first receipt pays for the grace actually used, as the original counts it
-            await self._end_grace(session, bill)
-            bill.limit -= bill.grace_seconds if bill.unit == Unit.SEC else bill.grace_bytes
         self.log.info(
             "session {sid}: receipt {hash} redeemed: {value} {token} for {units} {unit}, "
             "{left} left in the deposit",
@@ -678,15 +597,16 @@ class ServerBilling:
             unit=_unit_name(bill.unit),
             left=result.locked_left,
         )
-        if session.ended:
-            return
-        self._release(session, bill)
-        if bill.mode in ("idle", "grace"):
-            self._paid(session, bill)
-        else:
-            session.send_service(PacketType.SUCCESS, Success(session.usage_id).encode())
-            session.flush()
-            self._rearm(session, bill)
+        redeemed = Redeemed(
+            receipt.info.units,
+            result.value,
+            result.locked_left,
+            self.clock.seconds(),
+            session.carried(),
+        )
+        writes = self._feed(session, bill, redeemed)
+        if writes is not None:
+            await writes  # the grace it paid for is booked before the session's end saves
 
     async def _redeem(self, session: ServerSession, bill: Bill, receipt: Receipt) -> Any:
         """The ledger's answer; while it is unavailable, tried again each second for up to
@@ -704,7 +624,6 @@ class ServerBilling:
 
     def _fraud(self, session: ServerSession, bill: Bill, code: int, why: str) -> None:
         """A forged or foreign signature, a fork or a replay: stop at once and ban the key."""
-        self._ban(session, bill, self.grace_period * 50)
         self.log.warn(
             "session {sid} with {peer}: {why}: stopped, key {key} banned for {ban:g} s",
             sid=_sid(session),
@@ -713,36 +632,18 @@ class ServerBilling:
             key=bill.client.hex()[:16],
             ban=self.grace_period * 50,
         )
-        self._refuse(session, code, why, close=True)
-
-    def _release(self, session: ServerSession, bill: Bill) -> None:
-        """Traffic held at the credit (or the grace cap) goes on."""
-        if bill.held:
-            bill.held = False
-            session.hold(False)
-
-    def _paid(self, session: ServerSession, bill: Bill) -> None:
-        """The first payment (or saved limits): the service is granted, metering starts."""
-        if bill.grace_since is not None:  # resumed from saved limits during grace
-            d = defer.Deferred.fromCoroutine(self._end_grace(session, bill))
-            d.addErrback(self._failed, session, "booking grace")
-        bill.life.fire(BillInput.PAID)
-        bill.metered = True
-        if session.usage.state is UsageState.IDLE:
-            session.grant(UsageInput.PAID)
-        else:
-            session.usage.fire(UsageInput.PAID)
-            session.send_service(PacketType.SUCCESS, Success(session.usage_id).encode())
-            session.flush()
-        bill.last_tick = self.clock.seconds()
-        bill.armed = session.allowance  # nothing of the metered kind has passed yet
-        if bill.unit == Unit.SEC:
-            session.allowance = UNMETERED
-            ticker = LoopingCall(self._tick, session)
-            ticker.clock = self.server.reactor
-            ticker.start(1.0, now=False)
-            bill.ticker = ticker
-        self._rearm(session, bill)
+        self._feed(
+            session,
+            bill,
+            Refused(
+                code,
+                why,
+                close=True,
+                ban=True,
+                now=self.clock.seconds(),
+                carried=session.carried(),
+            ),
+        )
 
     async def _create(self, session: ServerSession, signed: SignedDeposit) -> None:
         try:
@@ -759,102 +660,124 @@ class ServerBilling:
         session.send_service(PacketType.DEPOSIT_CREATED, row.id)
         session.flush()
 
-    # --- metering -----------------------------------------------------------------------------
+    # --- the meter's events and actions -------------------------------------------------------
 
     def allowance_used(self, session: ServerSession) -> None:
-        """The forwarder used up the byte allowance: account for it and look again."""
+        """The forwarder used up the byte allowance: the meter accounts for it and looks."""
         bill = session.bill
-        if bill is not None and bill.mode == "grace" and bill.grace_service:
-            # the grace bytes are spent: traffic waits for the first receipt
-            if not bill.held:
-                bill.held = True
-                session.hold(True)
+        if bill is None:
             session.allowance = UNMETERED
             return
-        if bill is None or bill.mode != "paid" or bill.unit != Unit.B:
-            session.allowance = UNMETERED
-            return
-        self._rearm(session, bill)
+        self._feed(session, bill, Carried(session.allowance))
 
-    def _tick(self, session: ServerSession) -> None:
-        bill = session.bill
-        if bill is None or bill.mode != "paid":
-            return
-        now = self.clock.seconds()
-        if not bill.held:  # held time is no service
-            bill.limit -= now - bill.last_tick
-        bill.last_tick = now
-        self._rearm(session, bill)
+    def _feed(
+        self, session: ServerSession, bill: Bill, event: Event
+    ) -> defer.Deferred[None] | None:
+        """Hand ``event`` to the bill's meter and carry out its actions; the ledger writes
+        they ask for, in order, as one Deferred (None: there are none)."""
+        bill.meter.count(session.allowance)  # the bytes carried since the allowance was set
+        return self._carry_out(session, bill, bill.meter.handle(event))
 
-    def _used_bytes_now(self, session: ServerSession, bill: Bill) -> None:
-        if bill.unit == Unit.B and bill.mode == "paid":
-            bill.limit -= bill.armed - session.allowance
-            bill.armed = session.allowance
+    def _carry_out(
+        self, session: ServerSession, bill: Bill, actions: Iterable[Action]
+    ) -> defer.Deferred[None] | None:
+        writes: list[Callable[[], Awaitable[Any]]] = []
+        for action in actions:
+            match action:
+                case SetAllowance(nbytes=n):
+                    session.allowance = n
+                case StartTimer():
+                    self._start_timer(session, bill, action)
+                case StopTimer(timer=timer):
+                    _stop(bill.timers.pop(timer, None))
+                case AskReceipt(kind=kind, again=again):
+                    self._ask(session, bill, kind, again)
+                case Hold(held=held):
+                    session.hold(held)
+                case Grant(grace=True):
+                    session.grant(UsageInput.GRANT_GRACE)
+                case Grant():
+                    self._grant(session)
+                case Stop(code=code):
+                    self._stop(session, bill, code)
+                case Refuse(code=code, why=why, close=close):
+                    bill.pending = None
+                    self._refusal(session, code, why, close)
+                case Ban(seconds=seconds):
+                    self.banned += 1
+                    writes.append(self._ban_write(bill, seconds))
+                case BookGrace():
+                    writes.append(self._grace_write(bill, action))
+                case BookUsage():
+                    writes.append(self._usage_write(bill, action))
+        if not writes:
+            return None
 
-    def _rearm(self, session: ServerSession, bill: Bill) -> None:
-        """Ask for the next receipt at half, stop at zero, and set the next allowance."""
-        if bill.mode != "paid" or session.ended:
-            return
-        self._used_bytes_now(session, bill)  # what passed since the allowance was last set
-        by_bytes = bill.unit == Unit.B
-        order = self._order(bill)
-        decision = decide(
-            Reading(
-                limit=bill.limit,
-                units=order.units,
-                price=order.price,
-                locked_left=bill.locked_left,
-                pending=bill.pending is not None,
-                next_failed=bill.next_failed is not None,
-                redeeming=bill.redeeming,
-                credit=(
-                    self.config.redeem_credit_bytes
-                    if by_bytes
-                    else self.config.redeem_credit_seconds
-                ),
-                held=bill.held,
-                by_bytes=by_bytes,
-            )
-        )
-        if decision.stop:
-            self._stop(session, bill)
-            return
-        if decision.hold:
-            bill.held = True
-            session.hold(True)
-            session.allowance = bill.armed = UNMETERED
-            return
-        if decision.ask_next:
-            self.log.info(
-                "session {sid}: {left} {unit} left of {units}: asking for the next receipt",
-                sid=_sid(session),
-                left=int(bill.limit),
-                unit=_unit_name(bill.unit),
-                units=order.units,
-            )
-            self._ask(session, bill, "next", bill.state_hash)
-        if decision.cannot_pay:
-            bill.next_failed = ErrorCode.TX_COND_NOT_ENOUGH
-        if decision.allowance is not None:
-            session.allowance = bill.armed = decision.allowance
+        async def run() -> None:
+            for write in writes:
+                await write()
 
-    def _stop(self, session: ServerSession, bill: Bill) -> None:
+        return defer.Deferred.fromCoroutine(run())
+
+    def _start_timer(self, session: ServerSession, bill: Bill, start: StartTimer) -> None:
+        """A timer of the bill, on the service's clock; it feeds the meter when it goes off."""
+        _stop(bill.timers.pop(start.timer, None))
+        if start.repeat:
+            step = self._poll if start.timer is Timer.POLL else self._tick
+            loop = LoopingCall(step, session, bill)
+            loop.clock = self.clock
+            d = loop.start(start.seconds, now=False)
+            d.addErrback(self._failed, session, f"the bill's {start.timer.value} timer")
+            bill.timers[start.timer] = loop
+        else:
+            call = self.clock.callLater(start.seconds, self._timed_out, session, bill, start.timer)
+            bill.timers[start.timer] = call
+
+    def _timed_out(self, session: ServerSession, bill: Bill, timer: Timer) -> None:
+        bill.timers.pop(timer, None)
+        if session.bill is bill:
+            now = self.clock.seconds()
+            d = self._feed(session, bill, TimedOut(timer, now, session.carried()))
+            _logged(d, self.log, "booking a timed-out bill")
+
+    def _tick(self, session: ServerSession, bill: Bill) -> None:
+        if session.bill is bill:
+            self._feed(session, bill, Tick(self.clock.seconds()))
+
+    def _ask(self, session: ServerSession, bill: Bill, kind: str, again: bool) -> None:
+        """SIGN_REQUEST: a new receipt signed by the provider, or the pending one again."""
+        if not again or bill.pending is None:
+            if kind == "next":
+                terms = bill.meter.terms
+                self.log.info(
+                    "session {sid}: {left} {unit} left of {units}: asking for the next receipt",
+                    sid=_sid(session),
+                    left=int(bill.meter.limit),
+                    unit=_unit_name(bill.unit),
+                    units=terms.units,
+                )
+            bill.pending = self._receipt(bill)
+            bill.pending_kind = kind
+        if session.ended:
+            return
+        session.send_service(PacketType.SIGN_REQUEST, bill.pending.encode())
+        session.flush()
+
+    def _grant(self, session: ServerSession) -> None:
+        """SUCCESS for a payment: the service granted (or granted on) paid terms."""
+        if session.usage.state is UsageState.IDLE:
+            session.grant(UsageInput.PAID)
+            return
+        if session.usage.can(UsageInput.PAID):
+            session.usage.fire(UsageInput.PAID)
+        session.send_service(PacketType.SUCCESS, Success(session.usage_id).encode())
+        session.flush()
+
+    def _stop(self, session: ServerSession, bill: Bill, code: int) -> None:
         """Limits used up without a signed next receipt: NOTIFY_STOPPED, no more packets."""
-        bill.life.fire(BillInput.USED_UP)
         bill.stopped_at = time.time()
-        _stop_loop(bill.ticker)
-        _cancel(bill.timer)
-        unsigned = bill.pending is not None
         bill.pending = None
-        code = bill.next_failed or (
-            ErrorCode.RECEIPT_NO_SIGN if unsigned else ErrorCode.RECEIPT_CANT_FIND
-        )
-        session.allowance = UNMETERED
-        if session.usage.can(UsageInput.STOP):
-            session.usage.fire(UsageInput.STOP)
-        self.server.forwarder_detach(session)
-        if self.server.proxy is not None:
-            self.server.proxy.usage_ended(session)
+        session.end_usage(UsageInput.STOP)
         error = Error(code, session.usage_id)
         session.send_service(PacketType.NOTIFY_STOPPED, error.encode())
         session.flush()
@@ -864,9 +787,40 @@ class ServerBilling:
             peer=session.peer,
             code=error.name,
         )
-        self.server.reactor.callLater(
+        bill.closing = self.clock.callLater(
             STOP_LINGER, session.close, CloseCode.SERVICE_STOPPED, f"service stopped: {error.name}"
         )
+
+    def _ban_write(self, bill: Bill, seconds: float) -> Callable[[], Awaitable[Any]]:
+        until = time.time() + seconds
+        return lambda: self.ledger.ban(self.key.account, bill.client, until)
+
+    def _grace_write(self, bill: Bill, book: BookGrace) -> Callable[[], Awaitable[Any]]:
+        async def write() -> None:
+            await self.ledger.book_grace(
+                self.key.account, bill.subjects, time.time(), book.seconds, book.nbytes
+            )
+            await self.ledger.add_usage(
+                self.key.account, bill.client, "grace", book.seconds, book.nbytes, 0
+            )
+
+        return write
+
+    def _usage_write(self, bill: Bill, book: BookUsage) -> Callable[[], Awaitable[Any]]:
+        async def write() -> None:
+            await self.ledger.add_limits(
+                self.key.account,
+                bill.client,
+                int(book.limits) if bill.unit == Unit.B else 0,
+                float(book.limits) if bill.unit == Unit.SEC else 0.0,
+                time.time(),
+                bill.deposit_id,
+            )
+            await self.ledger.add_usage(
+                self.key.account, bill.client, "paid", book.seconds, book.nbytes, book.value
+            )
+
+        return write
 
     # --- refusals and the end -----------------------------------------------------------------
 
@@ -878,22 +832,33 @@ class ServerBilling:
         session.flush()
         self.server.refusal(kind, session, f"{Error(code).name}: {why}")
 
-    def _refuse(self, session: ServerSession, code: int, why: str, close: bool = False) -> None:
+    def _refuse(
+        self, session: ServerSession, code: int, why: str, close: bool = False, ban: bool = False
+    ) -> None:
+        """Refuse the REQUEST (or end the usage): through the bill's meter if it has one."""
         if session.ended:
             return
         bill = session.bill
-        if bill is not None:
-            _stop_loop(bill.poller)
-            _stop_loop(bill.ticker)
-            _cancel(bill.timer)
-            _cancel(bill.grace_timer)
-            bill.life.fire(BillInput.REFUSED)
+        if bill is None:
+            self._refusal(session, code, why, close)
+            return
+        now = self.clock.seconds()
+        d = self._feed(
+            session, bill, Refused(code, why, close, ban, now=now, carried=session.carried())
+        )
+        _logged(d, self.log, "booking a refused bill")
+
+    def _refusal(self, session: ServerSession, code: int, why: str, close: bool) -> None:
+        if session.ended:
+            return
         session.refuse(code, why)
         session.flush()
         if close:
-            self.server.reactor.callLater(
+            call = self.clock.callLater(
                 STOP_LINGER, session.close, CloseCode.REFUSED, f"{Error(code).name}: {why}"
             )
+            if session.bill is not None:
+                session.bill.closing = call
 
     def session_ended(self, session: ServerSession) -> None:
         d = defer.Deferred.fromCoroutine(self._finish(session))
@@ -904,26 +869,23 @@ class ServerBilling:
         if bill is None:
             return
         session.bill = None
-        for loop in (bill.poller, bill.ticker):
-            _stop_loop(loop)
-        for call in (bill.timer, bill.grace_timer):
-            _cancel(call)
         try:
-            await self._end_grace(session, bill)  # a session that ends in grace uses up budget
-            if bill.mode == "paid":
-                if bill.unit == Unit.SEC:
-                    now = self.clock.seconds()
-                    bill.limit -= now - bill.last_tick
-                    bill.last_tick = now
-                self._used_bytes_now(session, bill)
+            # every timer of the bill stops; a session that ends in grace uses up budget
+            ended = self._feed(session, bill, Ended(self.clock.seconds(), session.carried()))
+            for timer in list(bill.timers):  # none should be left: the meter stopped them
+                _stop(bill.timers.pop(timer))
+            _stop(bill.closing)  # the stream is gone already
+            if ended is not None:
+                await ended
             if bill.redemption is not None:
                 # a receipt signed before the end is still being redeemed: what it pays for
                 # belongs in the limits saved now (the client's, for its next session)
                 await bill.redemption
-            if bill.metered or bill.receipts:
-                # only a bill that was paid has limits to save: a refused REQUEST (mode
-                # "stopped" with nothing paid) must not overwrite what the client has saved
-                await self._save(session, bill)
+            # only a bill that was paid has limits to save: the meter books nothing for a
+            # refused REQUEST, which must not overwrite what the client has saved
+            saved = self._feed(session, bill, Save(self.clock.seconds(), session.carried()))
+            if saved is not None:
+                await saved
         finally:
             if bill.marker:
                 # released whatever happened above: a mark left set would hold the deposit
@@ -939,47 +901,22 @@ class ServerBilling:
                 self.log.warn("renewing the deposit marks failed: {why}", why=str(e))
             for session in list(self.server.sessions):
                 bill = session.bill
-                if bill is not None and bill.mode == "paid":
-                    self._used_bytes_now(session, bill)
-                    try:
-                        await self._save(session, bill)
-                    except Exception as e:  # a failed save must not stop the next ones
-                        self.save_failures += 1
-                        self.log.warn(
-                            "saving the limits of session {sid} failed ({n} so far): {why}",
-                            sid=_sid(session),
-                            n=self.save_failures,
-                            why=str(e) or type(e).__name__,
-                        )
+                if bill is None or bill.mode != "paid":
+                    continue
+                try:
+                    saved = self._feed(session, bill, Save(self.clock.seconds(), session.carried()))
+                    if saved is not None:
+                        await saved
+                except Exception as e:  # a failed save must not stop the next ones
+                    self.save_failures += 1
+                    self.log.warn(
+                        "saving the limits of session {sid} failed ({n} so far): {why}",
+                        sid=_sid(session),
+                        n=self.save_failures,
+                        why=str(e) or type(e).__name__,
+                    )
 
         return defer.Deferred.fromCoroutine(run())
-
-    async def _save(self, session: ServerSession, bill: Bill) -> None:
-        # the use since the last save, as a delta: the ledger added each receipt's units when
-        # it redeemed it, so a save that overlaps a redemption takes nothing from it
-        delta = bill.limit - bill.synced
-        bill.synced = bill.limit
-        await self.ledger.add_limits(
-            self.key.account,
-            bill.client,
-            int(delta) if bill.unit == Unit.B else 0,
-            float(delta) if bill.unit == Unit.SEC else 0.0,
-            time.time(),
-            bill.deposit_id,
-        )
-        carried = _carried(session)
-        seconds = self.clock.seconds() - bill.started
-        await self.ledger.add_usage(
-            self.key.account,
-            bill.client,
-            "paid",
-            seconds - bill.saved_seconds,
-            carried - bill.saved_bytes,
-            bill.paid_value,
-        )
-        bill.saved_seconds = seconds
-        bill.saved_bytes = carried
-        bill.paid_value = 0
 
     # --- reporting ----------------------------------------------------------------------------
 
@@ -987,15 +924,16 @@ class ServerBilling:
         bill = session.bill
         if bill is None:
             return None
-        self._used_bytes_now(session, bill)
+        meter = bill.meter
+        meter.count(session.allowance)
         return {
             "client": bill.client.hex(),
             "deposit": bill.deposit_id.hex(),
             "mode": bill.mode,
             "unit": _unit_name(bill.unit),
-            "limit_left": bill.limit,
-            "receipts": bill.receipts,
-            "locked_left": str(bill.locked_left),
+            "limit_left": meter.limit,
+            "receipts": meter.receipts,
+            "locked_left": str(meter.locked_left),
             "stopped_at": bill.stopped_at,
         }
 
@@ -1021,17 +959,6 @@ def _forged(receipt: Receipt, pending: Receipt, client_public: bytes) -> str | N
     return None
 
 
-def _carried(session: ServerSession) -> int:
-    """Bytes the session carried both ways, IP and L4 proxy, as billing counts them."""
-    c = session.counters
-    return (
-        c.from_client_bytes
-        + c.to_client_bytes
-        + c.proxy_from_client_bytes
-        + c.proxy_to_client_bytes
-    )
-
-
 def _sid(session: ServerSession) -> str:
     return f"{session.session_id or 0:#010x}"
 
@@ -1040,11 +967,14 @@ def _host(peer: str) -> str:
     return peer.rsplit(":", 1)[0]
 
 
-def _cancel(call: IDelayedCall | None) -> None:
-    if call is not None and call.active():
-        call.cancel()
+def _stop(timer: IDelayedCall | LoopingCall | None) -> None:
+    if isinstance(timer, LoopingCall):
+        if timer.running:
+            timer.stop()
+    elif timer is not None and timer.active():
+        timer.cancel()
 
 
-def _stop_loop(loop: LoopingCall | None) -> None:
-    if loop is not None and loop.running:
-        loop.stop()
+def _logged(d: defer.Deferred[None] | None, log: Logger, what: str) -> None:
+    if d is not None:
+        d.addErrback(lambda f: log.failure("billing failed while {what}", f, what=what))

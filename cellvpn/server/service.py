@@ -31,7 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from cellvpn.billing.asyncledger import AsyncLedger
-from cellvpn.billing.keys import KeyFileError, load_or_create_key
+from cellvpn.billing.keys import KeyFileError, KeyPair, load_or_create_key
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
 from cellvpn.config import ServerConfig
 from cellvpn.config.parsers import HostPort
@@ -59,6 +59,7 @@ from cellvpn.server.check import CheckCounters
 from cellvpn.server.clients import ClientRegistry, RegistryError
 from cellvpn.server.edge import Admission, EdgeLimits, LineBudget, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
+from cellvpn.server.freeusage import FreeUsage
 from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
 from cellvpn.server.perclient import PerClient
@@ -223,6 +224,8 @@ class VPNServerService(MultiService):
         self.per_client = PerClient(m.per_client_limit) if m.per_client else None
         self.billing: ServerBilling | None = None
         self.ledger: AsyncLedger | None = None
+        #: books free sessions' usage (a free server with [ledger] url), else None
+        self.free_usage: FreeUsage | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
         #: Called with a reason when the service cannot go on (twistd then exits with status 1).
         self.on_fatal: Callable[[str], None] = self._fatal
@@ -351,6 +354,8 @@ class VPNServerService(MultiService):
         )
         if self.config.billing.price > 0:
             self._open_billing()
+        elif self.config.ledger.url is not None:
+            self._open_free_ledger()
         if self.config.srv_vpn.enabled:
             self._open_tun()
             # read once now (before the reactor runs, so it may block): the first packets and
@@ -447,8 +452,8 @@ class VPNServerService(MultiService):
         tun = self.tun
         return tun is not None and tun.write(packet)
 
-    def _open_billing(self) -> None:
-        """The provider key and the ledger: both needed before the first REQUEST."""
+    def _open_ledger(self) -> KeyPair:
+        """The provider key and the ledger (the key names this server in the ledger)."""
         b = self.config.billing
         state = self.config.server.state_dir
         path = b.key or state / "provider.key"
@@ -464,6 +469,24 @@ class VPNServerService(MultiService):
         except LedgerOpenError as e:
             raise StartupError(str(e)) from None
         self.ledger = AsyncLedger(ledger, self.reactor, self.config.edge.ledger_queue)
+        return key
+
+    def _open_free_ledger(self) -> None:
+        """Free service with a ledger configured: each free session's usage is booked."""
+        key = self._open_ledger()
+        assert self.ledger is not None
+        self.free_usage = FreeUsage(self.ledger, key.account, self.reactor)
+        self.log.info(
+            "free service: usage booked in the ledger as provider {account}",
+            account=key.account_hex,
+        )
+
+    def _open_billing(self) -> None:
+        """The provider key and the ledger: both needed before the first REQUEST."""
+        b = self.config.billing
+        state = self.config.server.state_dir
+        key = self._open_ledger()
+        assert self.ledger is not None
         self.billing = ServerBilling(
             self, key, self.ledger, b, self.config.srv_vpn.grace_period, _instance_id(state)
         )
@@ -492,6 +515,9 @@ class VPNServerService(MultiService):
         if self.billing is not None:
             saving = Deferred.fromCoroutine(self.billing.stop())
             saving.addErrback(lambda f: self.log.failure("saving billing state failed", f))
+            saving.addBoth(lambda _: self.ledger.close() if self.ledger else None)
+        elif self.free_usage is not None:
+            saving = self.free_usage.stop(list(self.sessions))
             saving.addBoth(lambda _: self.ledger.close() if self.ledger else None)
         for session in self.sessions:
             if session.proto is not None:
@@ -669,6 +695,8 @@ class VPNServerService(MultiService):
             self.proxy.session_ended(session)
         if self.billing is not None:
             self.billing.session_ended(session)
+        elif self.free_usage is not None:
+            self.free_usage.session_ended(session)
 
     def addr_reply(self, address: ipaddress.IPv4Address, with_options: bool) -> AddrReply:
         v = self.config.srv_vpn

@@ -39,7 +39,7 @@ from cellvpn.wire.setup import CloseCode
 
 if TYPE_CHECKING:
     from cellvpn.billing.records import SignedOrder
-    from cellvpn.server.service import VPNServerService
+    from cellvpn.server.sessionhost import SessionHost
 
 _PONG = vpn.VpnPacket(vpn.OpCode.PONG).encode()
 _VPN_DATA_HEADER = struct.Struct("<iIIIxxxx")
@@ -56,7 +56,7 @@ class ServerSession(StreamApplication):
 
     log = Logger()
 
-    def __init__(self, server: VPNServerService) -> None:
+    def __init__(self, server: SessionHost) -> None:
         self.server = server
         self.proto: StreamProtocol | None = None
         self.peer = "unknown peer"
@@ -79,6 +79,8 @@ class ServerSession(StreamApplication):
         self.requested = False
         #: the service was granted at some point: its end is always logged
         self.served = False
+        #: when it was granted (the service's clock), for the usage report
+        self.granted_at: float | None = None
         #: traffic waits (both ways) for the ledger: credit used up, or grace bytes spent
         self.held = False
         #: VPN_SEND packets of the current read, forwarded together at its end
@@ -284,6 +286,16 @@ class ServerSession(StreamApplication):
         else:
             self.allowance = UNMETERED
 
+    def carried(self) -> int:
+        """Bytes the session carried both ways, IP and L4 proxy, as usage counts them."""
+        c = self.counters
+        return (
+            c.from_client_bytes
+            + c.to_client_bytes
+            + c.proxy_from_client_bytes
+            + c.proxy_to_client_bytes
+        )
+
     def charge(self, size: int) -> None:
         """Bytes carried outside the forwarder (the L4 proxy), billed like IP bytes."""
         self.allowance -= size
@@ -410,6 +422,8 @@ class ServerSession(StreamApplication):
         """Activate the usage and tell the client (SUCCESS)."""
         self.usage.fire(how)
         self.served = True
+        if self.granted_at is None:
+            self.granted_at = self.server.reactor.seconds()
         self.send_service(PacketType.SUCCESS, Success(self.usage_id).encode())
         self.log.info(
             "session {sid}: service granted ({state}), usage {usage}",
@@ -418,13 +432,18 @@ class ServerSession(StreamApplication):
             usage=f"{self.usage_id:#010x}",
         )
 
-    def refuse(self, code: int, why: str) -> None:
-        """Refuse or end the usage with ERROR (always the 24-byte body)."""
-        if self.usage.can(UsageInput.REFUSE):
-            self.usage.fire(UsageInput.REFUSE)
+    def end_usage(self, how: UsageInput) -> None:
+        """The usage ends (refused, or stopped at zero): not one more packet either way, and
+        the proxy lets go of the session's connections. The one place a usage ends."""
+        if self.usage.can(how):
+            self.usage.fire(how)
         self.server.forwarder_detach(self)
         if self.server.proxy is not None:
             self.server.proxy.usage_ended(self)
+
+    def refuse(self, code: int, why: str) -> None:
+        """Refuse or end the usage with ERROR (always the 24-byte body)."""
+        self.end_usage(UsageInput.REFUSE)
         self.send_service(PacketType.ERROR, Error(code, self.usage_id).encode())
         self.log.info(
             "session {sid} with {peer}: service refused ({code}): {why}",

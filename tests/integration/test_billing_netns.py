@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -341,3 +342,27 @@ def test_two_servers_on_one_ledger_and_key_keep_their_own_marks(netns: Any, tmp_
     ok, figures = led.check_invariant()
     assert ok and led.total_supply() == supply, figures
     led.close()
+
+
+def test_free_usage_is_booked_and_reported_as_free(netns: Any, tmp_path: Path) -> None:
+    """A free server with [ledger] url: a session's seconds and bytes, booked once when it
+    ends, as kind free; ``ledger report`` shows them beside paid and grace (both zero)."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    url = f"sqlite:///{tmp_path / 'state' / 'ledger.db'}"
+    server = lab.start_server(extra=f"[ledger]\nurl = {url}\n")
+    server.wait_log(r"free service: usage booked in the ledger as provider [0-9a-f]{64}")
+    client = lab.start_client(cli, "client", section_extra="default_route = false\n")
+    done = cli.exec("ping", "-c", "5", "-i", "0.2", "-W", "2", "198.18.5.1", check=False)
+    assert done.returncode == 0
+    assert lab.ledger("report")["report"] == []  # nothing booked while the session runs
+    client.stop()
+    wait_for(lambda: lab.ledger("report")["report"] != [], timeout=15, what="the booking")
+    [row] = lab.ledger("report")["report"]
+    provider = load_key(tmp_path / "state" / "provider.key").account_hex
+    assert row["provider"] == provider
+    assert row["paid"]["bytes"] == 0 and row["grace"]["bytes"] == 0
+    assert row["free"]["bytes"] >= 5 * 2 * 84 and row["free"]["seconds"] > 0.5
+    assert row["free"]["value"] == "0"
+    db = sqlite3.connect(tmp_path / "state" / "ledger.db")
+    assert db.execute("SELECT kind, count(*) FROM usage GROUP BY kind").fetchall() == [("free", 1)]

@@ -18,6 +18,7 @@ from twisted.internet import defer
 
 from cellvpn.billing.interfaces import LedgerUnavailableError
 from cellvpn.billing.keys import KeyPair
+from cellvpn.billing.meter import Timer
 from cellvpn.billing.proof import sign_request
 from cellvpn.billing.records import DepositRequest, SignedDeposit, SignedOrder
 from cellvpn.billing.sqlite import SqliteLedger
@@ -197,6 +198,32 @@ def test_a_second_request_is_refused_and_closes_the_session(tmp_path: Path) -> N
     assert c.session.bill is None
     assert [call for call in clock.getDelayedCalls() if call.active()] == []
     assert written == [] and moved(ledger, deposit) <= PRICE
+
+
+def test_a_second_request_in_grace_leaves_no_poller_behind(tmp_path: Path) -> None:
+    """A REQUEST for a deposit the ledger does not know (grace: a poller and a grace timer
+    run), then a second one: refused, closed, and once the session is gone none of the
+    bill's timers is left; nothing was charged."""
+    server, clock, _written, ledger, key = paid_server(tmp_path)
+    c = Payer(server, clock, key, secrets.token_bytes(32))
+    c.paid_request()
+    bill = c.session.bill
+    assert (
+        bill is not None
+        and bill.mode == "grace"
+        and set(bill.timers)
+        == {
+            Timer.GRACE,
+            Timer.POLL,
+        }
+    )
+    c.paid_request()
+    assert c.closed and server.refusals.counts["duplicate_request"] == 1
+    c.lose()
+    assert c.session.bill is None and bill.timers == {} and bill.meter.timers == ()
+    assert [call for call in clock.getDelayedCalls() if call.active()] == []
+    clock.advance(120)  # past grace_period: no timer fires for the gone bill
+    assert ledger.calls.get("redeem", 0) == 0
 
 
 def test_five_requests_in_one_read_are_refused_without_a_traceback(tmp_path: Path) -> None:
