@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from cellvpn.server.access import Verdict
     from cellvpn.server.edge import Refusal
     from cellvpn.server.session import ServerSession
-    from cellvpn.wire.service import Request
+    from cellvpn.wire.service import CheckPacket, Request
     from cellvpn.wire.vpn import AddrReply, VpnPacket
 
 
@@ -80,6 +80,10 @@ class SessionIds(Protocol):
     def add(self, session_id: int, session: ServerSession) -> None: ...
 
 
+class CheckCount(Protocol):
+    def answered(self, request: CheckPacket, answer: CheckPacket) -> None: ...
+
+
 class Judge(Protocol):
     def judge(self, cert: x509.Certificate | None) -> Verdict: ...
 
@@ -126,6 +130,9 @@ class SessionHost(Protocol):
 
     @property
     def session_lines(self) -> LineBudget: ...
+
+    @property
+    def checks(self) -> CheckCount: ...
 
     def refusal(self, kind: Refusal, session: ServerSession | None, why: str) -> None: ...
 
