@@ -931,11 +931,14 @@ class PostgresLedger:
             # one enrollment of a fleet at a time, so two servers never give one name two
             # live certificates
             db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CLIENTS_LOCK, row.fleet))
-            if now is not None and db.execute(
-                "SELECT 1 FROM clients WHERE fleet = %s AND name = %s AND revoked_at IS NULL "
-                "AND not_after > %s",
-                (row.fleet, row.name, now),
-            ).fetchone():
+            if (
+                now is not None
+                and db.execute(
+                    "SELECT 1 FROM clients WHERE fleet = %s AND name = %s AND revoked_at IS NULL "
+                    "AND not_after > %s",
+                    (row.fleet, row.name, now),
+                ).fetchone()
+            ):
                 return False
             cursor = db.execute(
                 f"INSERT INTO clients ({_CLIENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "

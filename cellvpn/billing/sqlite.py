@@ -889,11 +889,14 @@ class SqliteLedger:
 
     def enroll_client(self, row: EnrolledRow, now: float | None = None) -> bool:
         with self._transaction(write=True) as db:
-            if now is not None and db.execute(
-                "SELECT 1 FROM clients WHERE fleet = ? AND name = ? AND revoked_at IS NULL "
-                "AND not_after > ?",
-                (row.fleet, row.name, now),
-            ).fetchone():
+            if (
+                now is not None
+                and db.execute(
+                    "SELECT 1 FROM clients WHERE fleet = ? AND name = ? AND revoked_at IS NULL "
+                    "AND not_after > ?",
+                    (row.fleet, row.name, now),
+                ).fetchone()
+            ):
                 return False
             cursor = db.execute(
                 f"INSERT OR IGNORE INTO clients ({_CLIENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",

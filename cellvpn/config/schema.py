@@ -191,6 +191,13 @@ class ClientAccess(StrEnum):
     ANY = "any"
 
 
+class RegistryPlace(StrEnum):
+    """Where the enrolled clients and their revocations are kept."""
+
+    FILE = "file"
+    LEDGER = "ledger"
+
+
 @dataclass(frozen=True)
 class TLSServerSection:
     """The server's TLS identity, and whether clients must present certificates."""
@@ -221,6 +228,19 @@ class TLSServerSection:
         (),
         "Names for the generated certificate; empty = the host name plus the listen address"
         " when the endpoint names one, else every address of the host.",
+    )
+    registry: RegistryPlace = option(
+        choice(RegistryPlace),
+        RegistryPlace.FILE,
+        "Where enrolled clients and revocations are kept: file = state_dir/clients.json; ledger"
+        " = the [ledger] the servers of a fleet share, so an enrollment or a revocation made on"
+        " one holds on all (docs/fleet.md).",
+    )
+    registry_refresh: float = option(
+        seconds(1, 3600),
+        10.0,
+        "Seconds between reads of the fleet's clients from the ledger (registry = ledger): a"
+        " revocation made on another server holds here at most this much later.",
     )
 
     checks: ClassVar[tuple[Check, ...]] = (both_or_neither("certificate", "private_key"),)
