@@ -120,6 +120,16 @@ _LOG_FORMAT_DOC = (
 )
 
 
+def _region(text: str, base: Path) -> str:
+    if not (len(text) <= 32 and text.isascii() and all(c.isalnum() or c in "-_." for c in text)):
+        raise ParseError
+    return text
+
+
+#: A region name, as offers carry it.
+REGION: Parser[str] = Parser(_region, "up to 32 ASCII letters, digits, '-', '_' or '.'")
+
+
 @dataclass(frozen=True)
 class ServerSection:
     """Where the server listens for client streams, and how it keeps them alive."""
@@ -176,7 +186,24 @@ class ServerSection:
         optional(HOST_PORT),
         None,
         "host:port at which clients reach this server, written into the client files that"
-        " cellvpn-ctl client add makes; empty = the listen address and port, if it names one.",
+        " cellvpn-ctl client add makes; empty = the listen address and port, if it names one."
+        " With a price, the server also publishes it in its offer (docs/fleet.md).",
+    )
+    region: str = option(
+        REGION,
+        "",
+        "Region this server's offer names (clients may prefer one); empty = none.",
+    )
+    capacity: int = option(
+        integer(0),
+        0,
+        "Sessions this server's offer says it takes; 0 = the size of its address pool.",
+    )
+    offer_interval: float = option(
+        seconds(1, 3600),
+        30.0,
+        "Seconds between renewals of this server's offer in the ledger; an offer not renewed"
+        " for 3 intervals is Not available, and clients stop choosing it.",
     )
 
     checks: ClassVar[tuple[Check, ...]] = (

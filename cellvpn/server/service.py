@@ -67,6 +67,7 @@ from cellvpn.server.ended import EndedSessions
 from cellvpn.server.fleetclients import FleetClients, to_record, to_row
 from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
+from cellvpn.server.offers import OfferBoard, OfferFacts
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
 from cellvpn.server.renewal import Renewal
@@ -221,6 +222,8 @@ class VPNServerService(MultiService):
         self.ledger: AsyncLedger | None = None
         #: the fleet's enrolled clients in the shared ledger ([tls] registry = ledger)
         self.fleet_clients: FleetClients | None = None
+        #: this server's offer in the ledger and the provider's offers (with a price)
+        self.offers: OfferBoard | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
         #: Called with a reason when the service cannot go on (twistd then exits with status 1).
         self.on_fatal: Callable[[str], None] = self._fatal
@@ -535,8 +538,41 @@ class VPNServerService(MultiService):
             self.log.info("created the provider key {path}", path=str(path))
         self._open_ledger()
         assert self.ledger is not None
+        instance = _instance_id(state)
         self.billing = ServerBilling(
-            self, key, self.ledger, b, self.config.srv_vpn.grace_period, _instance_id(state)
+            self, key, self.ledger, b, self.config.srv_vpn.grace_period, instance
+        )
+        self.offers = self._offer_board(key, instance)
+
+    def _offer_board(self, key: Any, instance: str) -> OfferBoard | None:
+        """The board that publishes this server's offer, if clients can be told where it is."""
+        try:
+            endpoint = str(self.public_address()["server"])
+        except ControlError as e:
+            self.log.info("no offer is published: {why}", why=str(e))
+            return None
+        s = self.config.server
+        billing = self.billing
+        assert billing is not None
+
+        def facts() -> OfferFacts:
+            return OfferFacts(
+                endpoint,
+                self.spki or "",
+                s.region,
+                s.capacity or self.pool.capacity,
+                len(self.sessions),
+            )
+
+        assert self.ledger is not None
+        return OfferBoard(
+            self.ledger,
+            key,
+            instance,
+            self.reactor,
+            s.offer_interval,
+            lambda: billing.order.order,
+            facts,
         )
 
     def startService(self) -> None:
@@ -548,6 +584,8 @@ class VPNServerService(MultiService):
         if self.billing is not None:
             d = Deferred.fromCoroutine(self.billing.start())
             d.addErrback(lambda f: self.on_fatal(f"cannot start billing: {f.getErrorMessage()}"))
+        if self.offers is not None:
+            self.offers.start()
         if self.tun is not None:
             self.tun.startReading()
         host = self.port.getHost()
@@ -557,6 +595,13 @@ class VPNServerService(MultiService):
             port=getattr(host, "port", "?"),
         )
 
+    async def _stop_billing(self, billing: ServerBilling) -> None:
+        """The offer withdrawn first (no client is sent here any more), then the sessions
+        ended and saved."""
+        if self.offers is not None:
+            await self.offers.withdraw()
+        await billing.stop()
+
     def stopService(self) -> Any:
         self.accepting = False
         if self.renewal is not None:
@@ -565,7 +610,7 @@ class VPNServerService(MultiService):
             self.fleet_clients.stop()
         saving: Deferred[Any] | None = None
         if self.billing is not None:
-            saving = Deferred.fromCoroutine(self.billing.stop())
+            saving = Deferred.fromCoroutine(self._stop_billing(self.billing))
             saving.addErrback(lambda f: self.log.failure("saving billing state failed", f))
             saving.addBoth(lambda _: self.ledger.close() if self.ledger else None)
         elif self.ledger is not None:
