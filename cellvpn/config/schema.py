@@ -445,6 +445,25 @@ class ClientSection:
         None,
         "Name or IP address to check in the server's certificate; empty = the host of server.",
     )
+    servers: tuple[HostPort, ...] = option(
+        list_of(HOST_PORT, "host:port addresses"),
+        (),
+        "More servers of the same provider (a fleet), as host:port, comma-separated: with"
+        " server, the client picks by round-trip time and price and moves to the next when one"
+        " is lost (reconnect_budget). The same trust (ca, server_key) must hold for each.",
+    )
+    learn_servers: bool = option(
+        BOOL,
+        True,
+        "Also choose among the servers the provider's signed offers name (asked for over 'R'"
+        " once served, kept in state_dir/orders.json; never taken from anyone but the provider).",
+    )
+    reconnect_budget: int = option(
+        integer(1, 1000),
+        3,
+        "Failed reconnects to one server before the client moves to the next server it knows"
+        " (servers, learned offers); its deposit, meter and paid limits go with it.",
+    )
     ca: PemSource | None = option(
         _OPTIONAL_PEM,
         None,
