@@ -779,7 +779,8 @@ class VPNClientService(MultiService):
     def stream_refused(self, stream: ClientStream, why: str, permanent: bool) -> None:
         if stream is not self.stream:
             return
-        self._failed(stream, why, permanent, CANNOT_CONNECT)
+        # a server that answers and refuses (for now) is not a lost one: no move for it
+        self._failed(stream, why, permanent, CANNOT_CONNECT, lost=False)
         stream.close()
 
     def stream_lost(self, stream: ClientStream, why: str, permanent: bool) -> None:
@@ -787,8 +788,12 @@ class VPNClientService(MultiService):
             return
         self._failed(stream, why, permanent, CANNOT_CONNECT)
 
-    def _failed(self, stream: ClientStream, why: str, permanent: bool, code: int) -> None:
-        """This stream will not (or no longer) carry the VPN: retry, wait, or give up."""
+    def _failed(
+        self, stream: ClientStream, why: str, permanent: bool, code: int, lost: bool = True
+    ) -> None:
+        """This stream will not (or no longer) carry the VPN: retry, wait, move to the next
+        server (``lost``: the server did not answer, and the reconnect budget is spent), or
+        give up."""
         if stream is not self.stream:
             return
         self._cancel(stream.setup_timer)
@@ -808,7 +813,7 @@ class VPNClientService(MultiService):
             self.machine.fire(ClientInput.START_FAILED)
             self._resolve_start(code)
             if self._keep_trying and not permanent:
-                self._lost_attempts += 1
+                self._lost_attempts += lost
                 if self._lost_attempts >= self.config.client.reconnect_budget:
                     self._fail_over()  # the first server never answered: the next one
                 self._schedule(self._restart)
@@ -824,7 +829,7 @@ class VPNClientService(MultiService):
                 self._serial(lambda: self._link_lost(kill, why)).addErrback(self._teardown_failed)
             else:
                 self.log.info("reconnect failed: {why}", why=why)
-                self._lost_attempts += 1
+                self._lost_attempts += lost
             if self.config.client.reconnect and not permanent:
                 if self._lost_attempts >= self.config.client.reconnect_budget:
                     self._fail_over()
