@@ -6,9 +6,9 @@ SPEC is a JSON file: ``{"host", "port", "ca", "max_unit_price", "duration", "cli
 "deposit", "state"}, ...]}``, and, for a server that serves enrolled clients only, the
 ``certificate`` and ``private_key`` files all its clients present. Each client is built from
 cellvpn's own client pieces: a ``ClientStream`` (no address, no TUN: ``vpn = false``) on
-``StreamProtocol`` + ``StreamConnection`` over TLS, with ``ClientBilling`` as its billing, so it checks the order,
-proves its key, checks and signs every receipt and keeps its own receipt book in its ``state``
-folder, exactly as the client does.
+``StreamProtocol`` + ``StreamConnection`` over TLS, with ``ClientBilling`` as its billing, so
+it checks the order, proves its key, checks and signs every receipt and keeps its own receipt
+book in its ``state`` folder, exactly as the client does.
 
 All clients connect (a few milliseconds apart), stay ``duration`` seconds after the last one
 was granted, then close. RESULT gets one JSON object: per client what it signed and what the
