@@ -30,11 +30,13 @@ from twisted.python.threadpool import ThreadPool
 
 from cellvpn.billing.interfaces import (
     DepositRow,
+    EnrolledRow,
     ILedger,
     LedgerBusyError,
     LedgerError,
     LedgerUnavailableError,
     Limits,
+    OfferRow,
     ReceiptRow,
     RedeemRequest,
     RedeemResult,
@@ -333,6 +335,26 @@ class AsyncLedger:
 
     def check_invariant(self) -> Deferred[tuple[bool, dict[str, Any]]]:
         return self.run(self.ledger.check_invariant)
+
+    def enroll_client(self, row: EnrolledRow, now: float | None = None) -> Deferred[bool]:
+        return self.run(self.ledger.enroll_client, row, now)
+
+    def revoke_client(self, fleet: str, name: str, now: float) -> Deferred[list[EnrolledRow]]:
+        return self.run(self.ledger.revoke_client, fleet, name, now)
+
+    def enrolled_clients(self, fleet: str) -> Deferred[list[EnrolledRow]]:
+        return self.run(self.ledger.enrolled_clients, fleet)
+
+    def publish_offer(
+        self, provider: bytes, instance: str, signed: bytes, now: float
+    ) -> Deferred[None]:
+        return self.run(self.ledger.publish_offer, provider, instance, signed, now)
+
+    def withdraw_offer(self, provider: bytes, instance: str) -> Deferred[bool]:
+        return self.run(self.ledger.withdraw_offer, provider, instance)
+
+    def offers(self, provider: bytes | None = None) -> Deferred[list[OfferRow]]:
+        return self.run(self.ledger.offers, provider)
 
 
 def _publish(ledger: ILedger, signed_order: SignedOrder, marker_prefix: str) -> int:

@@ -145,6 +145,33 @@ class UsageRow:
     free: UsageTotals
 
 
+@dataclass(frozen=True, slots=True)
+class EnrolledRow:
+    """One client certificate a fleet's CA signed, as the shared ledger keeps it.
+
+    ``fleet`` names the CA (the SHA-256 of its public key, hex), so one database can hold the
+    clients of several fleets; ``serial`` is the certificate's serial number (lowercase hex).
+    """
+
+    fleet: str
+    name: str
+    serial: str
+    fingerprint: str
+    not_after: float
+    enrolled_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OfferRow:
+    """A server's published order (signed, with its endpoint) and when it was last renewed."""
+
+    provider: bytes
+    instance: str
+    signed: bytes
+    renewed: float
+
+
 class ILedger(Interface):
     """Accounts, orders, deposits and receipts, and the atomic redemption between them."""
 
@@ -260,6 +287,25 @@ class ILedger(Interface):
 
     def total_supply() -> int:
         """Everything ever minted."""
+
+    def enroll_client(row: EnrolledRow, now: float | None = None) -> bool:
+        """Record a client certificate; False (nothing stored) when its serial is known, or,
+        with ``now``, when its name has a certificate that is neither revoked nor expired."""
+
+    def revoke_client(fleet: str, name: str, now: float) -> list[EnrolledRow]:
+        """Revoke every unrevoked certificate of ``name``; the rows as they are now."""
+
+    def enrolled_clients(fleet: str) -> list[EnrolledRow]:
+        """Every certificate of the fleet, in the order they were enrolled."""
+
+    def publish_offer(provider: bytes, instance: str, signed: bytes, now: float) -> None:
+        """Store (or renew) one server instance's offer: its signed order, renewed at ``now``."""
+
+    def withdraw_offer(provider: bytes, instance: str) -> bool:
+        """Remove the instance's offer (a server that stops); whether there was one."""
+
+    def offers(provider: bytes | None = None) -> list[OfferRow]:
+        """The stored offers, of one provider account or all, fresh or not."""
 
     def check_invariant() -> tuple[bool, dict[str, Any]]:
         """Whether balances plus locked value equal the total minted, with the figures."""

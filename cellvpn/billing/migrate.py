@@ -1,6 +1,6 @@
 """Copying a ledger from one backend to another (SQLite to PostgreSQL, or back), row by row.
 
-Both ledgers hold schema 3's tables with the same columns; only how a number is stored
+Both ledgers hold schema 4's tables with the same columns; only how a number is stored
 differs (decimal text in SQLite, NUMERIC in PostgreSQL). A copy reads every row of the source
 in one snapshot as plain Python values (ints for money, in the order the rows were added),
 writes them into an empty target in one transaction, and is accepted only when the target's
@@ -35,6 +35,10 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "usage": ("provider", "client", "kind", "seconds", "bytes", "value"),
     "grace": ("provider", "subject", "at", "seconds", "bytes"),
     "leases": ("deposit", "until"),
+    "clients": (
+        "fleet", "serial", "name", "fingerprint", "not_after", "enrolled_at", "revoked_at",
+    ),
+    "offers": ("provider", "instance", "signed", "renewed"),
 }  # fmt: skip
 
 #: Columns that hold integers beyond 64 bits (SQLite stores them as decimal text).

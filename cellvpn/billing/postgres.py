@@ -41,10 +41,12 @@ from cellvpn.billing.checks import (
 from cellvpn.billing.interfaces import (
     USAGE_KINDS,
     DepositRow,
+    EnrolledRow,
     ILedger,
     LedgerError,
     LedgerUnavailableError,
     Limits,
+    OfferRow,
     ReceiptRow,
     RedeemRequest,
     RedeemResult,
@@ -59,8 +61,10 @@ from cellvpn.billing.sqlite import LedgerOpenError
 from cellvpn.wire.receipt import Receipt, Unit
 from cellvpn.wire.service import ErrorCode
 
-#: the same tables as SQLite's schema 3, so a ledger can move between the two
-SCHEMA_VERSION = 3
+#: the same tables as SQLite's schema 4, so a ledger can move between the two
+SCHEMA_VERSION = 4
+#: Versions upgraded in place: 3 lacked the fleet's clients and offers (new tables only).
+UPGRADES_FROM = ("3",)
 #: what NUMERIC(78, 0) holds for sure: a uint256, as the records carry
 MAX_VALUE = 2**256 - 1
 CONNECT_TIMEOUT_S = 10
@@ -68,6 +72,8 @@ CONNECT_TIMEOUT_S = 10
 LOCK_TIMEOUT_MS = 10_000
 #: serialises two servers creating the schema of one empty database at once
 _SCHEMA_LOCK = 0x63656C6C76706E  # "cellvpn"
+#: the first key of the lock that serialises one fleet's enrollments (the second: the fleet)
+_CLIENTS_LOCK = 0x636C6E74  # "clnt"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -165,17 +171,38 @@ CREATE INDEX IF NOT EXISTS grace_by_subject ON grace (provider, subject, at);
 CREATE TABLE IF NOT EXISTS leases (
     deposit BYTEA PRIMARY KEY REFERENCES deposits (id),
     until DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients (
+    fleet TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    name TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    not_after DOUBLE PRECISION NOT NULL,
+    enrolled_at DOUBLE PRECISION NOT NULL,
+    revoked_at DOUBLE PRECISION,
+    seq BIGSERIAL NOT NULL,
+    PRIMARY KEY (fleet, serial)
+);
+CREATE INDEX IF NOT EXISTS clients_by_name ON clients (fleet, name);
+CREATE TABLE IF NOT EXISTS offers (
+    provider BYTEA NOT NULL,
+    instance TEXT NOT NULL,
+    signed BYTEA NOT NULL,
+    renewed DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (provider, instance)
 )
 """
 
 #: The tables, in the order :meth:`PostgresLedger.dump` lists them (SQLite's).
 TABLES = (
     "meta", "accounts", "mints", "orders", "deposits", "receipts", "limits", "bans", "usage",
-    "grace", "leases",
+    "grace", "leases", "clients", "offers",
 )  # fmt: skip
 
 #: the column that keeps the order rows were added in, where the order is shown
-_ADDED = {"mints": "seq", "orders": "seq", "deposits": "seq", "receipts": "n"}
+_ADDED = {"mints": "seq", "orders": "seq", "deposits": "seq", "receipts": "n", "clients": "seq"}
+
+_CLIENT_COLUMNS = "fleet, name, serial, fingerprint, not_after, enrolled_at, revoked_at"
 
 _DEPOSIT_COLUMNS = (
     "id, owner, owner_public, srv_uid, unit, max_unit_price, locked, initial, expires, "
@@ -360,6 +387,15 @@ class PostgresLedger:
                 )
                 return
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is not None and row[0] in UPGRADES_FROM:
+                # the later versions only add tables: create what is missing
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute(
+                    "UPDATE meta SET value = %s WHERE key = 'schema_version'",
+                    (str(SCHEMA_VERSION),),
+                )
+                return
             if row is None or row[0] != str(SCHEMA_VERSION):
                 found = "no schema version" if row is None else f"schema version {row[0]}"
                 raise LedgerOpenError(
@@ -887,6 +923,79 @@ class PostgresLedger:
         ]
 
     # --- audit ------------------------------------------------------------------------------
+
+    # --- the fleet: enrolled clients and offers ----------------------------------------------
+
+    def enroll_client(self, row: EnrolledRow, now: float | None = None) -> bool:
+        with self._transaction(write=True) as db:
+            # one enrollment of a fleet at a time, so two servers never give one name two
+            # live certificates
+            db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CLIENTS_LOCK, row.fleet))
+            if (
+                now is not None
+                and db.execute(
+                    "SELECT 1 FROM clients WHERE fleet = %s AND name = %s AND revoked_at IS NULL "
+                    "AND not_after > %s",
+                    (row.fleet, row.name, now),
+                ).fetchone()
+            ):
+                return False
+            cursor = db.execute(
+                f"INSERT INTO clients ({_CLIENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (fleet, serial) DO NOTHING",
+                (
+                    row.fleet,
+                    row.name,
+                    row.serial,
+                    row.fingerprint,
+                    row.not_after,
+                    row.enrolled_at,
+                    row.revoked_at,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def revoke_client(self, fleet: str, name: str, now: float) -> list[EnrolledRow]:
+        with self._transaction(write=True) as db:
+            rows = db.execute(
+                f"UPDATE clients SET revoked_at = %s WHERE fleet = %s AND name = %s "
+                f"AND revoked_at IS NULL RETURNING {_CLIENT_COLUMNS}",
+                (now, fleet, name),
+            ).fetchall()
+        return sorted((EnrolledRow(*r) for r in rows), key=lambda r: r.enrolled_at)
+
+    def enrolled_clients(self, fleet: str) -> list[EnrolledRow]:
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE fleet = %s ORDER BY seq", (fleet,)
+            ).fetchall()
+        return [EnrolledRow(*r) for r in rows]
+
+    def publish_offer(self, provider: bytes, instance: str, signed: bytes, now: float) -> None:
+        with self._transaction(write=True) as db:
+            db.execute(
+                "INSERT INTO offers (provider, instance, signed, renewed) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (provider, instance) DO UPDATE SET "
+                "signed = excluded.signed, renewed = excluded.renewed",
+                (provider, instance, signed, now),
+            )
+
+    def withdraw_offer(self, provider: bytes, instance: str) -> bool:
+        with self._transaction(write=True) as db:
+            cursor = db.execute(
+                "DELETE FROM offers WHERE provider = %s AND instance = %s", (provider, instance)
+            )
+            return cursor.rowcount == 1
+
+    def offers(self, provider: bytes | None = None) -> list[OfferRow]:
+        sql = "SELECT provider, instance, signed, renewed FROM offers"
+        args: tuple[bytes, ...] = ()
+        if provider is not None:
+            sql += " WHERE provider = %s"
+            args = (provider,)
+        with self._transaction(write=False) as db:
+            rows = db.execute(sql + " ORDER BY provider, instance", args).fetchall()
+        return [OfferRow(_b(r[0]), r[1], _b(r[2]), r[3]) for r in rows]
 
     def total_supply(self) -> int:
         with self._transaction(write=False) as db:

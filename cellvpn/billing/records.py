@@ -20,6 +20,16 @@ Order (112 bytes), the provider's price, signed by the provider::
      72  8 u64     expires         unix seconds
      80 32         provider        the provider's Ed25519 public key
 
+Version 2 of an order is the same 112 bytes (with version 2) followed by extensions, so later
+options need no new layout::
+
+    112  2 u16     length          bytes of extensions that follow (at most 1024)
+    114  n         extensions      each: u8 type, u16 length, that many bytes of value
+
+An order without extensions is always written as version 1, so its hash is the same as
+before. A reader keeps extensions of types it does not know; what the types mean is
+:mod:`cellvpn.billing.offers`' (a server's endpoint, key, region, capacity).
+
 DepositRequest (134 bytes), the client's conditional lock, signed by the owner; its hash is the
 deposit id and the deposit's first state hash (the ``prev`` of its first receipt)::
 
@@ -56,6 +66,10 @@ from cellvpn.wire.errors import DecodeError
 from cellvpn.wire.receipt import UINT256_MAX, Unit, decode_uint256, encode_uint256
 
 RECORD_VERSION = 1
+#: the order version that carries extensions
+ORDER_VERSION_TLV = 2
+#: the most extension bytes an order carries
+MAX_EXTENSIONS = 1024
 TOKEN_SIZE = 10
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
@@ -64,6 +78,8 @@ VPN_UNITS = frozenset({Unit.SEC, Unit.B})
 
 _ORDER = struct.Struct("<BBQIQ32s10sQQ32s")
 ORDER_SIZE = _ORDER.size  # 112
+_TLV = struct.Struct("<BH")
+_U16 = struct.Struct("<H")
 _DEPOSIT = struct.Struct("<BB32sQI32s32sQ16s")
 DEPOSIT_SIZE = _DEPOSIT.size  # 134
 _CLOSE = struct.Struct("<BB32s32s16s")
@@ -127,8 +143,17 @@ class Order:
     expires: int
     node_addr: int = 0
     srv_uid: int = 1
+    #: (type, value) pairs of a version 2 order, in order; empty: version 1
+    extensions: tuple[tuple[int, bytes], ...] = ()
 
     name: ClassVar[str] = "order"
+
+    def extension(self, kind: int) -> bytes | None:
+        """The value of the first extension of this type, if any."""
+        for t, value in self.extensions:
+            if t == kind:
+                return value
+        return None
 
     @property
     def signer(self) -> bytes:
@@ -144,29 +169,79 @@ class Order:
         _bytes("order provider key", self.provider, 32)
         if not token_ok(self.token):
             raise ValueError(f"order token {self.token!r} is not 1-10 printable ASCII characters")
-        return _ORDER.pack(
-            KIND_ORDER,
-            RECORD_VERSION,
-            self.srv_uid,
-            self.unit,
-            self.units,
-            encode_uint256(self.price),
-            self.token.encode("ascii"),
-            self.node_addr,
-            self.expires,
-            self.provider,
+        tail = b""
+        if self.extensions:
+            for kind, value in self.extensions:
+                if not 0 <= kind <= 0xFF or len(value) > 0xFFFF:
+                    raise ValueError(f"order extension {kind} does not fit its layout")
+            body = b"".join(_TLV.pack(k, len(v)) + bytes(v) for k, v in self.extensions)
+            if len(body) > MAX_EXTENSIONS:
+                raise ValueError(f"order extensions are {len(body)} bytes, at most 1024")
+            tail = _U16.pack(len(body)) + body
+        return (
+            _ORDER.pack(
+                KIND_ORDER,
+                ORDER_VERSION_TLV if self.extensions else RECORD_VERSION,
+                self.srv_uid,
+                self.unit,
+                self.units,
+                encode_uint256(self.price),
+                self.token.encode("ascii"),
+                self.node_addr,
+                self.expires,
+                self.provider,
+            )
+            + tail
         )
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Order:
-        raw = _head(data, "order", ORDER_SIZE, KIND_ORDER)
+        raw = bytes(data)
+        extensions: tuple[tuple[int, bytes], ...] = ()
+        if len(raw) > ORDER_SIZE and raw[0] == KIND_ORDER and raw[1] == ORDER_VERSION_TLV:
+            extensions = _decode_extensions(raw[ORDER_SIZE:])
+            raw = raw[:ORDER_SIZE]
+        else:
+            raw = _head(raw, "order", ORDER_SIZE, KIND_ORDER)
         _, _, srv_uid, unit, units, price, token, node_addr, expires, provider = _ORDER.unpack(raw)
         text = _decode_token(token)
-        return cls(unit, units, decode_uint256(price), text, provider, expires, node_addr, srv_uid)
+        return cls(
+            unit,
+            units,
+            decode_uint256(price),
+            text,
+            provider,
+            expires,
+            node_addr,
+            srv_uid,
+            extensions,
+        )
 
     @property
     def hash(self) -> bytes:
         return hashlib.sha3_256(self.encode()).digest()
+
+
+def _decode_extensions(raw: bytes) -> tuple[tuple[int, bytes], ...]:
+    """A version 2 order's extensions: exactly the bytes its length says, each TLV whole."""
+    if len(raw) < _U16.size:
+        raise DecodeError("order extensions have no length")
+    (size,) = _U16.unpack_from(raw)
+    body = raw[_U16.size :]
+    if size != len(body) or size > MAX_EXTENSIONS or size == 0:
+        raise DecodeError(f"order extensions say {size} bytes, {len(body)} follow (1 to 1024)")
+    out = []
+    at = 0
+    while at < size:
+        if size - at < _TLV.size:
+            raise DecodeError("order extension cut short")
+        kind, length = _TLV.unpack_from(body, at)
+        at += _TLV.size
+        if length > size - at:
+            raise DecodeError(f"order extension {kind} says {length} bytes, {size - at} follow")
+        out.append((kind, body[at : at + length]))
+        at += length
+    return tuple(out)
 
 
 def _decode_token(raw: bytes) -> str:

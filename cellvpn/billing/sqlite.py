@@ -44,10 +44,12 @@ from cellvpn.billing.checks import (
 from cellvpn.billing.interfaces import (
     USAGE_KINDS,
     DepositRow,
+    EnrolledRow,
     ILedger,
     LedgerError,
     LedgerUnavailableError,
     Limits,
+    OfferRow,
     ReceiptRow,
     RedeemRequest,
     RedeemResult,
@@ -64,10 +66,10 @@ from cellvpn.wire.service import ErrorCode
 if TYPE_CHECKING:
     from cellvpn.billing.postgres import PostgresLedger
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Versions this cellvpn upgrades in place: 1 lacked the grace and leases tables, 2 kept
-#: limits per client rather than per deposit.
-UPGRADES_FROM = ("1", "2")
+#: limits per client rather than per deposit, 3 lacked the fleet's clients and offers.
+UPGRADES_FROM = ("1", "2", "3")
 BUSY_TIMEOUT_S = 10.0
 SYNCHRONOUS = ("FULL", "NORMAL")
 
@@ -165,13 +167,33 @@ CREATE TABLE IF NOT EXISTS leases (
     deposit BLOB PRIMARY KEY REFERENCES deposits (id),
     until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS clients (
+    fleet TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    name TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    not_after REAL NOT NULL,
+    enrolled_at REAL NOT NULL,
+    revoked_at REAL,
+    PRIMARY KEY (fleet, serial)
+);
+CREATE INDEX IF NOT EXISTS clients_by_name ON clients (fleet, name);
+CREATE TABLE IF NOT EXISTS offers (
+    provider BLOB NOT NULL,
+    instance TEXT NOT NULL,
+    signed BLOB NOT NULL,
+    renewed REAL NOT NULL,
+    PRIMARY KEY (provider, instance)
+);
 """
 
 #: The tables, in the order :meth:`SqliteLedger.dump` lists them.
 TABLES = (
     "meta", "accounts", "mints", "orders", "deposits", "receipts", "limits", "bans", "usage",
-    "grace", "leases",
+    "grace", "leases", "clients", "offers",
 )  # fmt: skip
+
+_CLIENT_COLUMNS = "fleet, name, serial, fingerprint, not_after, enrolled_at, revoked_at"
 
 _DEPOSIT_COLUMNS = (
     "id, owner, owner_public, srv_uid, unit, max_unit_price, locked, initial, expires, "
@@ -862,6 +884,75 @@ class SqliteLedger:
             )
             for (prov, client), kinds in totals.items()
         ]
+
+    # --- the fleet: enrolled clients and offers ----------------------------------------------
+
+    def enroll_client(self, row: EnrolledRow, now: float | None = None) -> bool:
+        with self._transaction(write=True) as db:
+            if (
+                now is not None
+                and db.execute(
+                    "SELECT 1 FROM clients WHERE fleet = ? AND name = ? AND revoked_at IS NULL "
+                    "AND not_after > ?",
+                    (row.fleet, row.name, now),
+                ).fetchone()
+            ):
+                return False
+            cursor = db.execute(
+                f"INSERT OR IGNORE INTO clients ({_CLIENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.fleet,
+                    row.name,
+                    row.serial,
+                    row.fingerprint,
+                    row.not_after,
+                    row.enrolled_at,
+                    row.revoked_at,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def revoke_client(self, fleet: str, name: str, now: float) -> list[EnrolledRow]:
+        with self._transaction(write=True) as db:
+            rows = db.execute(
+                f"UPDATE clients SET revoked_at = ? WHERE fleet = ? AND name = ? "
+                f"AND revoked_at IS NULL RETURNING {_CLIENT_COLUMNS}",
+                (now, fleet, name),
+            ).fetchall()
+        return sorted((EnrolledRow(*r) for r in rows), key=lambda r: r.enrolled_at)
+
+    def enrolled_clients(self, fleet: str) -> list[EnrolledRow]:
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE fleet = ? ORDER BY rowid", (fleet,)
+            ).fetchall()
+        return [EnrolledRow(*r) for r in rows]
+
+    def publish_offer(self, provider: bytes, instance: str, signed: bytes, now: float) -> None:
+        with self._transaction(write=True) as db:
+            db.execute(
+                "INSERT INTO offers (provider, instance, signed, renewed) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (provider, instance) DO UPDATE SET signed = excluded.signed, "
+                "renewed = excluded.renewed",
+                (provider, instance, signed, now),
+            )
+
+    def withdraw_offer(self, provider: bytes, instance: str) -> bool:
+        with self._transaction(write=True) as db:
+            cursor = db.execute(
+                "DELETE FROM offers WHERE provider = ? AND instance = ?", (provider, instance)
+            )
+            return cursor.rowcount == 1
+
+    def offers(self, provider: bytes | None = None) -> list[OfferRow]:
+        sql = "SELECT provider, instance, signed, renewed FROM offers"
+        args: tuple[bytes, ...] = ()
+        if provider is not None:
+            sql += " WHERE provider = ?"
+            args = (provider,)
+        with self._transaction(write=False) as db:
+            rows = db.execute(sql + " ORDER BY provider, instance", args).fetchall()
+        return [OfferRow(*r) for r in rows]
 
     # --- audit ------------------------------------------------------------------------------
 

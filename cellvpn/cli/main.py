@@ -11,6 +11,7 @@ from typing import Any
 from cellvpn import __version__
 from cellvpn.cli.configcheck import add_config_commands
 from cellvpn.cli.control import CtlError, Watch, call
+from cellvpn.cli.fleet import add_fleet_commands
 from cellvpn.cli.ledger import add_ledger_commands
 from cellvpn.control import text
 
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="the session id, as vpn_stat shows it (0x0000002a or 42)")
     p.set_defaults(handler=_session)
     add_ledger_commands(sub)
+    add_fleet_commands(sub, common)
     return parser
 
 

@@ -24,6 +24,7 @@ class ClientInput(Enum):
     UP = "up"  # session established (and, with a TUN, the address is set up)
     START_FAILED = "start-failed"  # the first connection could not be made
     LINK_LOST = "link-lost"  # the stream ended or stopped answering
+    FAIL_OVER = "fail-over"  # reconnects to the lost server ran out: the next server is tried
     STOP = "stop"  # the user asked to disconnect
 
 
@@ -37,6 +38,8 @@ TRANSITIONS: dict[tuple[ClientState, ClientInput], ClientState] = {
     (_S.STARTED, _I.LINK_LOST): _S.CONN_LOST,
     (_S.STARTED, _I.STOP): _S.STOPPED,
     (_S.CONN_LOST, _I.UP): _S.STARTED,
+    # still without a connection, now to another server of the provider
+    (_S.CONN_LOST, _I.FAIL_OVER): _S.CONN_LOST,
     (_S.CONN_LOST, _I.STOP): _S.STOPPED,
 }
 del _S, _I

@@ -41,6 +41,8 @@ from cellvpn.client.checkbook import CheckBook, configured_servers, result_rows,
 from cellvpn.client.machine import STATUS_TEXT, ClientInput, ClientState, new_machine
 from cellvpn.client.metrics import listen_client_metrics
 from cellvpn.client.receipts import RECORD_FILE, ReceiptBook
+from cellvpn.client.rtt import measure
+from cellvpn.client.servers import Candidate, ServerList
 from cellvpn.client.socks import SocksService
 from cellvpn.client.steps import StartStep, StartSteps
 from cellvpn.client.stream import ClientStream
@@ -69,7 +71,8 @@ from cellvpn.stream import caps
 from cellvpn.stream.connection import Role, StreamConnection, StreamSettings
 from cellvpn.tun.device import TunError
 from cellvpn.wire import vpn
-from cellvpn.wire.service import Request
+from cellvpn.wire.errors import DecodeError
+from cellvpn.wire.service import OrderList, PacketType, Request
 from cellvpn.wire.setup import CloseCode
 
 # start() return codes of the original
@@ -195,6 +198,15 @@ class VPNClientService(MultiService):
         self.on_down = Callbacks("down")
         #: the facts of the last up not yet followed by a down (None: the tunnel is not up)
         self.up_facts: Facts | None = None
+        #: the servers this client may use, and the round-trip times measured to them
+        self.servers = ServerList(
+            ([c.server] if c.server is not None else []) + list(c.servers), c.state_dir
+        )
+        self.rtts: dict[str, float] = {}
+        #: failed reconnects to the server now lost; server_key of a server learned from offers
+        self._lost_attempts = 0
+        self._server_key: str | None = None
+        self.fail_overs = 0
 
     # --- service ---------------------------------------------------------------------------
 
@@ -215,9 +227,23 @@ class VPNClientService(MultiService):
                 self.log.info("cleaned up after an earlier run: {line}", line=line)
         except (NetConfigError, OSError) as e:
             self.log.error("could not clean up after an earlier run: {why}", why=str(e))
-        auto = self.config.client.server
-        if auto is not None:
-            self.start(auto.host, auto.port, keep_trying=True)
+        c = self.config.client
+        if c.learn_servers:
+            problem = self.servers.load()
+            if problem is not None:
+                self.log.warn("offers of an earlier run not used: {why}", why=problem)
+        if c.server is None and not c.servers:
+            return
+        pool = self._candidates()
+        if len(pool) > 1:
+            self.rtts = await measure(self.reactor, pool)
+            self.log.info(
+                "round-trip times: {rtts}",
+                rtts=", ".join(f"{e} {t * 1000:.1f} ms" for e, t in self.rtts.items()) or "none",
+            )
+        best = self._ranked()[0]
+        self._server_key = best.server_key
+        self.start(best.host, best.port, keep_trying=True)
 
     def stopService(self) -> Any:
         d = defer.maybeDeferred(super().stopService)
@@ -257,7 +283,7 @@ class VPNClientService(MultiService):
         if not host or not isinstance(port, int) or not 0 < port < 65536:
             return defer.succeed(BAD_PARAMETERS)
         try:
-            self._tls = self._client_tls(host)
+            self._tls = self._client_tls(host, self._server_key)
         except (TLSConfigError, StartupError) as e:
             self.last_error = str(e)
             self.log.error("cannot start: {why}", why=str(e))
@@ -517,9 +543,14 @@ class VPNClientService(MultiService):
         host = self.host or ""
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
-    def _client_tls(self, host: str) -> Any:
+    def _client_tls(self, host: str, learned_key: str | None = None) -> Any:
+        """Trust for ``host``: the configured CA or pins; a server learned from the provider's
+        offers is checked by its own name, and pinned by its offer's key where the config
+        pins a key rather than trusting a CA."""
         c = self.config.client
-        name = c.server_name or host
+        others = {hp.host for hp in c.servers} | {x.host for x in self.servers.learned}
+        main = c.server is not None and host == c.server.host
+        name = host if host in others and not main else (c.server_name or host)
         if c.ca is None and c.fingerprint is None and c.server_key is None:
             raise StartupError(
                 "[client] needs ca (the server's CA certificate), server_key (the SHA-256 of "
@@ -532,7 +563,7 @@ class VPNClientService(MultiService):
             c.fingerprint,
             c.certificate,
             c.private_key,
-            server_key=c.server_key,
+            server_key=learned_key if learned_key and c.ca is None else c.server_key,
             warn=self._trust_warned,
         )
 
@@ -596,12 +627,96 @@ class VPNClientService(MultiService):
         stream.proto.on_pause.append(self.tunnel.pause_reading)
         stream.proto.on_resume.append(self.tunnel.resume_reading)
 
+    # --- choosing among servers -------------------------------------------------------------
+
+    def _max_unit_price(self) -> int | None:
+        return self.config.wallet.max_unit_price if self.billing is not None else None
+
+    def _candidates(self) -> list[Candidate]:
+        pool = self.servers.candidates(self.reactor.seconds(), self._max_unit_price())
+        if not self.config.client.learn_servers:
+            pool = [c for c in pool if c.expires is None]
+        return pool
+
+    def _ranked(self, lost: str | None = None) -> list[Candidate]:
+        ranked = self.servers.choose(
+            self.reactor.seconds(), self._max_unit_price(), self.rtts, lost
+        )
+        if not self.config.client.learn_servers:
+            ranked = [c for c in ranked if c.expires is None]
+        return ranked
+
+    def _fail_over(self) -> bool:
+        """The reconnect budget is spent: switch to the next server, if there is one.
+
+        Not with the kill switch: the tunnel's routes stay while the link is lost, and only
+        the lost server has a route around them."""
+        if self.config.client.kill_switch:
+            return False
+        lost = self._server_text()
+        ranked = self._ranked(lost)
+        if not ranked or ranked[0].endpoint == lost:
+            return False
+        nxt = ranked[0]
+        try:
+            tls = self._client_tls(nxt.host, nxt.server_key)
+        except (TLSConfigError, StartupError) as e:
+            self.log.warn("cannot move to {server}: {why}", server=nxt.endpoint, why=str(e))
+            return False
+        if self.machine.can(ClientInput.FAIL_OVER):
+            self.machine.fire(ClientInput.FAIL_OVER)
+        self.fail_overs += 1
+        self.log.warn(
+            "moving to server {server}: {lost} did not answer {n} reconnect(s)",
+            server=nxt.endpoint,
+            lost=lost,
+            n=self._lost_attempts,
+        )
+        self.host, self.port, self._tls = nxt.host, nxt.port, tls
+        self._server_key = nxt.server_key
+        self.resume_token = b""  # the lost server's: the next one has never seen it
+        self._lost_attempts = 0
+        self.backoff.reset()
+        return True
+
+    def _ask_orders(self, stream: ClientStream) -> None:
+        if (
+            self.config.client.learn_servers
+            and self.billing is not None
+            and self.billing.order is not None
+        ):
+            stream.send_service(PacketType.ORDERS_REQUEST, b"")
+
+    def _orders(self, data: memoryview) -> None:
+        if self.billing is None or self.billing.order is None:
+            return
+        try:
+            orders = OrderList.decode(data).orders
+        except DecodeError as e:
+            self.log.warn("unreadable ORDERS from the server: {why}", why=str(e))
+            return
+        dropped = self.servers.learn(self.billing.order.provider, orders)
+        for why in dropped:
+            self.log.warn("an offer from the server was not taken: {why}", why=why)
+        try:
+            self.servers.save()
+        except OSError as e:
+            self.log.warn("cannot keep the offers in state_dir: {why}", why=str(e))
+        self.log.info(
+            "the provider offers {n} server(s): {servers}",
+            n=len(self.servers.learned),
+            servers=", ".join(c.endpoint for c in self.servers.learned) or "none",
+        )
+
     def make_request(self, stream: ClientStream) -> Request | None:
         if self.billing is not None:
             return self.billing.make_request(stream)
         return Request()
 
     def service_packet(self, stream: ClientStream, ptype: int, data: memoryview) -> bool:
+        if ptype == PacketType.ORDERS:
+            self._orders(data)
+            return True
         return self.billing is not None and bool(self.billing.service_packet(stream, ptype, data))
 
     def proxy_packet(self, stream: ClientStream, packet: vpn.VpnPacket) -> None:
@@ -671,9 +786,11 @@ class VPNClientService(MultiService):
         self._step(stream, StartStep.UP, f"up: {what}")
         if self.state is ClientState.CONN_LOST:
             self.reconnects += 1
+        self._lost_attempts = 0
         self.sessions_established += 1
         self.last_error = None
         self.machine.fire(ClientInput.UP)
+        self._ask_orders(stream)
         self.log.info(
             "VPN up: session {sid} with {server}, {what}",
             sid=f"{stream.session_id or 0:#010x}",
@@ -731,7 +848,8 @@ class VPNClientService(MultiService):
     def stream_refused(self, stream: ClientStream, why: str, permanent: bool) -> None:
         if stream is not self.stream:
             return
-        self._failed(stream, why, permanent, CANNOT_CONNECT)
+        # a server that answers and refuses (for now) is not a lost one: no move for it
+        self._failed(stream, why, permanent, CANNOT_CONNECT, lost=False)
         stream.close()
 
     def stream_lost(self, stream: ClientStream, why: str, permanent: bool) -> None:
@@ -739,8 +857,12 @@ class VPNClientService(MultiService):
             return
         self._failed(stream, why, permanent, CANNOT_CONNECT)
 
-    def _failed(self, stream: ClientStream, why: str, permanent: bool, code: int) -> None:
-        """This stream will not (or no longer) carry the VPN: retry, wait, or give up."""
+    def _failed(
+        self, stream: ClientStream, why: str, permanent: bool, code: int, lost: bool = True
+    ) -> None:
+        """This stream will not (or no longer) carry the VPN: retry, wait, move to the next
+        server (``lost``: the server did not answer, and the reconnect budget is spent), or
+        give up."""
         if stream is not self.stream:
             return
         self._cancel(stream.setup_timer)
@@ -761,6 +883,9 @@ class VPNClientService(MultiService):
             self.machine.fire(ClientInput.START_FAILED)
             self._resolve_start(code)
             if self._keep_trying and not permanent:
+                self._lost_attempts += lost
+                if self._lost_attempts >= self.config.client.reconnect_budget:
+                    self._fail_over()  # the first server never answered: the next one
                 self._schedule(self._restart)
             else:
                 self._serial(lambda: self._teardown(f"cannot start: {why}")).addErrback(
@@ -774,7 +899,10 @@ class VPNClientService(MultiService):
                 self._serial(lambda: self._link_lost(kill, why)).addErrback(self._teardown_failed)
             else:
                 self.log.info("reconnect failed: {why}", why=why)
+                self._lost_attempts += lost
             if self.config.client.reconnect and not permanent:
+                if self._lost_attempts >= self.config.client.reconnect_budget:
+                    self._fail_over()
                 self._schedule(self._reconnect)
             else:
                 self.log.error("giving up: {why}", why=why)

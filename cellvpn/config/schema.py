@@ -120,6 +120,16 @@ _LOG_FORMAT_DOC = (
 )
 
 
+def _region(text: str, base: Path) -> str:
+    if not (len(text) <= 32 and text.isascii() and all(c.isalnum() or c in "-_." for c in text)):
+        raise ParseError
+    return text
+
+
+#: A region name, as offers carry it.
+REGION: Parser[str] = Parser(_region, "up to 32 ASCII letters, digits, '-', '_' or '.'")
+
+
 @dataclass(frozen=True)
 class ServerSection:
     """Where the server listens for client streams, and how it keeps them alive."""
@@ -176,7 +186,24 @@ class ServerSection:
         optional(HOST_PORT),
         None,
         "host:port at which clients reach this server, written into the client files that"
-        " cellvpn-ctl client add makes; empty = the listen address and port, if it names one.",
+        " cellvpn-ctl client add makes; empty = the listen address and port, if it names one."
+        " With a price, the server also publishes it in its offer (docs/fleet.md).",
+    )
+    region: str = option(
+        REGION,
+        "",
+        "Region this server's offer names (clients may prefer one); empty = none.",
+    )
+    capacity: int = option(
+        integer(0),
+        0,
+        "Sessions this server's offer says it takes; 0 = the size of its address pool.",
+    )
+    offer_interval: float = option(
+        seconds(1, 3600),
+        30.0,
+        "Seconds between renewals of this server's offer in the ledger; an offer not renewed"
+        " for 3 intervals is Not available, and clients stop choosing it.",
     )
 
     checks: ClassVar[tuple[Check, ...]] = (
@@ -189,6 +216,13 @@ class ClientAccess(StrEnum):
 
     ENROLLED = "enrolled"
     ANY = "any"
+
+
+class RegistryPlace(StrEnum):
+    """Where the enrolled clients and their revocations are kept."""
+
+    FILE = "file"
+    LEDGER = "ledger"
 
 
 @dataclass(frozen=True)
@@ -221,6 +255,19 @@ class TLSServerSection:
         (),
         "Names for the generated certificate; empty = the host name plus the listen address"
         " when the endpoint names one, else every address of the host.",
+    )
+    registry: RegistryPlace = option(
+        choice(RegistryPlace),
+        RegistryPlace.FILE,
+        "Where enrolled clients and revocations are kept: file = state_dir/clients.json; ledger"
+        " = the [ledger] the servers of a fleet share, so an enrollment or a revocation made on"
+        " one holds on all (docs/fleet.md).",
+    )
+    registry_refresh: float = option(
+        seconds(1, 3600),
+        10.0,
+        "Seconds between reads of the fleet's clients from the ledger (registry = ledger): a"
+        " revocation made on another server holds here at most this much later.",
     )
 
     checks: ClassVar[tuple[Check, ...]] = (both_or_neither("certificate", "private_key"),)
@@ -415,6 +462,25 @@ class ClientSection:
         optional(NAME),
         None,
         "Name or IP address to check in the server's certificate; empty = the host of server.",
+    )
+    servers: tuple[HostPort, ...] = option(
+        list_of(HOST_PORT, "host:port addresses"),
+        (),
+        "More servers of the same provider (a fleet), as host:port, comma-separated: with"
+        " server, the client picks by round-trip time and price and moves to the next when one"
+        " is lost (reconnect_budget). The same trust (ca, server_key) must hold for each.",
+    )
+    learn_servers: bool = option(
+        BOOL,
+        True,
+        "Also choose among the servers the provider's signed offers name (asked for over 'R'"
+        " once served, kept in state_dir/orders.json; never taken from anyone but the provider).",
+    )
+    reconnect_budget: int = option(
+        integer(1, 1000),
+        3,
+        "Failed reconnects to one server before the client moves to the next server it knows"
+        " (servers, learned offers); its deposit, meter and paid limits go with it.",
     )
     ca: PemSource | None = option(
         _OPTIONAL_PEM,

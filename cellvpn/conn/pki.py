@@ -650,6 +650,15 @@ def ensure_server_identity(state_dir: Path, names: Sequence[str]) -> ServerIdent
         log.info("created a new TLS certificate authority {path}", path=str(ca_path))
 
     why, leaf = _why_reissue(cert_path, key_path, ca_cert, wanted)
+    if why is not None and _kept_offline(why, leaf, ca_key, ca_key_path):
+        log.warn(
+            "the TLS server certificate {path} should be issued anew ({why}), but the CA key "
+            "is kept elsewhere (a fleet's CA): it is used as it is until it expires; issue a new"
+            " one with cellvpn-ctl fleet server-cert",
+            path=str(cert_path),
+            why=why,
+        )
+        why = None
     if why is not None:
         if ca_key is None:
             if not ca_key_path.exists():
@@ -681,6 +690,96 @@ def ensure_server_identity(state_dir: Path, names: Sequence[str]) -> ServerIdent
         fingerprint=fingerprint_of(leaf),
         names=tuple(_name_text(g) for g in generals),
         created=created,
+        spki=spki_fingerprint(leaf),
+        not_after=leaf.not_valid_after_utc,
+    )
+
+
+def _kept_offline(
+    why: str,
+    leaf: x509.Certificate | None,
+    ca_key: CertificateIssuerPrivateKeyTypes | None,
+    ca_key_path: Path,
+) -> bool:
+    """A certificate a fleet's CA issued elsewhere, still valid, whose names or nearing end
+    would have it issued anew here, where there is no CA key to do it."""
+    if leaf is None or ca_key is not None or ca_key_path.exists():
+        return False
+    if not (why == "the configured names changed" or why.startswith("it expires on")):
+        return False
+    return leaf.not_valid_after_utc > _now()
+
+
+# --- a fleet's CA, kept by its operator --------------------------------------------------
+
+
+def create_fleet_ca(folder: Path, label: str) -> CertificateAuthority:
+    """A new CA for a fleet of servers in ``folder`` (ca.pem, ca.key 0600); refuses to
+    replace one. Its key stays with the operator: servers get only ca.pem."""
+    folder = Path(folder)
+    ca_path, key_path = folder / CA_CERT, folder / CA_KEY
+    if ca_path.exists() or key_path.exists():
+        raise TLSConfigError(f"{folder} holds a CA already ({CA_CERT}, {CA_KEY})")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise TLSConfigError(f"cannot create {folder}: {e.strerror or e}") from None
+    cert, key = _new_ca(label)
+    _write_atomically(key_path, _key_pem(key), 0o600)
+    _write_atomically(ca_path, _cert_pem(cert), 0o644)
+    return CertificateAuthority(cert, key)
+
+
+def load_fleet_ca(folder: Path) -> CertificateAuthority:
+    """The fleet's CA and its key from ``folder``."""
+    folder = Path(folder)
+    ca_path, key_path = folder / CA_CERT, folder / CA_KEY
+    if not ca_path.exists():
+        raise TLSConfigError(f"there is no CA in {folder} (cellvpn-ctl fleet ca init {folder})")
+    cert = load_certificates(ca_path, "CA certificate")[0]
+    key = _issuer_key(load_private_key(key_path, "CA key"), key_path)
+    if _public_der(key) != _public_der(cert):
+        raise TLSConfigError(f"CA key {key_path} does not match the CA in {ca_path}")
+    return CertificateAuthority(cert, key)
+
+
+def issue_fleet_server(
+    authority: CertificateAuthority, state_dir: Path, names: Sequence[str]
+) -> ServerIdentity:
+    """A server certificate from the fleet's CA into ``state_dir/tls`` (ca.pem, server.pem
+    with its chain, server.key 0600, never ca.key). An existing server key is kept, so pins
+    of it survive; a CA other than the fleet's there is replaced by the fleet's."""
+    generals = _general_names(names)
+    if not generals:
+        raise TLSConfigError("the server certificate needs at least one name")
+    tls_dir = Path(state_dir) / TLS_DIR
+    try:
+        tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise TLSConfigError(f"cannot create {tls_dir}: {e.strerror or e}") from None
+    ca_path, cert_path, key_path = tls_dir / CA_CERT, tls_dir / SERVER_CERT, tls_dir / SERVER_KEY
+    if (
+        (tls_dir / CA_KEY).exists()
+        and ca_path.exists()
+        and _public_der(load_certificates(ca_path)[0]) != _public_der(authority.cert)
+    ):
+        raise TLSConfigError(
+            f"{tls_dir} holds a CA of its own with its key ({CA_KEY}); move both away "
+            "before the server joins the fleet"
+        )
+    kept = _reusable_key(key_path)
+    leaf, key = _new_server_cert(generals, authority.cert, authority.key, kept)
+    if kept is None:
+        _write_atomically(key_path, _key_pem(key), 0o600)
+    _write_atomically(ca_path, _cert_pem(authority.cert), 0o644)
+    _write_atomically(cert_path, _cert_pem(leaf, authority.cert), 0o644)
+    return ServerIdentity(
+        ca_cert=ca_path,
+        cert=cert_path,
+        key=key_path,
+        fingerprint=fingerprint_of(leaf),
+        names=tuple(_name_text(g) for g in generals),
+        created=True,
         spki=spki_fingerprint(leaf),
         not_after=leaf.not_valid_after_utc,
     )

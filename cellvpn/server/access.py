@@ -37,6 +37,14 @@ class LiveSession(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
+class SharedClients(Protocol):
+    """The fleet's registry in the shared ledger (:mod:`cellvpn.server.fleetclients`)."""
+
+    async def add(self, record: ClientRecord, now: float) -> bool: ...
+
+    async def revoke(self, name: str, now: float) -> list[ClientRecord]: ...
+
+
 class Verdict:
     """What setup does with a client certificate: serve it (with a name) or refuse it (why)."""
 
@@ -62,6 +70,8 @@ class Enrollment:
         self.registry = registry
         self._save = save
         self._clock = clock
+        #: the fleet's registry in the shared ledger; None: this server's clients.json
+        self.shared: SharedClients | None = None
 
     # --- session setup ---------------------------------------------------------------------
 
@@ -87,6 +97,11 @@ class Enrollment:
 
     def require_authority(self) -> pki.CertificateAuthority:
         """The CA that signs, or the reason this server enrolls nobody."""
+        if self.authority is None and self.shared is not None:
+            raise AccessError(
+                "this server holds no CA key: its fleet's clients are enrolled where the CA "
+                "key is (cellvpn-ctl fleet client add), and every server knows them"
+            )
         if self.authority is None:
             raise AccessError(
                 "this server does not enroll clients: it serves any client "
@@ -117,8 +132,16 @@ class Enrollment:
             not_after=cert.not_valid_after_utc.timestamp(),
             enrolled_at=now,
         )
-        self.registry.add(record)
-        await self._save(self.registry.to_json())
+        if self.shared is not None:
+            if not await self.shared.add(record, now):
+                raise AccessError(
+                    f"client {name!r} is enrolled already (on a server of this fleet); revoke "
+                    f"it first (cellvpn-ctl client revoke {name}) or choose another name"
+                )
+            self.registry.add(record)
+        else:
+            self.registry.add(record)
+            await self._save(self.registry.to_json())
         return {
             **asdict(record),
             "certificate": pki.certificate_pem(cert).decode("ascii"),
@@ -147,18 +170,43 @@ class Enrollment:
 
     async def revoke(self, name: str, sessions: Iterable[LiveSession]) -> dict[str, Any]:
         """Revoke ``name``'s certificates, save that, then close its live sessions."""
-        try:
-            changed = self.registry.revoke(name, self._clock())
-        except RegistryError as e:
-            raise AccessError(str(e)) from None
-        await self._save(self.registry.to_json())
-        serials = {r.serial for r in changed}
+        if self.shared is not None:
+            changed = await self.shared.revoke(name, self._clock())
+            if not changed:
+                raise AccessError(
+                    f"client {name!r} has no certificate left to revoke in this fleet "
+                    "(cellvpn-ctl client list shows them)"
+                )
+            self.registry.update(changed)
+        else:
+            try:
+                changed = self.registry.revoke(name, self._clock())
+            except RegistryError as e:
+                raise AccessError(str(e)) from None
+            await self._save(self.registry.to_json())
+        closed = self._close_revoked(changed, sessions)
+        return {"revoked": [asdict(r) for r in changed], "sessions_closed": closed}
+
+    def refreshed(
+        self, records: Iterable[ClientRecord], sessions: Iterable[LiveSession]
+    ) -> list[int]:
+        """The fleet's registry read again: keep it, close the sessions of certificates
+        revoked elsewhere since; their ids."""
+        newly = self.registry.replace_all(records)
+        return self._close_revoked(newly, sessions) if newly else []
+
+    @staticmethod
+    def _close_revoked(
+        changed: Iterable[ClientRecord], sessions: Iterable[LiveSession]
+    ) -> list[int]:
+        by_serial = {r.serial: r.name for r in changed}
         closed = []
         for session in list(sessions):
-            if session.client_serial in serials:
+            name = by_serial.get(session.client_serial or "")
+            if name is not None:
                 if session.session_id is not None:
                     closed.append(session.session_id)
                 session.close(
                     CloseCode.REFUSED, f"client {name!r} was revoked by the server's operator"
                 )
-        return {"revoked": [asdict(r) for r in changed], "sessions_closed": sorted(closed)}
+        return sorted(closed)

@@ -99,6 +99,23 @@ class ClientRegistry:
             raise RegistryError(f"client {name!r} is revoked already")
         return changed
 
+    def update(self, records: Iterable[ClientRecord]) -> None:
+        """Take these records as they are now (changed in the fleet's ledger)."""
+        for record in records:
+            self._records[record.serial] = record
+
+    def replace_all(self, records: Iterable[ClientRecord]) -> list[ClientRecord]:
+        """Take the records as they are now (a fleet's shared ledger read again); the ones
+        newly revoked. What was seen when stays."""
+        fresh = {r.serial: r for r in records}
+        revoked = [
+            r
+            for r in fresh.values()
+            if r.revoked and not (r.serial in self._records and self._records[r.serial].revoked)
+        ]
+        self._records = fresh
+        return revoked
+
     def seen(self, serial: str, now: float) -> None:
         self.last_seen[serial] = now
 

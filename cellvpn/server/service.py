@@ -31,12 +31,19 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from cellvpn.billing.asyncledger import AsyncLedger
+from cellvpn.billing.interfaces import LedgerUnavailableError
 from cellvpn.billing.keys import KeyFileError, KeyPair, load_or_create_key
 from cellvpn.billing.sqlite import LedgerOpenError, open_ledger
 from cellvpn.config import ServerConfig
 from cellvpn.config.parsers import HostPort
 from cellvpn.config.reload import describe, plan_reload
-from cellvpn.config.schema import BillingSection, ClientAccess, EdgeSection, Offload
+from cellvpn.config.schema import (
+    BillingSection,
+    ClientAccess,
+    EdgeSection,
+    Offload,
+    RegistryPlace,
+)
 from cellvpn.conn import pki
 from cellvpn.conn.listen import listen_now
 from cellvpn.conn.pki import host_addresses
@@ -59,9 +66,11 @@ from cellvpn.server.check import CheckCounters
 from cellvpn.server.clients import ClientRegistry, RegistryError
 from cellvpn.server.edge import Admission, EdgeLimits, LineBudget, Refusal, Refusals
 from cellvpn.server.ended import EndedSessions
+from cellvpn.server.fleetclients import FleetClients, to_record, to_row
 from cellvpn.server.freeusage import FreeUsage
 from cellvpn.server.hostaddresses import HostAddresses
 from cellvpn.server.metrics import listen_metrics
+from cellvpn.server.offers import OfferBoard, OfferFacts
 from cellvpn.server.perclient import PerClient
 from cellvpn.server.proxy import ProxyRelay
 from cellvpn.server.registry import SessionRegistry
@@ -226,6 +235,10 @@ class VPNServerService(MultiService):
         self.ledger: AsyncLedger | None = None
         #: books free sessions' usage (a free server with [ledger] url), else None
         self.free_usage: FreeUsage | None = None
+        #: the fleet's enrolled clients in the shared ledger ([tls] registry = ledger)
+        self.fleet_clients: FleetClients | None = None
+        #: this server's offer in the ledger and the provider's offers (with a price)
+        self.offers: OfferBoard | None = None
         self.proxy: ProxyRelay | None = ProxyRelay.for_server(self)
         #: Called with a reason when the service cannot go on (twistd then exits with status 1).
         self.on_fatal: Callable[[str], None] = self._fatal
@@ -279,28 +292,98 @@ class VPNServerService(MultiService):
                     "[tls] client_ca is not used: clients = any asks no client for a certificate"
                 )
             return None
-        try:
-            authority = pki.load_authority(state)
-        except (OSError, TLSConfigError) as e:
-            raise StartupError(f"cannot prepare the CA that enrolls clients: {e}") from None
-        path = state / REGISTRY_FILE
-        registry = ClientRegistry()
-        try:
-            registry = ClientRegistry.from_json(path.read_text(), str(path))
-        except FileNotFoundError:
-            pass
-        except (OSError, UnicodeDecodeError, RegistryError) as e:
-            raise StartupError(f"cannot read the enrolled clients: {e}") from None
-        self.enrollment.authority = authority
-        self.enrollment.registry = registry
+        if tls.registry is RegistryPlace.LEDGER:
+            self._open_fleet_registry()
+        else:
+            try:
+                authority = pki.load_authority(state)
+            except (OSError, TLSConfigError) as e:
+                raise StartupError(f"cannot prepare the CA that enrolls clients: {e}") from None
+            path = state / REGISTRY_FILE
+            registry = ClientRegistry()
+            try:
+                registry = ClientRegistry.from_json(path.read_text(), str(path))
+            except FileNotFoundError:
+                pass
+            except (OSError, UnicodeDecodeError, RegistryError) as e:
+                raise StartupError(f"cannot read the enrolled clients: {e}") from None
+            self.enrollment.authority = authority
+            self.enrollment.registry = registry
+        registry = self.enrollment.registry
         revoked = sum(r.revoked for r in registry.records())
         self.log.info(
-            "clients must be enrolled ([tls] clients = enrolled): {n} enrolled, {revoked} revoked",
+            "clients must be enrolled ([tls] clients = enrolled): {n} enrolled, {revoked} revoked"
+            "{where}",
             n=len(registry.records()) - revoked,
             revoked=revoked,
+            where=" (the fleet's, in the ledger)" if self.fleet_clients is not None else "",
         )
         cas = [state / pki.TLS_DIR / pki.CA_CERT]
         return cas + ([tls.client_ca] if tls.client_ca is not None else [])
+
+    def _open_fleet_registry(self) -> None:
+        """The fleet's clients from the shared ledger, read once now (before the reactor runs,
+        so it may block), with the CA key only if this server holds one."""
+        state = self.config.server.state_dir
+        tls_dir = state / pki.TLS_DIR
+        try:
+            if (tls_dir / pki.CA_KEY).exists() or not (tls_dir / pki.CA_CERT).exists():
+                authority: pki.CertificateAuthority | None = pki.load_authority(state)
+                ca_cert = authority.cert if authority is not None else None
+            else:
+                authority = None
+                ca_cert = pki.load_certificates(tls_dir / pki.CA_CERT, "CA certificate")[0]
+        except (OSError, TLSConfigError) as e:
+            raise StartupError(f"cannot prepare the CA that enrolls clients: {e}") from None
+        assert ca_cert is not None
+        fleet = pki.spki_fingerprint(ca_cert)
+        ledger = self._open_ledger()
+        sync = ledger.ledger
+        path = state / REGISTRY_FILE
+        try:
+            if path.exists():
+                # a server that joins a fleet brings the clients it enrolled on its own
+                local = ClientRegistry.from_json(path.read_text(), str(path))
+                for record in local.records():
+                    sync.enroll_client(to_row(fleet, record))
+            rows = sync.enrolled_clients(fleet)
+        except (OSError, UnicodeDecodeError, RegistryError) as e:
+            raise StartupError(f"cannot read the enrolled clients: {e}") from None
+        except LedgerUnavailableError as e:
+            raise StartupError(f"cannot read the fleet's enrolled clients: {e}") from None
+        self.enrollment.authority = authority
+        self.enrollment.registry = ClientRegistry(to_record(r) for r in rows)
+        self.fleet_clients = FleetClients(
+            ledger,
+            fleet,
+            self.enrollment,
+            lambda: list(self.sessions),
+            self.reactor,
+            self.config.tls.registry_refresh,
+        )
+        self.enrollment.shared = self.fleet_clients
+        self.log.info(
+            "fleet {fleet}: enrolled clients and revocations are kept in the ledger, read every"
+            " {every:g} s; {ca}",
+            fleet=fleet[:16],
+            every=self.config.tls.registry_refresh,
+            ca="this server holds the CA key"
+            if authority is not None
+            else "the CA key is kept elsewhere (clients are enrolled with cellvpn-ctl fleet)",
+        )
+
+    def _open_ledger(self) -> AsyncLedger:
+        """The ledger, opened once (billing and the fleet's registry share it)."""
+        if self.ledger is not None:
+            return self.ledger
+        state = self.config.server.state_dir
+        url = self.config.ledger.url or f"sqlite:///{(state / 'ledger.db').resolve()}"
+        try:
+            ledger = open_ledger(url)
+        except LedgerOpenError as e:
+            raise StartupError(str(e)) from None
+        self.ledger = AsyncLedger(ledger, self.reactor, self.config.edge.ledger_queue)
+        return self.ledger
 
     def _renewal(self, creator: Any, trust: list[Path] | None) -> Renewal:
         """Renew the generated certificate while running, for the same key and names."""
@@ -452,30 +535,22 @@ class VPNServerService(MultiService):
         tun = self.tun
         return tun is not None and tun.write(packet)
 
-    def _open_ledger(self) -> KeyPair:
-        """The provider key and the ledger (the key names this server in the ledger)."""
-        b = self.config.billing
-        state = self.config.server.state_dir
-        path = b.key or state / "provider.key"
+    def _provider_key(self) -> KeyPair:
+        """The provider key (it names this server in the ledger), made at first start."""
+        path = self.config.billing.key or self.config.server.state_dir / "provider.key"
         try:
             key, created = load_or_create_key(path)
         except KeyFileError as e:
             raise StartupError(str(e)) from None
         if created:
             self.log.info("created the provider key {path}", path=str(path))
-        url = self.config.ledger.url or f"sqlite:///{(state / 'ledger.db').resolve()}"
-        try:
-            ledger = open_ledger(url)
-        except LedgerOpenError as e:
-            raise StartupError(str(e)) from None
-        self.ledger = AsyncLedger(ledger, self.reactor, self.config.edge.ledger_queue)
         return key
 
     def _open_free_ledger(self) -> None:
         """Free service with a ledger configured: each free session's usage is booked."""
-        key = self._open_ledger()
-        assert self.ledger is not None
-        self.free_usage = FreeUsage(self.ledger, key.account, self.reactor)
+        key = self._provider_key()
+        ledger = self._open_ledger()
+        self.free_usage = FreeUsage(ledger, key.account, self.reactor)
         self.log.info(
             "free service: usage booked in the ledger as provider {account}",
             account=key.account_hex,
@@ -484,20 +559,56 @@ class VPNServerService(MultiService):
     def _open_billing(self) -> None:
         """The provider key and the ledger: both needed before the first REQUEST."""
         b = self.config.billing
-        state = self.config.server.state_dir
-        key = self._open_ledger()
-        assert self.ledger is not None
+        key = self._provider_key()
+        ledger = self._open_ledger()
+        instance = _instance_id(self.config.server.state_dir)
         self.billing = ServerBilling(
-            self, key, self.ledger, b, self.config.srv_vpn.grace_period, _instance_id(state)
+            self, key, ledger, b, self.config.srv_vpn.grace_period, instance
+        )
+        self.offers = self._offer_board(key, instance)
+
+    def _offer_board(self, key: Any, instance: str) -> OfferBoard | None:
+        """The board that publishes this server's offer, if clients can be told where it is."""
+        try:
+            endpoint = str(self.public_address()["server"])
+        except ControlError as e:
+            self.log.info("no offer is published: {why}", why=str(e))
+            return None
+        s = self.config.server
+        billing = self.billing
+        assert billing is not None
+
+        def facts() -> OfferFacts:
+            return OfferFacts(
+                endpoint,
+                self.spki or "",
+                s.region,
+                s.capacity or self.pool.capacity,
+                len(self.sessions),
+            )
+
+        assert self.ledger is not None
+        return OfferBoard(
+            self.ledger,
+            key,
+            instance,
+            self.reactor,
+            s.offer_interval,
+            lambda: billing.order.order,
+            facts,
         )
 
     def startService(self) -> None:
         super().startService()
         if self.renewal is not None:
             self.renewal.start()
+        if self.fleet_clients is not None:
+            self.fleet_clients.start()
         if self.billing is not None:
             d = Deferred.fromCoroutine(self.billing.start())
             d.addErrback(lambda f: self.on_fatal(f"cannot start billing: {f.getErrorMessage()}"))
+        if self.offers is not None:
+            self.offers.start()
         if self.tun is not None:
             self.tun.startReading()
         host = self.port.getHost()
@@ -507,18 +618,29 @@ class VPNServerService(MultiService):
             port=getattr(host, "port", "?"),
         )
 
+    async def _stop_billing(self, billing: ServerBilling) -> None:
+        """The offer withdrawn first (no client is sent here any more), then the sessions
+        ended and saved."""
+        if self.offers is not None:
+            await self.offers.withdraw()
+        await billing.stop()
+
     def stopService(self) -> Any:
         self.accepting = False
         if self.renewal is not None:
             self.renewal.stop()
+        if self.fleet_clients is not None:
+            self.fleet_clients.stop()
         saving: Deferred[Any] | None = None
         if self.billing is not None:
-            saving = Deferred.fromCoroutine(self.billing.stop())
+            saving = Deferred.fromCoroutine(self._stop_billing(self.billing))
             saving.addErrback(lambda f: self.log.failure("saving billing state failed", f))
             saving.addBoth(lambda _: self.ledger.close() if self.ledger else None)
         elif self.free_usage is not None:
             saving = self.free_usage.stop(list(self.sessions))
             saving.addBoth(lambda _: self.ledger.close() if self.ledger else None)
+        elif self.ledger is not None:
+            saving = self.ledger.close()
         for session in self.sessions:
             if session.proto is not None:
                 session.proto.close(CloseCode.SHUTDOWN, "server is shutting down")

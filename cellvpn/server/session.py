@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cellvpn.config.schema import ClientAccess
 from cellvpn.conn.protocol import StreamApplication, StreamProtocol
 from cellvpn.conn.tls import (
     client_certificate_problem,
@@ -34,7 +35,15 @@ from cellvpn.stream.connection import Closed, Established, HelloReceived
 from cellvpn.wire import vpn
 from cellvpn.wire.channel import CHANNEL_R, CHANNEL_S
 from cellvpn.wire.errors import DecodeError
-from cellvpn.wire.service import CheckPacket, Error, ErrorCode, PacketType, Request, Success
+from cellvpn.wire.service import (
+    CheckPacket,
+    Error,
+    ErrorCode,
+    OrderList,
+    PacketType,
+    Request,
+    Success,
+)
 from cellvpn.wire.setup import CloseCode
 
 if TYPE_CHECKING:
@@ -49,6 +58,8 @@ _OP_VPN_SEND = vpn.OpCode.VPN_SEND
 _OP_VPN_RECV_GSO = vpn.OpCode.VPN_RECV_GSO
 _OP_VPN_SEND_GSO = vpn.OpCode.VPN_SEND_GSO
 _PKT_DATA = vpn.PKT_TYPE_DATA
+#: ORDERS requests one session may make (each answered from memory, never a ledger query)
+ORDERS_PER_SESSION = 16
 
 
 class ServerSession(StreamApplication):
@@ -114,6 +125,8 @@ class ServerSession(StreamApplication):
         #: CHECK bytes (asked and answered) this session may still use, and their rate
         edge = server.config.edge
         self.check_left = edge.check_budget
+        #: ORDERS requests this session may still make
+        self.orders_left = ORDERS_PER_SESSION
         self._checks = TokenBucket(
             edge.check_rate, max(1.0, edge.check_rate), server.reactor.seconds()
         )
@@ -366,6 +379,8 @@ class ServerSession(StreamApplication):
                 self._on_request(Request.decode(data))
             elif ptype == PacketType.CHECK_REQUEST:
                 self._on_check(CheckPacket.decode(data))
+            elif ptype == PacketType.ORDERS_REQUEST:
+                self._on_orders(data)
             else:
                 billing = self.server.billing
                 if billing is None or not billing.service_packet(self, ptype, data):
@@ -394,6 +409,23 @@ class ServerSession(StreamApplication):
         self.send_service(PacketType.CHECK_RESPONSE, answer.encode())
         if not self.requested:
             self._request_deadline()  # a check in progress is activity
+
+    def _on_orders(self, data: memoryview) -> None:
+        """The provider's available offers, from memory, to an authenticated client: one with
+        an enrolled certificate, or one whose key its REQUEST proved; a few times a session."""
+        if len(data) != 0:
+            raise DecodeError(f"ORDERS_REQUEST is empty, got {len(data)} bytes")
+        enrolled = self.server.config.tls.clients is ClientAccess.ENROLLED
+        if not (enrolled or self.served):
+            self.close(CloseCode.REFUSED, "orders are for authenticated clients")
+            return
+        if self.orders_left <= 0:
+            self.close(CloseCode.REFUSED, "too many ORDERS requests on one session")
+            return
+        self.orders_left -= 1
+        board = self.server.offers
+        orders = board.available(self.server.reactor.seconds()) if board is not None else []
+        self.send_service(PacketType.ORDERS, OrderList.fitting(orders).encode())
 
     def _on_request(self, request: Request) -> None:
         if self.requested:

@@ -84,6 +84,10 @@ class CheckCount(Protocol):
     def answered(self, request: CheckPacket, answer: CheckPacket) -> None: ...
 
 
+class OfferList(Protocol):
+    def available(self, now: float) -> list[bytes]: ...
+
+
 class Judge(Protocol):
     def judge(self, cert: x509.Certificate | None) -> Verdict: ...
 
@@ -133,6 +137,9 @@ class SessionHost(Protocol):
 
     @property
     def checks(self) -> CheckCount: ...
+
+    @property
+    def offers(self) -> OfferList | None: ...
 
     def refusal(self, kind: Refusal, session: ServerSession | None, why: str) -> None: ...
 

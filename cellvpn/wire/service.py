@@ -17,6 +17,9 @@ ERROR (0xff), exactly 24 bytes: ``u64 net_id, u64 srv_uid, u32 usage_id, u32 cod
 NOTIFY_STOPPED (0x20): empty, or the 24-byte error body.
 CHECK_REQUEST (0x50) / CHECK_RESPONSE (0x51): the 628-byte test header, then ``data_size`` bytes.
 SIGN_REQUEST (0x10) / SIGN_RESPONSE (0x11): a receipt (:mod:`cellvpn.wire.receipt`).
+ORDERS_REQUEST (0x60, cellvpn, C->S): empty. ORDERS (0x61, cellvpn, S->C): the provider's
+available offers, ``u16 count`` then per offer ``u16 length`` and a signed order (at most
+:data:`MAX_ORDERS` offers and :data:`MAX_ORDERS_BYTES` bytes in all).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class PacketType(IntEnum):
     DEPOSIT_CREATED = 0x43  # cellvpn: S->C, the new deposit's 32-byte id
     CHECK_REQUEST = 0x50
     CHECK_RESPONSE = 0x51
+    ORDERS_REQUEST = 0x60  # cellvpn: C->S, empty: the provider's current offers, please
+    ORDERS = 0x61  # cellvpn: S->C, the offers (OrderList)
     SUCCESS = 0xF0
     ERROR = 0xFF
 
@@ -296,3 +301,61 @@ class CheckPacket:
             f[14],
             payload,
         )
+
+
+#: the most offers one ORDERS packet carries, and its most bytes
+MAX_ORDERS = 64
+MAX_ORDERS_BYTES = 32768
+_U16 = struct.Struct("<H")
+
+
+@dataclass(frozen=True, slots=True)
+class OrderList:
+    """ORDERS: signed orders (offers) as bytes; what they say is the billing layer's."""
+
+    orders: tuple[bytes, ...] = ()
+
+    def encode(self) -> bytes:
+        if len(self.orders) > MAX_ORDERS:
+            raise ValueError(f"ORDERS carries at most {MAX_ORDERS} orders")
+        out = _U16.pack(len(self.orders)) + b"".join(_U16.pack(len(o)) + o for o in self.orders)
+        if len(out) > MAX_ORDERS_BYTES:
+            raise ValueError(f"ORDERS is at most {MAX_ORDERS_BYTES} bytes")
+        return out
+
+    @classmethod
+    def fitting(cls, orders: list[bytes]) -> OrderList:
+        """As many of ``orders`` as fit one packet, in their order."""
+        kept: list[bytes] = []
+        size = _U16.size
+        for order in orders[:MAX_ORDERS]:
+            if size + _U16.size + len(order) > MAX_ORDERS_BYTES:
+                break
+            kept.append(order)
+            size += _U16.size + len(order)
+        return cls(tuple(kept))
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> OrderList:
+        raw = bytes(data)
+        if len(raw) > MAX_ORDERS_BYTES:
+            raise DecodeError(f"ORDERS is {len(raw)} bytes, at most {MAX_ORDERS_BYTES}")
+        if len(raw) < _U16.size:
+            raise DecodeError("ORDERS has no count")
+        (count,) = _U16.unpack_from(raw)
+        if count > MAX_ORDERS:
+            raise DecodeError(f"ORDERS says {count} orders, at most {MAX_ORDERS}")
+        at = _U16.size
+        orders = []
+        for _ in range(count):
+            if len(raw) - at < _U16.size:
+                raise DecodeError("ORDERS cut short")
+            (size,) = _U16.unpack_from(raw, at)
+            at += _U16.size
+            if size > len(raw) - at:
+                raise DecodeError(f"ORDERS order says {size} bytes, {len(raw) - at} follow")
+            orders.append(raw[at : at + size])
+            at += size
+        if at != len(raw):
+            raise DecodeError(f"ORDERS has {len(raw) - at} bytes after its orders")
+        return cls(tuple(orders))

@@ -535,7 +535,7 @@ def test_an_expired_deposit_closes_whatever_its_mark(ledger: AnyLedger) -> None:
 
 
 def test_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
-    """A ledger written before grace budgets and leases opens as version 3 with their tables."""
+    """A ledger written before grace budgets and leases opens as version 4 with their tables."""
     led = SqliteLedger(tmp_path / "l.db")
     with led._transaction(write=True) as db:
         db.execute("DROP TABLE leases")
@@ -546,7 +546,7 @@ def test_a_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
     with again._transaction(write=False) as db:
         version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert version == ("3",) and {"leases", "grace"} <= tables
+    assert version == ("4",) and {"leases", "grace", "clients", "offers"} <= tables
     again.close()
 
 

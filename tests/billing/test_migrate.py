@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cellvpn.billing.interfaces import EnrolledRow
 from cellvpn.billing.migrate import COLUMNS, MigrateError, migrate
 from cellvpn.billing.records import Order, SignedOrder
 from cellvpn.billing.sqlite import open_ledger
@@ -49,6 +50,10 @@ def _fill(url: str) -> tuple[bytes, list[Any]]:
     ledger.ban(PROVIDER.account, key("stranger").account, NOW + 600)
     ledger.add_usage(PROVIDER.account, CLIENT.account, "paid", 180.0, 2**70, 3 * 10**21)
     ledger.book_grace(PROVIDER.account, ["key:x", "net:192.0.2.0/24"], NOW, 30.0, 4096)
+    fleet = "ab" * 32
+    ledger.enroll_client(EnrolledRow(fleet, "alice", "a1", "f" * 64, NOW + DAY, NOW), now=NOW)
+    ledger.revoke_client(fleet, "alice", NOW + 1)
+    ledger.publish_offer(PROVIDER.account, "inst", b"signed order", NOW)
     ledger.close()
     return dep, receipts
 

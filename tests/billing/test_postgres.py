@@ -36,7 +36,7 @@ def _execute(url: str, sql: str) -> None:
 def test_an_unknown_schema_version_is_refused_with_one_line(pg_url: str) -> None:
     open_ledger(pg_url).close()
     _execute(pg_url, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(LedgerOpenError, match="schema version 99; this cellvpn reads version 3"):
+    with pytest.raises(LedgerOpenError, match="schema version 99; this cellvpn reads version 4"):
         open_ledger(pg_url)
 
 

@@ -179,10 +179,15 @@ def test_a_ca_key_left_without_its_certificate_starts_over(tmp_path: Path) -> No
 
 
 def test_reissue_without_the_ca_key_is_a_clear_error(tmp_path: Path) -> None:
+    """Without the CA key (a fleet's CA, kept by its operator) a valid certificate is used
+    as it is, even for other names; one that is missing cannot be made."""
     pki.ensure_server_identity(tmp_path, NAMES)
     ca_key = tmp_path / "tls" / "ca.key"
     ca_key.unlink()
     assert not pki.ensure_server_identity(tmp_path, NAMES).created  # not needed: fine
+    kept = pki.ensure_server_identity(tmp_path, ["vpn2.test"])
+    assert not kept.created and pki.certificate_names(read_chain(kept.cert)[0]) != ["vpn2.test"]
+    (tmp_path / "tls" / "server.pem").unlink()
     with pytest.raises(TLSConfigError, match=f"CA key {ca_key} does not exist"):
         pki.ensure_server_identity(tmp_path, ["vpn2.test"])
 

@@ -3,11 +3,12 @@
     python payers.py SPEC RESULT
 
 SPEC is a JSON file: ``{"host", "port", "ca", "max_unit_price", "duration", "clients": [{"key",
-"deposit", "state"}, ...]}``. Each client is built from cellvpn's own client pieces: a
-``ClientStream`` (no address, no TUN: ``vpn = false``) on ``StreamProtocol`` +
-``StreamConnection`` over TLS, with ``ClientBilling`` as its billing, so it checks the order,
-proves its key, checks and signs every receipt and keeps its own receipt book in its ``state``
-folder, exactly as the client does.
+"deposit", "state"}, ...]}``, and, for a server that serves enrolled clients only, the
+``certificate`` and ``private_key`` files all its clients present. Each client is built from
+cellvpn's own client pieces: a ``ClientStream`` (no address, no TUN: ``vpn = false``) on
+``StreamProtocol`` + ``StreamConnection`` over TLS, with ``ClientBilling`` as its billing, so
+it checks the order, proves its key, checks and signs every receipt and keeps its own receipt
+book in its ``state`` folder, exactly as the client does.
 
 All clients connect (a few milliseconds apart), stay ``duration`` seconds after the last one
 was granted, then close. RESULT gets one JSON object: per client what it signed and what the
@@ -140,7 +141,14 @@ class Payer:
 
 
 async def run(reactor: Any, spec: dict[str, Any], result_file: Path) -> None:
-    tls = client_tls(spec["host"], Path(spec["ca"]), None, None, None)
+    cert, key = spec.get("certificate"), spec.get("private_key")
+    tls = client_tls(
+        spec["host"],
+        Path(spec["ca"]),
+        None,
+        Path(cert) if cert else None,
+        Path(key) if key else None,
+    )
     payers = [
         Payer(reactor, n, entry, spec["max_unit_price"]) for n, entry in enumerate(spec["clients"])
     ]
