@@ -82,7 +82,7 @@ def client_facts(
     server: str,
     session_id: int | None,
     mtu: int,
-    dns: Sequence[ipaddress.IPv4Address],
+    dns: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
     reason: str = "",
 ) -> Facts:
     """The facts of the client's tunnel: what ``up``/``down`` and ``on_up``/``on_down`` get."""

@@ -86,6 +86,9 @@ class ServerSession:
         self.usage_id = 0
         self.address: ipaddress.IPv4Address | None = None
         self.addr_key = b""
+        #: the paired IPv6 address, when the pool has one and the client agreed to ipv6
+        self.address6: ipaddress.IPv6Address | None = None
+        self.addr6_key = b""
         self.counters = SessionCounters()
         #: both ends agreed to carry super-packets (VPN_SEND_GSO / VPN_RECV_GSO)
         self.offload = False
@@ -519,8 +522,12 @@ class ServerSession:
             return
         self.address = lease.address
         self.addr_key = lease.address.packed
+        agreed = self._caps()
+        if lease.address6 is not None and caps.IPV6 in agreed and caps.ADDR_OPTIONS in agreed:
+            self.address6 = lease.address6
+            self.addr6_key = lease.address6.packed
         self.update_passing()
-        reply = server.addr_reply(self.address, caps.ADDR_OPTIONS in self._caps())
+        reply = server.addr_reply(self.address, caps.ADDR_OPTIONS in agreed, self.address6)
         self.send_vpn(
             vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REPLY, reply.encode(), usage_id=self.usage_id)
         )
@@ -529,7 +536,7 @@ class ServerSession:
             "session {sid} with {peer}: leased {addr}{how}",
             sid=f"{self.session_id or 0:#010x}",
             peer=self.peer,
-            addr=str(self.address),
+            addr=str(self.address) + ("" if self.address6 is None else f" and {self.address6}"),
             how=" (again)" if lease.reused else "",
         )
         server.session_up(self)
@@ -554,6 +561,7 @@ class ServerSession:
             "length_seconds": end - start,
             "ended_at": self.ended_at,
             "client_addr": str(self.address) if self.address else None,
+            "client_addr6": str(self.address6) if self.address6 else None,
             "usage_state": self.usage.state.name,
             "usage_id": self.usage_id,
             "counters": self.counters.as_dict(),

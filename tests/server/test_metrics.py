@@ -64,7 +64,8 @@ def test_exposition_parses_and_sums_live_and_ended_sessions(tmp_path: Path) -> N
     a.send_ip(ipv4("198.18.9.77", "198.19.0.10"))  # spoofed
     b.send_ip(ipv4("198.18.9.3", "198.19.0.10", b"z" * 30))
     to_b = ipv4("198.19.0.10", "198.18.9.3")
-    server.forwarder.from_tun([to_b, ipv4("198.19.0.10", "198.18.9.200"), b"\x60" * 40])
+    # version 7: neither IPv4 nor IPv6, so malformed
+    server.forwarder.from_tun([to_b, ipv4("198.19.0.10", "198.18.9.200"), b"\x70" * 40])
     b.pump()
     a.lose()
 
