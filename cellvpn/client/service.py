@@ -152,6 +152,8 @@ class VPNClientService(MultiService):
         self._busy: defer.Deferred[Any] | None = None
         c = config.client
         offered = caps.KNOWN if c.offload is not Offload.OFF else caps.KNOWN - {caps.OFFLOAD}
+        if not c.ipv6 or not c.vpn:
+            offered -= {caps.IPV6}  # no IPv6 address asked for: the guard keeps IPv6 out
         self.stream_settings = StreamSettings(channels="RS", caps=offered)
         self.tunnel = ClientTunnel(
             reactor,

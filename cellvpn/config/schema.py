@@ -486,6 +486,13 @@ class ClientSection:
     default_route: bool = option(
         BOOL, True, "Send all traffic through the tunnel (the server stays reachable directly)."
     )
+    ipv6: bool = option(
+        BOOL,
+        True,
+        "Take an IPv6 address into the tunnel when the server offers one (dual stack); false ="
+        " IPv4 only, with IPv6 blackholed while default_route sends all traffic through the"
+        " tunnel.",
+    )
     routes: tuple[IPv4Network | IPv6Network, ...] = option(
         _ROUTE_LIST,
         (),
