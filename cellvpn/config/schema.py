@@ -344,6 +344,14 @@ class SrvVpnSection:
         " address of the host): icmp (echo), dns (port 53 on the addresses in dns), tcp:PORT,"
         " udp:PORT, all, none. The rest is dropped and counted.",
     )
+    sessions_per_key: int = option(
+        integer(0, 1 << 20),
+        0,
+        "Most sessions one client key may hold at once (the wallet key with billing, else the"
+        " enrolled client certificate); the next is refused with ERROR TOO_MANY_SESSIONS"
+        " (0x700). A reconnect with its resume token replaces its old session and is not"
+        " counted. 0 = unlimited; SIGHUP applies a change to the next sessions.",
+    )
     lease_hold: float = option(
         seconds(0, 86400),
         300.0,

@@ -269,6 +269,13 @@ class ServerBilling:
         client = account_of(public)
         if session.identity is None or session.identity.startswith("token:"):
             session.identity = f"key:{client.hex()}"  # sticky leases follow the proven key
+        session.key = f"key:{client.hex()}"
+        why = self.server.key_limit(session)
+        if why is not None:
+            self.server.refusal(Refusal.SESSIONS_PER_KEY, session, why)
+            self._refuse(session, ErrorCode.TOO_MANY_SESSIONS, why, close=True)
+            return
+        session.counted = True
         now = time.time()
         banned = await self.ledger.banned_until(self.key.account, client, now)
         if banned is not None:

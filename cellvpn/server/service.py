@@ -100,6 +100,7 @@ SERVER_RELOADABLE: dict[str, frozenset[str]] = {
             "session_up",
             "session_down",
             "hook_timeout",
+            "sessions_per_key",
         }
     ),
 }
@@ -596,6 +597,32 @@ class VPNServerService(MultiService):
             )
             old.close(CloseCode.TAKEN_OVER, "a newer session of this client took over")
         return lease
+
+    def key_limit(self, session: ServerSession) -> str | None:
+        """Why ``session`` would pass ``[srv_vpn] sessions_per_key``, or None when it may.
+
+        Counted: the live sessions of the same key that passed this check, except those with
+        the newcomer's resume token (a reconnect that replaces its old session).
+        """
+        limit = self.config.srv_vpn.sessions_per_key
+        key = session.key
+        if not limit or key is None:
+            return None
+        held = sum(
+            1
+            for s in self.sessions
+            if s is not session
+            and s.counted
+            and s.key == key
+            and not s.ended
+            and s.resume_token != session.resume_token
+        )
+        if held < limit:
+            return None
+        return (
+            f"client key {key[:28]} holds {held} session(s) already, the most"
+            f" [srv_vpn] sessions_per_key = {limit} allows"
+        )
 
     def forwarder_detach(self, session: ServerSession) -> None:
         if session.addr_key:

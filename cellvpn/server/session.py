@@ -65,6 +65,11 @@ class ServerSession:
         #: the enrolled client's name and certificate serial (None: it presented none)
         self.client_name: str | None = None
         self.client_serial: str | None = None
+        #: the client key that ``sessions_per_key`` counts: the wallet key once billing proved
+        #: it, else the client certificate (None: an anonymous client, not counted)
+        self.key: str | None = None
+        #: this session counts towards its key's sessions (it passed the check)
+        self.counted = False
         self.resume_token = b""
         self.started_at = time.time()
         self.established_at: float | None = None
@@ -193,6 +198,8 @@ class ServerSession:
             return
         self.client_name, self.client_serial = verdict.name, verdict.serial
         self.identity, self.resume_token = self._identify(proto, event.hello.resume_token)
+        if self.identity.startswith("tls:"):
+            self.key = self.identity
         sid = server.sessions.new_id()
         self.session_id = sid
         conn = proto.conn
@@ -403,7 +410,24 @@ class ServerSession:
         if not self.server.config.srv_vpn.allow_free_srv:
             self.refuse(ErrorCode.FREE_IS_NOT_ALLOWED, "free service is not allowed here")
             return
+        if not self.admit_key():
+            return
         self.grant(UsageInput.GRANT_FREE)
+
+    def admit_key(self) -> bool:
+        """Count this session for its key, or refuse it (ERROR, then close) past
+        ``sessions_per_key``; True when it may go on."""
+        why = self.server.key_limit(self)
+        if why is None:
+            self.counted = True
+            return True
+        self.server.refusal(Refusal.SESSIONS_PER_KEY, self, why)
+        self.refuse(ErrorCode.TOO_MANY_SESSIONS, why)
+        self.flush()
+        self.server.reactor.callLater(
+            0.5, self.close, CloseCode.REFUSED, f"TOO_MANY_SESSIONS: {why}"
+        )
+        return False
 
     def grant(self, how: UsageInput) -> None:
         """Activate the usage and tell the client (SUCCESS)."""

@@ -561,6 +561,8 @@ ERROR_TABLE = [
     ("PRICE_ERROR", 0x600),
     ("NO_ORDER_HASH", 0x601),
     ("NO_TX_HASH", 0x602),
+    ("TOO_MANY_SESSIONS", 0x700),  # cellvpn's
+    ("DEPOSIT_BYTES_CAP", 0x701),  # cellvpn's
     ("WRONG_HASH", 0xBAD),
     ("ALLOC_MEMORY_ERROR", 0xBADA55),
     ("UNKNOWN", 0xFFFFFFFF),
