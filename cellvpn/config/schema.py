@@ -734,6 +734,13 @@ class BillingSection:
         16 * 1048576,
         "Bytes one grace session may carry before traffic waits for the first receipt.",
     )
+    deposit_bytes: int = option(
+        integer(0),
+        0,
+        "Most bytes (IP both ways and L4 proxy) one deposit may carry on this server, over all"
+        " its sessions since the server started; at it the session is stopped with ERROR"
+        " DEPOSIT_BYTES_CAP (0x701), checked every second and at each receipt. 0 = no cap.",
+    )
 
 
 @dataclass(frozen=True)
