@@ -431,7 +431,7 @@ def test_a_deposit_is_stopped_at_its_byte_cap(tmp_path: Path) -> None:
     """[billing] deposit_bytes = 100,000: traffic passes below it; at the next check (a
     second later) the session gets ERROR DEPOSIT_BYTES_CAP and closes; a new session on the
     same deposit is refused at REQUEST, since the cap counts the ended sessions too."""
-    server, clock, written, ledger, key, deposit, c = granted(
+    server, clock, written, _ledger, key, deposit, c = granted(
         tmp_path, **{"billing.deposit_bytes": "100000"}
     )
     c.send_bytes(70_000)
