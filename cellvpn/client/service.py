@@ -317,6 +317,8 @@ class VPNClientService(MultiService):
             stream.session_id,
             self.tunnel.mtu,
             self.tunnel.dns_servers if self.tunnel.dns.method else [],
+            interface6=None if self.tunnel.lease6 is None else self.tunnel.lease6.interface,
+            gateway6=self.tunnel.gateway6,
         )
 
     async def _tunnel_up(self, facts: Facts) -> HookResult | None:

@@ -670,7 +670,12 @@ class VPNServerService(MultiService):
         """The session has its address: the callbacks, then the session_up hook (not waited
         for: its failure is only logged)."""
         facts = server_facts(
-            "session_up", session.session_id, session.address, session.peer, session.client_name
+            "session_up",
+            session.session_id,
+            session.address,
+            session.peer,
+            session.client_name,
+            client_address6=session.address6,
         )
         self._up_sessions[session] = facts
         self.on_session_up(facts)
@@ -694,6 +699,8 @@ class VPNServerService(MultiService):
             counters.to_client_bytes,
         )
         facts["client_address"] = up["client_address"]  # taken over meanwhile: still its lease
+        if "client_address6" in up:
+            facts["client_address6"] = up["client_address6"]
         self.on_session_end(facts)
         path = self.config.srv_vpn.session_down
         if path is not None:
