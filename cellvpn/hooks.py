@@ -82,11 +82,14 @@ def client_facts(
     server: str,
     session_id: int | None,
     mtu: int,
-    dns: Sequence[ipaddress.IPv4Address],
+    dns: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
     reason: str = "",
+    interface6: ipaddress.IPv6Interface | None = None,
+    gateway6: ipaddress.IPv6Address | None = None,
 ) -> Facts:
-    """The facts of the client's tunnel: what ``up``/``down`` and ``on_up``/``on_down`` get."""
-    return {
+    """The facts of the client's tunnel: what ``up``/``down`` and ``on_up``/``on_down`` get;
+    ``address6``, ``prefix6`` and ``gateway6`` only for a tunnel that has IPv6."""
+    facts: Facts = {
         "event": event,
         "tun": tun,
         "address": str(interface.ip),
@@ -99,6 +102,11 @@ def client_facts(
         "dns": [str(d) for d in dns],
         "reason": reason,
     }
+    if interface6 is not None:
+        facts["address6"] = str(interface6.ip)
+        facts["prefix6"] = interface6.network.prefixlen
+        facts["gateway6"] = None if gateway6 is None else str(gateway6)
+    return facts
 
 
 def server_facts(
@@ -109,8 +117,10 @@ def server_facts(
     client: str | None,
     bytes_in: int | None = None,
     bytes_out: int | None = None,
+    client_address6: ipaddress.IPv6Address | None = None,
 ) -> Facts:
-    """The facts of one server session; the byte counts only when it ended."""
+    """The facts of one server session; the byte counts only when it ended, the IPv6 address
+    only for a dual-stack session."""
     facts: Facts = {
         "event": event,
         "session_id": session_hex(session_id),
@@ -118,6 +128,8 @@ def server_facts(
         "peer": peer,
         "client": client,
     }
+    if client_address6 is not None:
+        facts["client_address6"] = str(client_address6)
     if bytes_in is not None:
         facts["bytes_in"] = bytes_in
     if bytes_out is not None:

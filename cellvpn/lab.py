@@ -194,6 +194,11 @@ SERVER_IP = "192.0.2.1"
 SERVER_IP6 = "2001:db8::1"
 NET_HOST_IP = "198.19.0.10"
 NET_GW_IP = "198.19.0.1"
+#: In a lab with ``overlay6``: the net host's and the server's IPv6 addresses on their link,
+#: and the IPv6 network the server leases from.
+NET_HOST_IP6 = "2001:db8:5::10"
+NET_GW_IP6 = "2001:db8:5::1"
+POOL6 = "2001:db8:1::/64"
 
 
 #: The lab's [edge] keys: the load tests open dozens of sessions from one client host at once.
@@ -214,6 +219,10 @@ class VpnLab:
     With ``ipv6=True`` the underlay is dual-stack: the bridge also has 2001:db8::1/64, client N
     also 2001:db8::(N+1)/64, and the server listens on both families (``[::]:8089``) with a
     certificate that names both addresses. The net host and the overlay stay IPv4.
+
+    With ``overlay6=True`` (which implies ``ipv6``) the overlay is dual-stack too: the server
+    leases from ``[srv_vpn] network6 = 2001:db8:1::/64`` beside the IPv4 pool, forwards IPv6,
+    and the net host has 2001:db8:5::10/64 with the pool routed back through the server.
     """
 
     def __init__(
@@ -223,13 +232,18 @@ class VpnLab:
         pool: str = "198.18.5.0/24",
         exact: bool = False,
         ipv6: bool = False,
+        overlay6: bool = False,
     ) -> None:
         self.make = make
         self.work = workdir
         self.pool = pool
-        self.ipv6 = ipv6
+        self.ipv6 = ipv6 or overlay6
+        self.overlay6 = overlay6
         self.srv = self._make("srv" if not exact else "demo-srv")
-        self.net = make("net") if not exact else make("demo-net")
+        if overlay6:
+            self.net = self._make("net" if not exact else "demo-net")
+        else:
+            self.net = make("net") if not exact else make("demo-net")
         self.clients: list[Namespace] = []
         self.exact = exact
         self.srv.ip("link", "add", "br0", "type", "bridge")
@@ -240,6 +254,11 @@ class VpnLab:
         link(self.srv, f"{NET_GW_IP}/24", self.net, f"{NET_HOST_IP}/24", name="up")
         self.net.ip("route", "add", pool, "via", NET_GW_IP)
         self.srv.sysctl("net.ipv4.ip_forward", "1")
+        if overlay6:
+            self.srv.ip("addr", "add", f"{NET_GW_IP6}/64", "dev", "up0", "nodad")
+            self.net.ip("addr", "add", f"{NET_HOST_IP6}/64", "dev", "up1", "nodad")
+            self.net.ip("route", "add", POOL6, "via", NET_GW_IP6)
+            self.srv.sysctl("net.ipv6.conf.all.forwarding", "1")
         self.server: Twistd | None = None
         self.http: subprocess.Popen[bytes] | None = None
         self.server_socket = workdir / "server.sock"
@@ -314,7 +333,10 @@ class VpnLab:
             f"network_address = {self.pool.split('/')[0]}\n"
             f"network_mask = {_mask(self.pool)}\n"
             "tun_name = cvpn-srv\n"
-            "mtu = 1400\n" + vpn_extra + "[control]\n"
+            + (f"network6 = {POOL6}\n" if self.overlay6 else "")
+            + "mtu = 1400\n"
+            + vpn_extra
+            + "[control]\n"
             f"socket = {self.server_socket}\n" + extra
         )
         self.server = Twistd(self.srv, "cellvpn", cfg, self.work / "server.log", options=options)

@@ -302,3 +302,35 @@ def test_many_waiting_hooks_that_cannot_be_started_do_not_recurse() -> None:
     end(spawner.spawned[0][0], 0)
     assert len(got) == 3001 and sum(r.not_run is not None for r in got) == 3000
     assert runner.running == 0 and not runner.queue and runner.failed == 3000
+
+
+def test_dual_stack_facts_add_the_ipv6_address() -> None:
+    """A tunnel with IPv6 adds ADDRESS6, PREFIX6 and GATEWAY6 (client) and CLIENT_ADDRESS6
+    (server); an IPv4-only one has none of them (above)."""
+    facts = client_facts(
+        "up",
+        "cvpn-cli",
+        ipaddress.IPv4Interface("198.18.5.2/24"),
+        ipaddress.IPv4Address("198.18.5.1"),
+        "192.0.2.1:8089",
+        1,
+        1400,
+        [],
+        interface6=ipaddress.IPv6Interface("2001:db8:1::2/64"),
+        gateway6=ipaddress.IPv6Address("2001:db8:1::1"),
+    )
+    env = hook_environment(facts, "/bin")
+    assert (env["CELLVPN_ADDRESS6"], env["CELLVPN_PREFIX6"], env["CELLVPN_GATEWAY6"]) == (
+        "2001:db8:1::2",
+        "64",
+        "2001:db8:1::1",
+    )
+    up = server_facts(
+        "session_up",
+        7,
+        ipaddress.IPv4Address("198.18.5.2"),
+        "192.0.2.2:1",
+        None,
+        client_address6=ipaddress.IPv6Address("2001:db8:1::2"),
+    )
+    assert hook_environment(up, "/bin")["CELLVPN_CLIENT_ADDRESS6"] == "2001:db8:1::2"

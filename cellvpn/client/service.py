@@ -166,6 +166,8 @@ class VPNClientService(MultiService):
         self._busy: defer.Deferred[Any] | None = None
         c = config.client
         offered = caps.KNOWN if c.offload is not Offload.OFF else caps.KNOWN - {caps.OFFLOAD}
+        if not c.ipv6 or not c.vpn:
+            offered -= {caps.IPV6}  # no IPv6 address asked for: the guard keeps IPv6 out
         self.stream_settings = StreamSettings(channels="RS", caps=offered)
         self.tunnel = ClientTunnel(
             reactor,
@@ -356,6 +358,8 @@ class VPNClientService(MultiService):
             stream.session_id,
             self.tunnel.mtu,
             self.tunnel.dns_servers if self.tunnel.dns.method else [],
+            interface6=None if self.tunnel.lease6 is None else self.tunnel.lease6.interface,
+            gateway6=self.tunnel.gateway6,
         )
 
     async def _tunnel_up(self, facts: Facts) -> HookResult | None:

@@ -8,13 +8,19 @@ The server's ADDR_REPLY is checked against the host's addresses and routes
 (:mod:`cellvpn.net.routepolicy`) before anything is touched: a refused offer changes nothing.
 An accepted address goes on the TUN without its automatic prefix route, and the client adds
 the one overlay route the policy names, journaled like its other routes.
+
+With the ``ipv6`` capability the reply may carry an IPv6 address too (dual stack). It is
+checked by its own policy (:func:`cellvpn.net.routepolicy.check_offer6`); taken, it goes on the
+TUN beside the IPv4 one, its prefix is routed into the TUN, and the default route takes IPv6
+into the tunnel (``::/1`` and ``8000::/1``) instead of the guard that blackholes it. Refused,
+or with IPv6 off on this host, the tunnel is IPv4-only as before and the guard stays.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +36,14 @@ from cellvpn.net.netlink import Netlink, Route
 from cellvpn.net.routepolicy import (
     DEFAULT_WIDEST_PREFIX,
     Accepted,
+    Accepted6,
     HostRoute,
     HostView,
     Offer,
     OwnAddress,
     Refused,
     check_offer,
+    check_offer6,
     check_route,
 )
 from cellvpn.tun.device import (
@@ -47,6 +55,9 @@ from cellvpn.wire.vpn import AddrReply
 
 #: MTU used when the server does not say (an original server sends no options).
 DEFAULT_MTU = 1400
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Route types that say where traffic goes (unicast, blackhole, unreachable, prohibit, throw);
 #: local, broadcast, anycast and multicast routes belong to addresses, seen as such.
@@ -87,13 +98,17 @@ class ClientTunnel:
         #: the overlay route the policy accepted (the address has no prefix route of its own)
         self.overlay = RouteSet(self.netlink, self.journal)
         self.lease: Accepted | None = None
+        #: the IPv6 address the policy accepted (None: IPv4 only)
+        self.lease6: Accepted6 | None = None
         self.dns = DnsConfigurator(resolv_conf, journal=self.journal)
         self.port: TunPort | None = None
         self.name: str | None = None
         self.address: ipaddress.IPv4Address | None = None
         self.gateway: ipaddress.IPv4Address | None = None
+        self.address6: ipaddress.IPv6Address | None = None
+        self.gateway6: ipaddress.IPv6Address | None = None
         self.mtu = DEFAULT_MTU
-        self.dns_servers: list[ipaddress.IPv4Address] = []
+        self.dns_servers: list[IPAddress] = []
         self.tunnel_routes_up = False
         #: the TUN carries vnet headers (offload)
         self.vnet = False
@@ -109,11 +124,11 @@ class ClientTunnel:
         reply: AddrReply,
         server: ipaddress.IPv4Address | ipaddress.IPv6Address,
         default_route: bool,
-        dns: list[ipaddress.IPv4Address],
+        dns: Sequence[IPAddress],
         offload: bool = False,
         widest_prefix: int = DEFAULT_WIDEST_PREFIX,
-        include: tuple[ipaddress.IPv4Network, ...] = (),
-        exclude: tuple[ipaddress.IPv4Network, ...] = (),
+        include: Sequence[IPNetwork] = (),
+        exclude: Sequence[IPNetwork] = (),
         accept_routes: bool = False,
     ) -> None:
         """Bring the tunnel up for ``reply``'s address (again, after a reconnect).
@@ -131,10 +146,12 @@ class ClientTunnel:
         verdict = check_offer(offer, host, v4_server, widest_prefix)
         if isinstance(verdict, Refused):
             raise AddressRefusedError(offer, verdict)
+        v6_server = server if isinstance(server, ipaddress.IPv6Address) else None
+        verdict6 = await self._offer6(reply, host, v6_server)
         if self.port is None:
             await self._open(offload)
         assert self.name is not None
-        if self.lease is not None and self.lease != verdict:
+        if self.lease is not None and (self.lease != verdict or self.lease6 != verdict6):
             # a new lease after a reconnect: routes and DNS are planned afresh
             await self.teardown_network()
             await self._close()
@@ -150,31 +167,81 @@ class ClientTunnel:
         self.lease = verdict
         if verdict.route is not None:
             await self.overlay.apply([Route(str(verdict.route), oif=self.name)])
+        ipv6 = verdict6 is not None
+        if verdict6 is not None:
+            await self.netlink.add_address(self.name, verdict6.interface, noprefixroute=True)
+            self.lease6 = verdict6
+            self.address6 = verdict6.interface.ip
+            self.gateway6 = reply.gateway6
+            if verdict6.route is not None:
+                route6 = Route(str(verdict6.route), oif=self.name, family=6)
+                await self.overlay.apply([route6])
         if not (self.routes.carrier.routes or self.routes.tunnel.routes):
-            pushed = self._pushed_routes(reply, host, v4_server) if accept_routes else []
+            pushed = self._pushed_routes(reply, host, server, ipv6) if accept_routes else []
             await self.routes.setup(
                 server,
                 self.name,
                 default_route,
                 ipv6_guard=True,
-                include=[*include, *pushed],
-                exclude=exclude,
+                include=self._of_families([*include, *pushed], ipv6, "route"),
+                exclude=self._of_families(exclude, ipv6, "exclude"),
+                ipv6_tunnel=ipv6,
             )
         elif not self.tunnel_routes_up:
             await self.routes.restore_tunnel()
         self.tunnel_routes_up = True
-        servers = dns or list(reply.dns)
+        offered: list[IPAddress] = [*reply.dns, *(reply.dns6 if ipv6 else ())]
+        servers = [a for a in dns if ipv6 or a.version == 4] if dns else offered
         if servers and self.dns.method is None:
             await self.dns.apply(servers, self.name)
             self.dns_servers = servers
 
+    async def _offer6(
+        self, reply: AddrReply, host: HostView, server: ipaddress.IPv6Address | None
+    ) -> Accepted6 | None:
+        """The IPv6 part of the offer, if there is one and it may be taken; why not, logged."""
+        if reply.client6 is None or reply.gateway6 is None:
+            return None
+        if not await self.netlink.ipv6_enabled():
+            self.log.info(
+                "the server offers {address}, but IPv6 is disabled here: IPv4 only",
+                address=str(reply.client6),
+            )
+            return None
+        verdict = check_offer6(reply.client6, reply.gateway6, host, server)
+        if isinstance(verdict, Refused):
+            self.log.warn(
+                "refused the server's IPv6 address {address}: {why}; IPv4 only",
+                address=str(reply.client6),
+                why=str(verdict),
+            )
+            return None
+        return verdict
+
+    def _of_families(self, networks: Sequence[IPNetwork], ipv6: bool, key: str) -> list[IPNetwork]:
+        """``networks`` without the IPv6 ones when the tunnel has no IPv6 address (said once)."""
+        kept = [n for n in networks if ipv6 or n.version == 4]
+        for network in networks:
+            if network not in kept:
+                self.log.warn(
+                    "{key} {network} left out: the tunnel has no IPv6 address",
+                    key=key,
+                    network=str(network),
+                )
+        return kept
+
     def _pushed_routes(
-        self, reply: AddrReply, host: HostView, server: ipaddress.IPv4Address | None
-    ) -> list[ipaddress.IPv4Network]:
+        self,
+        reply: AddrReply,
+        host: HostView,
+        server: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        ipv6: bool,
+    ) -> list[IPNetwork]:
         """The networks the server offers that the route policy lets into the tunnel; each
         refusal said once, with its reason."""
-        taken = []
-        for network in reply.routes:
+        taken: list[IPNetwork] = []
+        offered: list[IPNetwork] = [*reply.routes, *(reply.routes6 if ipv6 else ())]
+        for network in offered:
             refused = check_route(network, host, server)
             if refused is None:
                 taken.append(network)
@@ -190,8 +257,10 @@ class ClientTunnel:
         Read in one netlink call off the reactor thread, as every netlink call is.
         """
         tun = self.name
+        own = {r.dst for r in (*self.routes.carrier.routes, *self.routes.tunnel.routes)}
         return self.netlink._call(
-            "cannot read the host's addresses and routes", lambda ipr: _read_host_view(ipr, tun)
+            "cannot read the host's addresses and routes",
+            lambda ipr: _read_host_view(ipr, tun, own),
         )
 
     async def _open(self, offload: bool) -> None:
@@ -226,6 +295,9 @@ class ClientTunnel:
             await deferToThread(self.journal.forget_tun)
         self.address = None
         self.lease = None
+        self.address6 = None
+        self.gateway6 = None
+        self.lease6 = None
 
     def pause_reading(self) -> None:
         if self.port is not None:
@@ -308,6 +380,8 @@ class ClientTunnel:
             "tun_state": self.state,
             "address": str(self.address) if self.address else None,
             "gateway": str(self.gateway) if self.gateway else None,
+            "address6": str(self.address6) if self.address6 else None,
+            "gateway6": str(self.gateway6) if self.gateway6 else None,
             "mtu": self.mtu,
             "offload": self.vnet,
             "routes": [
@@ -323,36 +397,43 @@ class ClientTunnel:
         }
 
 
-def _read_host_view(ipr: Any, tun: str | None) -> HostView:
-    """Addresses and routes from one open ``IPRoute`` (in a worker thread)."""
+def _read_host_view(
+    ipr: Any, tun: str | None, own: frozenset[str] | set[str] = frozenset()
+) -> HostView:
+    """Addresses and routes (IPv4 and IPv6) from one open ``IPRoute`` (in a worker thread);
+    ``own`` are the destinations of routes this client added (its IPv6 guard among them)."""
     names = {int(link["index"]): str(link.get("ifname")) for link in ipr.link("dump")}
     addresses: list[OwnAddress] = []
-    for msg in ipr.addr("dump", family=socket.AF_INET):
-        device = names.get(int(msg["index"]), str(msg["index"]))
-        if device == tun:
-            continue
-        prefix = int(msg["prefixlen"])
-        seen = {msg.get("local"), msg.get("address")} - {None}
-        for text in sorted(str(a) for a in seen):
-            addresses.append(OwnAddress(ipaddress.IPv4Interface(f"{text}/{prefix}"), device))
     routes: list[HostRoute] = []
-    for msg in ipr.route("dump", family=socket.AF_INET):
-        kind = _ROUTE_KINDS.get(int(msg["type"]))
-        table = int(msg.get("table"))
-        if kind is None or table == _LOCAL_TABLE or not msg["dst_len"]:
-            continue
-        oif = msg.get("oif")
-        via = None if oif is None else names.get(int(oif), str(oif))
-        if tun is not None and via == tun:
-            continue  # the tunnel's own routes, from before a reconnect
-        gateway = msg.get("gateway")
-        routes.append(
-            HostRoute(
-                ipaddress.IPv4Network(f"{msg.get('dst')}/{msg['dst_len']}"),
-                via,
-                None if gateway is None else ipaddress.IPv4Address(gateway),
-                kind,
-                table,
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.addr("dump", family=family):
+            device = names.get(int(msg["index"]), str(msg["index"]))
+            if device == tun:
+                continue
+            prefix = int(msg["prefixlen"])
+            seen = {msg.get("local"), msg.get("address")} - {None}
+            for text in sorted(str(a) for a in seen):
+                addresses.append(OwnAddress(ipaddress.ip_interface(f"{text}/{prefix}"), device))
+        for msg in ipr.route("dump", family=family):
+            kind = _ROUTE_KINDS.get(int(msg["type"]))
+            table = int(msg.get("table"))
+            if kind is None or table == _LOCAL_TABLE or not msg["dst_len"]:
+                continue
+            oif = msg.get("oif")
+            via = None if oif is None else names.get(int(oif), str(oif))
+            if tun is not None and via == tun:
+                continue  # the tunnel's own routes, from before a reconnect
+            dst = f"{msg.get('dst')}/{msg['dst_len']}"
+            if dst in own:
+                continue
+            gateway = msg.get("gateway")
+            routes.append(
+                HostRoute(
+                    ipaddress.ip_network(dst),
+                    via,
+                    None if gateway is None else ipaddress.ip_address(gateway),
+                    kind,
+                    table,
+                )
             )
-        )
     return HostView(tuple(addresses), tuple(routes))

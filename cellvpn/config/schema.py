@@ -10,10 +10,11 @@ docstring line heads its section in the example files, and its ``checks`` are ru
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import ClassVar, get_type_hints
 
@@ -50,20 +51,34 @@ _OPTIONAL_PATH = optional(PATH)
 _HOOK = optional(EXECUTABLE)
 
 
-def _ipv4_network(text: str, base: Path) -> IPv4Network:
+def _ipv6_network(text: str, base: Path) -> IPv6Network:
     network = NETWORK.parse(text, base)
-    if not isinstance(network, IPv4Network):
+    if not isinstance(network, IPv6Network) or not 48 <= network.prefixlen <= 120:
         raise ParseError
     return network
 
 
-#: Prefixes for split tunnels and pushed routes (the tunnel carries IPv4).
-_IPV4_NETWORKS = list_of(
-    Parser(_ipv4_network, "an IPv4 network without host bits, such as 198.18.0.0/15"),
-    "IPv4 networks",
+#: The IPv6 network clients lease single addresses from.
+_IPV6_POOL = optional(
+    Parser(
+        _ipv6_network, "an IPv6 network from /48 to /120 without host bits, such as 2001:db8:1::/64"
+    )
 )
+
+
+def _ip_address(text: str, base: Path) -> IPv4Address | IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ParseError from None
+
+
 _OPTIONAL_PEM = optional(PEM_SOURCE)
-_IPV4_LIST = list_of(IPV4, "IPv4 addresses")
+#: DNS servers: IPv4 ones always; IPv6 ones go to clients that can take IPv6.
+_IP_LIST = list_of(
+    Parser(_ip_address, "an IPv4 or IPv6 address such as 198.18.5.1 or 2001:db8:1::1"),
+    "IPv4 or IPv6 addresses",
+)
 
 
 def _to_host_item(text: str, base: Path) -> str:
@@ -79,6 +94,8 @@ _TO_HOST = list_of(
     "rules (icmp, dns, tcp:PORT, udp:PORT, all, none)",
 )
 _NETWORK_LIST = list_of(NETWORK, "IPv4 or IPv6 networks such as 198.18.0.0/15 or 2001:db8::/32")
+#: Prefixes for split tunnels and pushed routes (IPv6 ones only where the tunnel has IPv6).
+_ROUTE_LIST = _NETWORK_LIST
 
 
 def _one_trust(*given: object) -> str | None:
@@ -291,6 +308,18 @@ def _network_of_mask(address: IPv4Address, mask: IPv4Address) -> str | None:
     return None
 
 
+def _network6_fits(mask: IPv4Address, network6: IPv6Network | None) -> str | None:
+    if network6 is None:
+        return None
+    pool = IPv4Network(f"0.0.0.0/{mask}")
+    if network6.num_addresses < pool.num_addresses:
+        return (
+            f"expected network6 to have as many addresses as the IPv4 pool (/{pool.prefixlen}):"
+            f" at most /{128 - (32 - pool.prefixlen)}"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class SrvVpnSection:
     """The VPN service: address pool, TUN device, payment and the optional proxy."""
@@ -317,8 +346,11 @@ class SrvVpnSection:
         "Seconds of service before a payment must show up; a client that never pays is banned"
         " for 50 times this.",
     )
-    dns: tuple[IPv4Address, ...] = option(
-        _IPV4_LIST, (), "DNS servers offered to clients; empty = none offered."
+    dns: tuple[IPv4Address | IPv6Address, ...] = option(
+        _IP_LIST,
+        (),
+        "DNS servers offered to clients; IPv6 ones only to clients that get an IPv6 address;"
+        " empty = none offered.",
     )
     isolate_clients: bool = option(BOOL, False, "Drop packets from one client to another.")
     rate_up: int = option(
@@ -338,11 +370,19 @@ class SrvVpnSection:
         262144,
         "Bytes a limited session may send at once above its rate (the token bucket's size).",
     )
-    routes: tuple[IPv4Network, ...] = option(
-        _IPV4_NETWORKS,
+    routes: tuple[IPv4Network | IPv6Network, ...] = option(
+        _ROUTE_LIST,
         (),
         "Networks behind this server offered to clients in ADDR_REPLY (a client takes them"
-        " only with [client] accept_routes and when its route policy agrees); empty = none.",
+        " only with [client] accept_routes and when its route policy agrees; IPv6 ones only"
+        " to clients that get an IPv6 address); empty = none.",
+    )
+    network6: IPv6Network | None = option(
+        _IPV6_POOL,
+        None,
+        "IPv6 network beside the IPv4 pool (dual stack): each client also leases one address"
+        " of it, the one at its IPv4 address's offset, and the TUN takes network6 + 1; empty ="
+        " IPv4 only.",
     )
     to_host: tuple[str, ...] = option(
         _TO_HOST,
@@ -350,6 +390,14 @@ class SrvVpnSection:
         "What clients may reach on this host itself through the TUN (the gateway and every other"
         " address of the host): icmp (echo), dns (port 53 on the addresses in dns), tcp:PORT,"
         " udp:PORT, all, none. The rest is dropped and counted.",
+    )
+    sessions_per_key: int = option(
+        integer(0, 1 << 20),
+        0,
+        "Most sessions one client key may hold at once (the wallet key with billing, else the"
+        " enrolled client certificate); the next is refused with ERROR TOO_MANY_SESSIONS"
+        " (0x700). A reconnect with its resume token replaces its old session and is not"
+        " counted. 0 = unlimited; SIGHUP applies a change to the next sessions.",
     )
     lease_hold: float = option(
         seconds(0, 86400),
@@ -398,6 +446,7 @@ class SrvVpnSection:
 
     checks: ClassVar[tuple[Check, ...]] = (
         Check(("network_address", "network_mask"), _network_of_mask),
+        Check(("network_mask", "network6"), _network6_fits),
     )
 
     @property
@@ -529,14 +578,22 @@ class ClientSection:
     default_route: bool = option(
         BOOL, True, "Send all traffic through the tunnel (the server stays reachable directly)."
     )
-    routes: tuple[IPv4Network, ...] = option(
-        _IPV4_NETWORKS,
+    ipv6: bool = option(
+        BOOL,
+        True,
+        "Take an IPv6 address into the tunnel when the server offers one (dual stack); false ="
+        " IPv4 only, with IPv6 blackholed while default_route sends all traffic through the"
+        " tunnel.",
+    )
+    routes: tuple[IPv4Network | IPv6Network, ...] = option(
+        _ROUTE_LIST,
         (),
         "Networks that go through the tunnel besides the overlay (a split tunnel with"
-        " default_route = false); a route that holds the server gets a host route around it.",
+        " default_route = false); a route that holds the server gets a host route around it."
+        " IPv6 ones only when the server gives an IPv6 address.",
     )
-    exclude: tuple[IPv4Network, ...] = option(
-        _IPV4_NETWORKS,
+    exclude: tuple[IPv4Network | IPv6Network, ...] = option(
+        _ROUTE_LIST,
         (),
         "Networks that never go through the tunnel: routed the way the host routes them before"
         " the tunnel is up, more specific than default_route's halves and than wider routes.",
@@ -575,8 +632,8 @@ class ClientSection:
         "Handshake RTT in seconds below which auto takes a path for a LAN (cubic); 0 = bbr on"
         " every path.",
     )
-    dns: tuple[IPv4Address, ...] = option(
-        _IPV4_LIST, (), "DNS servers to use while connected; empty = the ones the server offers."
+    dns: tuple[IPv4Address | IPv6Address, ...] = option(
+        _IP_LIST, (), "DNS servers to use while connected; empty = the ones the server offers."
     )
     socks: str | None = option(
         optional(endpoint(tls=False)),
@@ -760,6 +817,13 @@ class BillingSection:
         integer(0),
         16 * 1048576,
         "Bytes one grace session may carry before traffic waits for the first receipt.",
+    )
+    deposit_bytes: int = option(
+        integer(0),
+        0,
+        "Most bytes (IP both ways and L4 proxy) one deposit may carry on this server, over all"
+        " its sessions since the server started; at it the session is stopped with ERROR"
+        " DEPOSIT_BYTES_CAP (0x701), checked every second and at each receipt. 0 = no cap.",
     )
 
 

@@ -63,6 +63,8 @@ class StreamFlow:
         self._sockets: dict[Any, _WriteWatch] = {}
         self._full: set[Any] = set()
         self.stream_paused_by_us = False
+        #: the sockets are paused for a rate limit, whatever the stream says
+        self.sockets_held = False
         proto.on_pause.append(self._stream_full)
         proto.on_resume.append(self._stream_drained)
 
@@ -71,7 +73,7 @@ class StreamFlow:
         watch = _WriteWatch(self, transport)
         self._sockets[transport] = watch
         transport.registerProducer(watch, True)
-        if self.proto.paused:
+        if self.proto.paused or self.sockets_held:
             transport.pauseProducing()
 
     def detach(self, transport: Any) -> None:
@@ -117,5 +119,20 @@ class StreamFlow:
             transport.pauseProducing()
 
     def _stream_drained(self) -> None:
+        if self.sockets_held:
+            return
         for transport in list(self._sockets):
             transport.resumeProducing()
+
+    def hold_sockets(self) -> None:
+        """Stop reading every relayed socket until ``release_sockets`` (a rate limit)."""
+        if not self.sockets_held:
+            self.sockets_held = True
+            for transport in list(self._sockets):
+                transport.pauseProducing()
+
+    def release_sockets(self) -> None:
+        if self.sockets_held:
+            self.sockets_held = False
+            if not self.proto.paused:
+                self._stream_drained()

@@ -36,6 +36,10 @@ class SessionCounters:
     #: past the session's rate limit (``rate_up``, ``rate_down``): client to TUN, TUN to client
     dropped_rate_up: int = 0
     dropped_rate_down: int = 0
+    #: times the L4 proxy paused a direction for the rate limit (TCP bytes are delayed, not
+    #: dropped): reading the client's stream (up), reading the destinations (down)
+    delayed_rate_up: int = 0
+    delayed_rate_down: int = 0
     proxy_from_client_bytes: int = 0
     proxy_to_client_bytes: int = 0
 

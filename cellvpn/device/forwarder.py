@@ -1,10 +1,12 @@
-"""Moving IPv4 packets between the server's TUN and its sessions, with no I/O of its own.
+"""Moving IP packets between the server's TUN and its sessions, with no I/O of its own.
 
-The forwarder owns the table from leased address to session. It checks what clients send
-(well-formed IPv4 without header options, source = the session's leased address, a sane
-offload header, and for the server host's own addresses only what ``to_host`` lets through:
-:mod:`cellvpn.device.tohost`), clamps the
-MSS of TCP SYNs so they fit the tunnel, delivers client-to-client packets directly (or drops
+The forwarder owns the table from leased address to session: 4-byte keys for IPv4 and 16-byte
+keys for IPv6 in one dict, so a packet of either family costs one lookup. It checks what
+clients send (well-formed IPv4 without header options or well-formed IPv6, the source the
+session's leased address of that family: for IPv6 the fixed header's source, whatever
+extension headers follow; a sane offload header; and for the server host's own addresses only
+what ``to_host`` lets through: :mod:`cellvpn.device.tohost`), clamps the MSS of TCP SYNs so
+they fit the tunnel, delivers client-to-client packets directly (or drops
 them when clients are isolated), and hands everything else to an injected TUN writer. Packets
 read from the TUN go to the session that owns their destination. Every drop is counted, none is
 logged.
@@ -31,12 +33,15 @@ from cellvpn.ratelimit import TokenBucket
 Packet = bytes | memoryview
 _PLAIN = vnet.PLAIN
 _SRC_DST = struct.Struct("4s4s")
+_SRC_DST6 = struct.Struct("16s16s")
 
 
 class Peer(Protocol):
     """What the forwarder needs of a session."""
 
     addr_key: bytes
+    #: the leased IPv6 address as 16 bytes (b"": none, every IPv6 packet from it is spoofed)
+    addr6_key: bytes
     counters: SessionCounters
     #: IP bytes that may still pass before ``allowance_used`` must be called (billing)
     allowance: int
@@ -83,6 +88,8 @@ class Forwarder:
         self.to_host = to_host
         self.tun_writev = tun_writev
         self.max_mss = max_mss
+        #: an IPv6 header is 20 bytes longer than an IPv4 one without options
+        self.max_mss6 = max_mss - 20
         self.isolate = isolate
         self.routes: dict[bytes, Peer] = {}
         #: TUN packets whose destination no session owns.
@@ -95,15 +102,20 @@ class Forwarder:
         return self.tun_writev is not None
 
     def attach(self, peer: Peer) -> Peer | None:
-        """Route ``peer.addr_key`` to ``peer``; return the peer that had it before, if any."""
+        """Route ``peer.addr_key`` (and ``addr6_key``) to ``peer``; return the peer that had
+        the IPv4 address before, if any."""
         old = self.routes.get(peer.addr_key)
         self.routes[peer.addr_key] = peer
+        if peer.addr6_key:
+            self.routes[peer.addr6_key] = peer
         return old if old is not peer else None
 
     def detach(self, peer: Peer) -> None:
-        """Stop routing to ``peer`` (only if the address still routes to it)."""
+        """Stop routing to ``peer`` (only the addresses that still route to it)."""
         if self.routes.get(peer.addr_key) is peer:
             del self.routes[peer.addr_key]
+        if peer.addr6_key and self.routes.get(peer.addr6_key) is peer:
+            del self.routes[peer.addr6_key]
 
     def _over_down(self, peer: Peer, size: int) -> bool:
         """Past the session's rate towards the client: counted; the caller drops it."""
@@ -133,18 +145,25 @@ class Forwarder:
         routes = self.routes
         touched: dict[int, Peer] = {}
         max_mss = self.max_mss
+        max_mss6 = self.max_mss6
         for pkt in batch:
-            if len(pkt) < 20 or pkt[0] >> 4 != 4:
+            version = pkt[0] >> 4 if pkt else 0
+            if version == 4 and len(pkt) >= 20:
+                peer = routes.get(pkt[16:20])
+                mss = max_mss if pkt[9] == 6 else 0
+            elif version == 6 and len(pkt) >= 40:
+                peer = routes.get(pkt[24:40])
+                mss = max_mss6 if pkt[6] == 6 else 0
+            else:
                 self.dropped_malformed += 1
                 continue
-            peer = routes.get(pkt[16:20])
             if peer is None:
                 self.dropped_no_route += 1
                 continue
             if peer.rate_down is not None and self._over_down(peer, len(pkt)):
                 continue
-            if pkt[9] == 6:
-                clamped = clamp_mss(pkt, max_mss)
+            if mss:
+                clamped = clamp_mss(pkt, mss)
                 if clamped is not None:
                     pkt = clamped
             if peer.deliver(pkt):
@@ -162,11 +181,20 @@ class Forwarder:
         routes = self.routes
         touched: dict[int, Peer] = {}
         max_mss = self.max_mss
+        max_mss6 = self.max_mss6
         for buf in batch:
-            if len(buf) < 30 or buf[10] >> 4 != 4:
+            version = buf[10] >> 4 if len(buf) > 10 else 0
+            if version == 4 and len(buf) >= 30:
+                peer = routes.get(buf[26:30])
+                tcp = buf[19] == 6
+                mss = max_mss
+            elif version == 6 and len(buf) >= 50:
+                peer = routes.get(buf[34:50])
+                tcp = buf[16] == 6
+                mss = max_mss6
+            else:
                 self.dropped_malformed += 1
                 continue
-            peer = routes.get(buf[26:30])
             if peer is None:
                 self.dropped_no_route += 1
                 continue
@@ -176,8 +204,8 @@ class Forwarder:
             if buf[0] == 0 and buf[1] == 0:  # a plain, complete packet
                 if peer.rate_down is not None and self._over_down(peer, len(pkt)):
                     continue
-                if buf[19] == 6:
-                    clamped = clamp_mss(pkt, max_mss)
+                if tcp:
+                    clamped = clamp_mss(pkt, mss)
                     if clamped is not None:
                         pkt = clamped
                 if peer.deliver(pkt):
@@ -194,7 +222,7 @@ class Forwarder:
                     continue
                 # finish the checksum first: clamping must not meet a partial checksum
                 pkt = vnet.finish_checksum(header, pkt)
-                clamped = clamp_mss(pkt, max_mss)
+                clamped = clamp_mss(pkt, mss)
                 if peer.deliver(clamped if clamped is not None else pkt):
                     counters.to_client_packets += 1
                     counters.to_client_bytes += len(pkt)
@@ -235,6 +263,8 @@ class Forwarder:
         it was dropped (counted) or handed to another session."""
         counters = peer.counters
         size = len(pkt)
+        if size >= 40 and pkt[0] >> 4 == 6:
+            return self._accept6(peer, pkt)
         if size < 20 or pkt[0] >> 4 != 4 or (pkt[2] << 8 | pkt[3]) != size:
             counters.dropped_malformed += 1
             counters.from_client_lost_bytes += size
@@ -257,6 +287,37 @@ class Forwarder:
             return None
         if pkt[9] == 6:
             clamped = clamp_mss(pkt, self.max_mss)
+            if clamped is not None:
+                pkt = clamped
+        other = self.routes.get(dst)
+        if other is not None and other is not peer:
+            self._to_other(peer, other, _PLAIN, pkt, 1, size)
+            return None
+        return pkt
+
+    def _accept6(self, peer: Peer, pkt: Packet) -> Packet | None:
+        """``_accept`` for IPv6. The source checked is the fixed header's, whatever extension
+        headers follow: none of them can change who sent the packet."""
+        counters = peer.counters
+        size = len(pkt)
+        if (pkt[4] << 8 | pkt[5]) + 40 != size:
+            counters.dropped_malformed += 1
+            counters.from_client_lost_bytes += size
+            return None
+        src, dst = _SRC_DST6.unpack_from(pkt, 8)
+        if src != peer.addr6_key or not src:
+            counters.dropped_spoofed += 1
+            counters.from_client_lost_bytes += size
+            return None
+        if peer.rate_up is not None and self._over_up(peer, 1, size):
+            return None
+        to_host = self.to_host
+        if to_host is not None and to_host.is_host6(dst) and not to_host.allows6(pkt):
+            counters.dropped_to_host += 1
+            counters.from_client_lost_bytes += size
+            return None
+        if pkt[6] == 6:
+            clamped = clamp_mss(pkt, self.max_mss6)
             if clamped is not None:
                 pkt = clamped
         other = self.routes.get(dst)
@@ -321,21 +382,28 @@ class Forwarder:
             counters.from_client_lost_bytes += len(pkt)
             return
         packets, size = vnet.ip_bytes(header, pkt)
-        if pkt[12:16] != peer.addr_key:
+        v6 = pkt[0] >> 4 == 6
+        if v6:
+            src, dst = _SRC_DST6.unpack_from(pkt, 8)
+            own = peer.addr6_key
+        else:
+            src, dst = _SRC_DST.unpack_from(pkt, 12)
+            own = peer.addr_key
+        if src != own or not own:
             counters.dropped_spoofed += packets
             counters.from_client_lost_bytes += size
             return
-        if pkt[0] != 0x45:
+        if not v6 and pkt[0] != 0x45:
             counters.dropped_ip_options += packets
             counters.from_client_lost_bytes += size
             return
         if peer.rate_up is not None and self._over_up(peer, packets, size):
             return
         to_host = self.to_host
-        if (
-            to_host is not None
-            and bytes(pkt[16:20]) in to_host.addresses
-            and not to_host.allows(pkt)
+        if to_host is not None and (
+            (to_host.is_host6(dst) and not to_host.allows6(pkt))
+            if v6
+            else (dst in to_host.addresses and not to_host.allows(pkt))
         ):
             counters.dropped_to_host += packets
             counters.from_client_lost_bytes += size
@@ -343,10 +411,10 @@ class Forwarder:
         if header[1] == vnet.GSO_NONE and vnet.is_tcp_syn(pkt):
             pkt = vnet.finish_checksum(header, pkt)
             header = _PLAIN
-            clamped = clamp_mss(pkt, self.max_mss)
+            clamped = clamp_mss(pkt, self.max_mss6 if v6 else self.max_mss)
             if clamped is not None:
                 pkt = clamped
-        other = self.routes.get(bytes(pkt[16:20]))
+        other = self.routes.get(dst)
         if other is not None and other is not peer:
             self._to_other(peer, other, header, pkt, packets, size)
             return

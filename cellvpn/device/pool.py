@@ -1,4 +1,10 @@
-"""The IPv4 lease pool: which client holds which address. Plain Python: no reactor, no I/O.
+"""The lease pool: which client holds which address. Plain Python: no reactor, no I/O.
+
+With an IPv6 network beside the IPv4 one, each lease is a pair: the IPv6 address sits at the
+same offset in the IPv6 network as the IPv4 address in the IPv4 one (198.18.5.7 in
+198.18.5.0/24 pairs with 2001:db8:1::7 in 2001:db8:1::/64). The pair is one lease, taken,
+held and given back together, so a client that gets its IPv4 address back gets its IPv6
+address back too, and nothing more is stored for IPv6.
 
 Unlike the original's pool, the network and broadcast addresses are never leased, every
 operation is O(1) (amortised) and memory grows with the leases, holds and freed addresses only,
@@ -9,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 __all__ = ["Lease", "LeasePool"]
 
@@ -28,6 +34,8 @@ class Lease:
     address: IPv4Address
     taken_from: object | None
     reused: bool
+    #: the IPv6 address paired with ``address`` (None: the pool has no IPv6 network)
+    address6: IPv6Address | None = None
 
 
 class LeasePool:
@@ -45,12 +53,25 @@ class LeasePool:
     The pool is one owner's state, not locked: call it from one thread (the reactor's).
     """
 
-    def __init__(self, network: IPv4Network, lease_hold: float = 300.0) -> None:
+    def __init__(
+        self,
+        network: IPv4Network,
+        lease_hold: float = 300.0,
+        network6: IPv6Network | None = None,
+    ) -> None:
         if network.prefixlen > 30:
             raise ValueError(f"lease pool {network} is too small: a /30 is the smallest")
         if lease_hold < 0:
             raise ValueError(f"lease_hold must not be negative, got {lease_hold}")
+        if network6 is not None and network6.num_addresses < network.num_addresses:
+            raise ValueError(
+                f"IPv6 network {network6} is smaller than the IPv4 pool {network}: each IPv4"
+                " address needs an IPv6 partner"
+            )
         self.network = network
+        self.network6 = network6
+        #: the server's own IPv6 address, network6 + 1, the partner of the IPv4 gateway
+        self.gateway6 = None if network6 is None else network6.network_address + 1
         self._hold = float(lease_hold)  # fixed: the hold queue relies on it being constant
         base = int(network.network_address)
         self.gateway = IPv4Address(base + 1)
@@ -85,7 +106,14 @@ class LeasePool:
         if got is None:
             return None
         address, taken_from, reused = got
-        return Lease(IPv4Address(address), taken_from, reused)
+        return Lease(IPv4Address(address), taken_from, reused, self.partner(address))
+
+    def partner(self, address: int | IPv4Address) -> IPv6Address | None:
+        """The IPv6 address paired with an IPv4 address of the pool (None: no IPv6 network)."""
+        if self.network6 is None:
+            return None
+        offset = int(address) - int(self.network.network_address)
+        return self.network6.network_address + offset
 
     def lease_int(
         self, owner: object, identity: str | None = None, now: float = 0.0

@@ -12,6 +12,10 @@ the very services the L4 proxy refuses to reach. ``[srv_vpn] to_host`` lists wha
 Everything else to a host address is dropped and counted (``dropped_to_host``). Fragments to
 the host are dropped unless ``all``: a later fragment names no port to judge. Plain Python: the
 forwarder asks :meth:`ToHost.allows` only for packets whose destination is a host address.
+
+IPv6 follows the same rules (ICMPv6 echo for ``icmp``). Link-local and multicast destinations
+always reach the host, so they count as host addresses; a packet whose fixed header is
+followed by an extension header names no port and is dropped unless ``all``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-ICMP, TCP, UDP = 1, 6, 17
+ICMP, TCP, UDP, ICMPV6 = 1, 6, 17, 58
 _ECHO_REQUEST = 8
+_ECHO_REQUEST6 = 128
 DNS_PORT = 53
 
 
@@ -88,6 +93,28 @@ class ToHost:
     def with_addresses(self, addresses: Iterable[object], dns: Iterable[object]) -> ToHost:
         return ToHost(self.rules, addresses, dns)
 
+    def is_host6(self, dst: bytes) -> bool:
+        """Whether an IPv6 destination reaches the host: one of its addresses, link-local
+        (fe80::/10) or multicast (ff00::/8)."""
+        return dst in self.addresses or dst[0] == 0xFF or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80)
+
+    def allows6(self, pkt: bytes | memoryview) -> bool:
+        """``allows`` for a client's IPv6 packet to the host (a whole IPv6 packet)."""
+        rules = self.rules
+        if rules.everything:
+            return True
+        proto = pkt[6]
+        if proto == ICMPV6:
+            return rules.icmp and len(pkt) >= 48 and pkt[40] == _ECHO_REQUEST6
+        if proto != TCP and proto != UDP:
+            return False  # an extension header (a fragment one too): no port to judge
+        if len(pkt) < 44:
+            return False
+        port = pkt[42] << 8 | pkt[43]
+        if port == DNS_PORT and rules.dns and bytes(pkt[24:40]) in self.dns:
+            return True
+        return port in (rules.tcp if proto == TCP else rules.udp)
+
     def allows(self, pkt: bytes | memoryview) -> bool:
         """Whether a client's IPv4 packet to a host address may pass (header checked already:
         a whole IPv4 packet without options)."""
@@ -116,6 +143,5 @@ def _keys(addresses: Iterable[object]) -> frozenset[bytes]:
             address = ipaddress.ip_address(str(text).split("%", 1)[0])
         except ValueError:
             continue
-        if isinstance(address, ipaddress.IPv4Address):
-            out.add(address.packed)
+        out.add(address.packed)  # 4 bytes for IPv4, 16 for IPv6: the forwarder's keys
     return frozenset(out)

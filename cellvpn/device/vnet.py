@@ -30,6 +30,7 @@ F_NEEDS_CSUM = 1
 F_DATA_VALID = 2
 GSO_NONE = 0
 GSO_TCPV4 = 1
+GSO_TCPV6 = 4
 GSO_ECN = 0x80
 
 #: A header for a plain, complete packet.
@@ -64,7 +65,15 @@ def _pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
 
 
 def headers_of(pkt: bytes | memoryview) -> tuple[int, int]:
-    """(IP header length, TCP header length) of an IPv4 TCP packet; OffloadError otherwise."""
+    """(IP header length, TCP header length) of an IPv4 TCP packet, or of an IPv6 one whose
+    TCP header follows the fixed header (no extension headers); OffloadError otherwise."""
+    if len(pkt) >= 40 and pkt[0] >> 4 == 6:
+        if pkt[6] != 6 or len(pkt) < 60:
+            raise OffloadError("not an IPv6 TCP packet without extension headers")
+        doff = (pkt[52] >> 4) * 4
+        if doff < 20 or len(pkt) < 40 + doff:
+            raise OffloadError("bad TCP header length")
+        return 40, doff
     if len(pkt) < 20 or pkt[0] >> 4 != 4:
         raise OffloadError("not an IPv4 packet")
     ihl = (pkt[0] & 0x0F) * 4
@@ -99,8 +108,9 @@ def rebuild_header(header: bytes | memoryview, pkt: bytes | memoryview, max_mss:
     """A safe header for ``pkt`` from a peer's ``header``; OffloadError if it cannot be one.
 
     Accepted: a plain packet (no flags), a packet whose TCP or UDP checksum is left to finish
-    (NEEDS_CSUM), and a TCPV4 super-packet. The IPv4 total length must match the packet, and a
-    super-packet's segment size must lie in 1..max_mss and cut it into at most 64 segments.
+    (NEEDS_CSUM), and a TCP super-packet: TCPV4 for IPv4, TCPV6 for IPv6 (TCP right after the
+    fixed header). The IP length must match the packet, and a super-packet's segment size must
+    lie in 1..max_mss and cut it into at most 64 segments.
     """
     if len(header) != SIZE:
         raise OffloadError(f"vnet header of {len(header)} bytes")
@@ -108,8 +118,10 @@ def rebuild_header(header: bytes | memoryview, pkt: bytes | memoryview, max_mss:
     if flags & ~(F_NEEDS_CSUM | F_DATA_VALID):
         raise OffloadError(f"unknown vnet flags {flags:#x}")
     size = len(pkt)
+    if size >= 40 and pkt[0] >> 4 == 6:
+        return _rebuild6(flags, gso_type, gso_size, csum_start, csum_offset, pkt, max_mss)
     if size < 20 or pkt[0] >> 4 != 4 or (pkt[2] << 8 | pkt[3]) != size:
-        raise OffloadError("not a whole IPv4 packet")
+        raise OffloadError("not a whole IPv4 or IPv6 packet")
     ihl = (pkt[0] & 0x0F) * 4
     if ihl < 20 or size < ihl:
         raise OffloadError("bad IPv4 header length")
@@ -144,6 +156,47 @@ def rebuild_header(header: bytes | memoryview, pkt: bytes | memoryview, max_mss:
     return HEADER.pack(F_NEEDS_CSUM, gso_type, hdrs, gso_size, ihl, 16)
 
 
+def _rebuild6(
+    flags: int,
+    gso_type: int,
+    gso_size: int,
+    csum_start: int,
+    csum_offset: int,
+    pkt: bytes | memoryview,
+    max_mss: int,
+) -> bytes:
+    """``rebuild_header`` for an IPv6 packet: offload only with TCP or UDP right after the
+    fixed header, so no extension header (a fragment header among them) rides on it."""
+    size = len(pkt)
+    if (pkt[4] << 8 | pkt[5]) + 40 != size:
+        raise OffloadError("not a whole IPv6 packet")
+    kind = gso_type & ~GSO_ECN
+    if kind == GSO_NONE and not flags & F_NEEDS_CSUM:
+        return PLAIN
+    if kind == GSO_NONE:
+        proto = pkt[6]
+        if proto == 6:
+            offset, need = 16, 20
+        elif proto == 17:
+            offset, need = 6, 8
+        else:
+            raise OffloadError(f"checksum offload for IPv6 next header {proto}")
+        if csum_start != 40 or csum_offset != offset or size < 40 + need:
+            raise OffloadError("checksum offload fields do not match the packet")
+        return HEADER.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 40, offset)
+    if kind != GSO_TCPV6:
+        raise OffloadError(f"GSO type {gso_type:#x} is not carried for IPv6")
+    if not flags & F_NEEDS_CSUM:
+        raise OffloadError("a TCP super-packet must leave its checksum to the device")
+    ihl, doff = headers_of(pkt)
+    hdrs = ihl + doff
+    if not 0 < gso_size <= max_mss:
+        raise OffloadError(f"segment size {gso_size} outside 1..{max_mss}")
+    if segment_count(size, hdrs, gso_size) > 64:
+        raise OffloadError("super-packet of more than 64 segments")
+    return HEADER.pack(F_NEEDS_CSUM, gso_type, hdrs, gso_size, 40, 16)
+
+
 def finish_checksum(header: bytes | memoryview, pkt: bytes | memoryview) -> bytes:
     """A plain packet whose NEEDS_CSUM checksum is complete (for a peer without offload)."""
     flags, _g, _h, _s, start, offset = HEADER.unpack_from(header)
@@ -155,18 +208,21 @@ def finish_checksum(header: bytes | memoryview, pkt: bytes | memoryview) -> byte
     out[where : where + 2] = b"\0\0"
     partial = int.from_bytes(pkt[where : where + 2], "big")
     value = checksum(memoryview(out)[start:], partial)
-    if value == 0 and out[9] == 17:
+    if value == 0 and (out[6] if out[0] >> 4 == 6 else out[9]) == 17:
         value = 0xFFFF
     out[where : where + 2] = _U16.pack(value)
     return bytes(out)
 
 
 def segment(header: bytes | memoryview, pkt: bytes | memoryview) -> list[bytes]:
-    """Cut a TCPV4 super-packet into complete segments; other packets come back finished."""
+    """Cut a TCPV4 or TCPV6 super-packet into complete segments; other packets come back
+    finished."""
     _flags, gso_type, _h, gso_size, _cs, _co = HEADER.unpack_from(header)
-    if gso_type & ~GSO_ECN != GSO_TCPV4 or gso_size == 0:
+    if gso_type & ~GSO_ECN not in (GSO_TCPV4, GSO_TCPV6) or gso_size == 0:
         return [finish_checksum(header, pkt)]
     ihl, doff = headers_of(pkt)
+    if pkt[0] >> 4 == 6:
+        return _segment6(gso_size, doff, bytes(pkt))
     hdrs = ihl + doff
     pkt = bytes(pkt)
     payload = memoryview(pkt)[hdrs:]
@@ -206,13 +262,49 @@ def segment(header: bytes | memoryview, pkt: bytes | memoryview) -> list[bytes]:
     return out
 
 
+def _segment6(gso_size: int, doff: int, pkt: bytes) -> list[bytes]:
+    """``segment`` for IPv6: the payload length per segment, and no header checksum or id."""
+    hdrs = 40 + doff
+    payload = memoryview(pkt)[hdrs:]
+    if len(payload) <= gso_size:
+        return [finish_checksum(HEADER.pack(F_NEEDS_CSUM, 0, 0, 0, 40, 16), pkt)]
+    ip_head = bytearray(pkt[:40])
+    tcp_head = bytearray(pkt[40:hdrs])
+    addresses = pkt[8:40]
+    seq = _U32.unpack_from(pkt, 44)[0]
+    tcp_flags = tcp_head[13]
+    out: list[bytes] = []
+    count = segment_count(len(pkt), hdrs, gso_size)
+    for i in range(count):
+        chunk = payload[i * gso_size : (i + 1) * gso_size]
+        length = doff + len(chunk)
+        ip = ip_head.copy()
+        _U16.pack_into(ip, 4, length)
+        tcp = tcp_head.copy()
+        _U32.pack_into(tcp, 4, (seq + i * gso_size) & 0xFFFFFFFF)
+        flags_i = tcp_flags
+        if i != count - 1:
+            flags_i &= ~0x09  # FIN and PSH only on the last segment
+        if i:
+            flags_i &= ~0x80  # CWR only on the first
+        tcp[13] = flags_i
+        tcp[16:18] = b"\0\0"
+        pseudo = _pseudo_sum(addresses[:16], addresses[16:], 6, length)
+        _U16.pack_into(tcp, 16, checksum(bytes(tcp) + chunk, pseudo))
+        out.append(bytes(ip) + bytes(tcp) + bytes(chunk))
+    return out
+
+
 def is_fragment(pkt: bytes | memoryview) -> bool:
     """An IPv4 fragment: More Fragments set, or a fragment offset (the first fragment too)."""
     return bool(pkt[6] & 0x3F or pkt[7])
 
 
 def is_tcp_syn(pkt: bytes | memoryview) -> bool:
-    """An IPv4 TCP segment with SYN set (whose MSS may need clamping)."""
+    """A TCP segment with SYN set (whose MSS may need clamping), over IPv4 or right after an
+    IPv6 fixed header."""
+    if len(pkt) >= 60 and pkt[0] >> 4 == 6:
+        return pkt[6] == 6 and bool(pkt[53] & 0x02)
     if len(pkt) < 40 or pkt[9] != 6:
         return False
     ihl = (pkt[0] & 0x0F) * 4

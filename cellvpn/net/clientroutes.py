@@ -6,7 +6,8 @@ with ``0.0.0.0/1`` and ``128.0.0.0/1`` into the TUN. Two /1 routes are more spec
 default route, so the user's default route stays untouched and comes back into use by itself
 when they are removed. IPv6 would bypass an IPv4-only tunnel, so the guard makes all of it
 unreachable instead while the tunnel is up; an IPv6 server stays reachable through its
-``/128``, more specific than the guard's halves.
+``/128``, more specific than the guard's halves. When the server gives an IPv6 address too
+(dual stack), ``::/1`` and ``8000::/1`` go into the TUN instead of the guard.
 
 The carrier and the tunnel routes are separate ``RouteSet``s: on a lost connection the client
 drops only the tunnel routes (traffic flows outside again), or keeps them as a kill switch.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -33,6 +34,7 @@ IPV6_HALVES = ("::/1", "8000::/1")
 
 #: The server the stream connects to, as its transport's peer says.
 ServerAddress = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
 
 
 def plan_routes(
@@ -41,8 +43,9 @@ def plan_routes(
     tun: str,
     default_route: bool,
     ipv6_guard: bool,
-    include: Sequence[IPv4Network] = (),
-    exclude: Sequence[tuple[IPv4Network, RouteInfo]] = (),
+    include: Sequence[Network] = (),
+    exclude: Sequence[tuple[Network, RouteInfo]] = (),
+    ipv6_tunnel: bool = False,
 ) -> list[Route]:
     """The routes to add, in order: the ways around the tunnel first (the server's host
     route, the excluded networks), then the tunnel's.
@@ -51,13 +54,17 @@ def plan_routes(
     Without ``default_route`` only ``include`` (a split tunnel) goes into the tunnel: the
     overlay route that the route policy accepted (:mod:`cellvpn.net.routepolicy`) carries the
     overlay. Each of ``exclude`` goes the way the kernel routes its first address now; a
-    network both included and excluded is excluded.
+    network both included and excluded is excluded. With ``ipv6_tunnel`` (the tunnel has an
+    IPv6 address) the default route takes IPv6 into the tunnel too, and no guard is needed.
     """
     excluded = {str(net) for net, _ in exclude}
-    into_tunnel = list(IPV4_HALVES) if default_route else []
-    into_tunnel += [
-        str(net) for net in include if str(net) not in into_tunnel and str(net) not in excluded
-    ]
+    into_tunnel: list[tuple[str, Family]] = [(d, 4) for d in IPV4_HALVES] if default_route else []
+    if default_route and ipv6_tunnel:
+        into_tunnel += [(d, 6) for d in IPV6_HALVES]
+    for net in include:
+        item: tuple[str, Family] = (str(net), 6 if isinstance(net, IPv6Network) else 4)
+        if item not in into_tunnel and item[0] not in excluded:
+            into_tunnel.append(item)
     if not into_tunnel:
         return []
     if to_server.ifname == tun:
@@ -71,9 +78,10 @@ def plan_routes(
     for net, way in exclude:
         if way.ifname == tun:
             raise ValueError(f"the excluded {net} is routed through {tun} itself")
-        routes.append(Route(str(net), gateway=way.gateway, oif=way.ifname))
-    routes += [Route(dst, oif=tun) for dst in into_tunnel]
-    if ipv6_guard and default_route:
+        family: Family = 6 if isinstance(net, IPv6Network) else 4
+        routes.append(Route(str(net), gateway=way.gateway, oif=way.ifname, family=family))
+    routes += [Route(dst, oif=tun, family=fam) for dst, fam in into_tunnel]
+    if ipv6_guard and default_route and not ipv6_tunnel:
         routes += [Route(dst, kind="unreachable", family=6) for dst in IPV6_HALVES]
     return routes
 
@@ -230,8 +238,9 @@ class ClientRoutes:
         tun: str,
         default_route: bool,
         ipv6_guard: bool,
-        include: Sequence[IPv4Network] = (),
-        exclude: Sequence[IPv4Network] = (),
+        include: Sequence[Network] = (),
+        exclude: Sequence[Network] = (),
+        ipv6_tunnel: bool = False,
     ) -> Deferred[list[Route]]:
         """Look at the routes now, plan, and add; fires with the plan.
 
@@ -240,7 +249,7 @@ class ClientRoutes:
         if self.carrier.routes or self.tunnel.routes:
             raise RuntimeError("the client's routes are set up already; remove() them first")
         return Deferred.fromCoroutine(
-            self._setup(server, tun, default_route, ipv6_guard, include, exclude)
+            self._setup(server, tun, default_route, ipv6_guard, include, exclude, ipv6_tunnel)
         )
 
     async def _setup(
@@ -249,15 +258,18 @@ class ClientRoutes:
         tun: str,
         default_route: bool,
         ipv6_guard: bool,
-        include: Sequence[IPv4Network],
-        exclude: Sequence[IPv4Network],
+        include: Sequence[Network],
+        exclude: Sequence[Network],
+        ipv6_tunnel: bool = False,
     ) -> list[Route]:
         if not default_route and not include:
             return []
         to_server = await self.netlink.route_get(server)
         ways = [(net, await self.netlink.route_get(net.network_address)) for net in exclude]
         guard = ipv6_guard and await self.netlink.ipv6_enabled()
-        routes = plan_routes(server, to_server, tun, default_route, guard, include, ways)
+        routes = plan_routes(
+            server, to_server, tun, default_route, guard, include, ways, ipv6_tunnel
+        )
         carrier, tunnel = split_routes(routes, tun)
         await self.carrier.apply(carrier)
         self._tunnel_plan = tunnel

@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -64,7 +64,7 @@ def choose_method(
     return "file"
 
 
-def render(servers: Sequence[IPv4Address], interface: str, old: bytes) -> bytes:
+def render(servers: Sequence[IPv4Address | IPv6Address], interface: str, old: bytes) -> bytes:
     """The resolv.conf cellvpn writes: its header, the tunnel's servers, old search/options."""
     lines = [
         HEADER + b" for the VPN tunnel on " + interface.encode() + b".",
@@ -120,13 +120,15 @@ class DnsConfigurator:
 
     # -- applying ---------------------------------------------------------------------------
 
-    def apply(self, servers: Sequence[IPv4Address], interface: str) -> Deferred[DnsMethod]:
+    def apply(
+        self, servers: Sequence[IPv4Address | IPv6Address], interface: str
+    ) -> Deferred[DnsMethod]:
         """Send DNS to ``servers`` through ``interface``; fires with the method used."""
         if not servers:
             raise ValueError("no DNS servers to set")
         return Deferred.fromCoroutine(self._apply(list(servers), interface))
 
-    async def _apply(self, servers: list[IPv4Address], interface: str) -> DnsMethod:
+    async def _apply(self, servers: list[IPv4Address | IPv6Address], interface: str) -> DnsMethod:
         method = await deferToThread(self._choose)
         previous = self._record
         if previous is not None and (previous.method != method or previous.interface != interface):
@@ -156,7 +158,7 @@ class DnsConfigurator:
         )
         return method
 
-    def _write_file(self, servers: list[IPv4Address], interface: str) -> DnsRecord:
+    def _write_file(self, servers: list[IPv4Address | IPv6Address], interface: str) -> DnsRecord:
         """Blocking: rewrite resolv.conf in place, the old content journaled first."""
         path = self.resolv_conf
         try:
@@ -185,7 +187,7 @@ class DnsConfigurator:
             raise NetConfigError(f"cannot set DNS in {path}: {e.strerror or e}", e.errno) from e
         return record
 
-    def _set_daemon(self, record: DnsRecord, servers: list[IPv4Address]) -> None:
+    def _set_daemon(self, record: DnsRecord, servers: list[IPv4Address | IPv6Address]) -> None:
         """Blocking: hand the servers to systemd-resolved or resolvconf."""
         names = [str(s) for s in servers]
         if record.method == "resolved":

@@ -15,7 +15,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Interface
 from typing import Any, Literal, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -40,6 +40,9 @@ _ENODEV = 19
 _EEXIST = 17
 #: ``ip addr add ... noprefixroute``: no automatic route for the address's prefix.
 _IFA_F_NOPREFIXROUTE = 0x200
+#: No duplicate address detection: a TUN has no neighbours, and DAD would hold the address
+#: back (tentative) for a second or more.
+_IFA_F_NODAD = 0x02
 #: What the kernel stores when a route is added without a metric.
 _DEFAULT_METRIC = {4: 0, 6: 1024}
 
@@ -302,6 +305,34 @@ class Netlink:
                 addr["flags"] = _IFA_F_NOPREFIXROUTE  # sent as IFA_FLAGS (it needs 32 bits)
             try:
                 ipr.addr("add", index=index, **addr)
+            except NetlinkError as e:
+                if e.code != _EEXIST:
+                    raise
+            ipr.link("set", index=index, state="up")
+
+        return self._call(what, work)
+
+    def add_address(
+        self, name: str, interface: IPv6Interface, noprefixroute: bool = False
+    ) -> Deferred[None]:
+        """Add an IPv6 address to an interface that is up, without DAD; one already there is
+        fine (a reconnect sets the same lease again). IPv6 must be enabled on the interface."""
+        what = f"cannot add {interface} to {name}"
+
+        def work(ipr: Any) -> None:
+            from pyroute2.netlink.exceptions import NetlinkError
+
+            index = self._require_index(ipr, name, what)
+            flags = _IFA_F_NODAD | (_IFA_F_NOPREFIXROUTE if noprefixroute else 0)
+            try:
+                ipr.addr(
+                    "add",
+                    index=index,
+                    family=socket.AF_INET6,
+                    address=str(interface.ip),
+                    prefixlen=interface.network.prefixlen,
+                    flags=flags,
+                )
             except NetlinkError as e:
                 if e.code != _EEXIST:
                     raise

@@ -10,13 +10,28 @@ user can tell a hostile server from a misconfigured one.
 The address is then configured without its automatic prefix route (``noprefixroute``); the
 client adds the one route the verdict names. Routes a server pushes later are checked with
 :func:`check_route` against the same view of the host.
+
+An IPv6 offer (the ``ipv6`` capability) is checked the same way by :func:`check_offer6`: a
+global or unique-local address inside its prefix, the gateway beside it, the prefix no wider
+than a /48 and touching no IPv6 address or route of the host. A refused IPv6 offer leaves the
+client IPv4-only (with the IPv6 guard), it does not refuse the IPv4 lease.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 #: The widest overlay accepted by default: a /16 (netmask 255.255.0.0) or anything narrower.
 DEFAULT_WIDEST_PREFIX = 16
@@ -30,6 +45,17 @@ SPECIAL_RANGES: tuple[tuple[IPv4Network, str], ...] = (
     (IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16)"),
     (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4)"),
     (IPv4Network("240.0.0.0/4"), "reserved (240.0.0.0/4)"),
+)
+
+
+#: The widest IPv6 prefix a client takes its address from.
+WIDEST_PREFIX6 = 48
+
+#: IPv6 ranges no tunnel address or route may touch.
+SPECIAL_RANGES6: tuple[tuple[IPv6Network, str], ...] = (
+    (IPv6Network("::/8"), "the reserved ::/8 (unspecified, loopback, IPv4-mapped)"),
+    (IPv6Network("fe80::/10"), "link-local (fe80::/10)"),
+    (IPv6Network("ff00::/8"), "multicast (ff00::/8)"),
 )
 
 
@@ -88,7 +114,7 @@ class Offer:
 class OwnAddress:
     """An address of the host (on an interface other than the tunnel's), with its prefix."""
 
-    interface: IPv4Interface
+    interface: IPv4Interface | IPv6Interface
     device: str
 
     def describe(self) -> str:
@@ -99,9 +125,9 @@ class OwnAddress:
 class HostRoute:
     """A route of the host that is not a default route, in any table but ``local``."""
 
-    network: IPv4Network
+    network: IPv4Network | IPv6Network
     device: str | None = None
-    gateway: IPv4Address | None = None
+    gateway: IPv4Address | IPv6Address | None = None
     kind: str = "unicast"
     table: int = 254
 
@@ -229,7 +255,7 @@ def _check_peer(
     return Accepted(IPv4Interface(address), gateway, IPv4Network(gateway))
 
 
-def without_local_server(host: HostView, gateway: IPv4Address) -> HostView:
+def without_local_server(host: HostView, gateway: IPAddress) -> HostView:
     """The host without the server's own TUN when the server runs on this very host (a node
     app with both services): the gateway is then an address of ours, and the interface that
     holds it is the other end of this tunnel, not something of the user's to protect."""
@@ -242,22 +268,67 @@ def without_local_server(host: HostView, gateway: IPv4Address) -> HostView:
     )
 
 
-def check_route(network: IPv4Network, host: HostView, server: IPv4Address | None) -> Refused | None:
+def check_route(network: IPNetwork, host: HostView, server: IPAddress | None) -> Refused | None:
     """None when ``network`` may be routed into the tunnel; else why not.
 
     Refused: a network that touches a special range, covers the server, or overlaps any own
     address or any route of the host other than a default route. A default route is the one
     thing a tunnel route may be more specific than: that is how traffic enters the tunnel.
+    IPv4 and IPv6 alike; a network never overlaps one of the other family.
     """
-    for special, name in SPECIAL_RANGES:
-        if network.overlaps(special):
+    specials: tuple[tuple[IPNetwork, str], ...] = (
+        SPECIAL_RANGES6 if isinstance(network, IPv6Network) else SPECIAL_RANGES
+    )
+    for special, name in specials:
+        if network.overlaps(special):  # type: ignore[arg-type]
             return Refused(Reason.SPECIAL_RANGE, f"{network} overlaps {name}")
     if server is not None and server in network:
         return Refused(Reason.CONTAINS_SERVER, f"{network} contains the server's address {server}")
     for own in host.addresses:
-        if network.overlaps(own.interface.network):
+        if network.overlaps(own.interface.network):  # type: ignore[arg-type]
             return Refused(Reason.OVERLAPS_ADDRESS, f"{network} overlaps {own.describe()}")
     for route in host.routes:
-        if route.network.prefixlen > 0 and network.overlaps(route.network):
+        if route.network.prefixlen > 0 and network.overlaps(route.network):  # type: ignore[arg-type]
             return Refused(Reason.OVERLAPS_ROUTE, f"{network} overlaps {route.describe()}")
     return None
+
+
+@dataclass(frozen=True)
+class Accepted6:
+    """Configure ``interface`` (without a prefix route) and add ``route`` into the tunnel
+    (None when the server runs on this host)."""
+
+    interface: IPv6Interface
+    route: IPv6Network | None
+
+
+def check_offer6(
+    interface: IPv6Interface,
+    gateway: IPv6Address,
+    host: HostView,
+    server: IPv6Address | None,
+) -> Accepted6 | Refused:
+    """Accept the IPv6 address and its prefix's route into the tunnel, or say why not."""
+    local = without_local_server(host, gateway)
+    network = interface.network
+    address = interface.ip
+    if network.prefixlen < WIDEST_PREFIX6:
+        return Refused(
+            Reason.TOO_WIDE,
+            f"IPv6 prefix {network} is wider than /{WIDEST_PREFIX6}, the widest accepted",
+        )
+    for special, name in SPECIAL_RANGES6:
+        if address in special:
+            return Refused(Reason.SPECIAL_ADDRESS, f"address {address} is in {name}")
+    if address == network.network_address:
+        return Refused(
+            Reason.NETWORK_OR_BROADCAST, f"address {address} is the router anycast of {network}"
+        )
+    if gateway not in network:
+        return Refused(Reason.BAD_GATEWAY, f"gateway {gateway} is outside {network}")
+    if gateway == address:
+        return Refused(Reason.BAD_GATEWAY, f"gateway {gateway} is the offered address itself")
+    refused = check_route(network, local, server)
+    if refused is not None:
+        return refused
+    return Accepted6(interface, None if local is not host else network)

@@ -179,6 +179,11 @@ class ServerBilling:
         self.refused = 0
         #: receipts the clients answered with an ERROR instead of a signature
         self.client_refusals = 0
+        #: bytes the ended sessions of each deposit carried (``deposit_bytes``), this run
+        self.deposit_carried: dict[bytes, int] = {}
+        #: sessions stopped at ``deposit_bytes``
+        self.deposit_capped = 0
+        self._cap_loop: LoopingCall | None = None
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -299,6 +304,13 @@ class ServerBilling:
         client = account_of(public)
         if session.identity is None or session.identity.startswith("token:"):
             session.identity = f"key:{client.hex()}"  # sticky leases follow the proven key
+        session.key = f"key:{client.hex()}"
+        why = self.server.key_limit(session)
+        if why is not None:
+            self.server.refusal(Refusal.SESSIONS_PER_KEY, session, why)
+            self._refuse(session, ErrorCode.TOO_MANY_SESSIONS, why, close=True)
+            return
+        session.counted = True
         now = time.time()
         banned = await self.ledger.banned_until(self.key.account, client, now)
         if banned is not None:
@@ -322,6 +334,12 @@ class ServerBilling:
         )
         bill.meter.life.observe(lambda old, event, new: self._moved(session, event, new))
         session.bill = bill
+        if self.config.deposit_bytes:
+            why = self.over_deposit_cap(session)
+            if why is not None:
+                self._cap_reached(session, why)
+                return
+            self._watch_caps()
         deposit = await self.ledger.get_deposit(request.tx_cond)
         if session.ended or session.bill is not bill:
             return
@@ -662,8 +680,51 @@ class ServerBilling:
 
     # --- the meter's events and actions -------------------------------------------------------
 
+    # --- the deposit cap ------------------------------------------------------------------
+
+    def over_deposit_cap(self, session: ServerSession) -> str | None:
+        """Why the session's deposit is at ``[billing] deposit_bytes``, or None."""
+        cap = self.config.deposit_bytes
+        bill = session.bill
+        if not cap or bill is None:
+            return None
+        used = self.deposit_carried.get(bill.deposit_id, 0) + session.carried()
+        if used < cap:
+            return None
+        return (
+            f"deposit {bill.deposit_id.hex()[:16]} carried {used} bytes, its cap"
+            f" ([billing] deposit_bytes) is {cap}"
+        )
+
+    def _watch_caps(self) -> None:
+        """Look at every billed session's deposit each second while a cap is set."""
+        if self._cap_loop is None:
+            loop = LoopingCall(self._check_caps)
+            loop.clock = self.server.reactor
+            loop.start(1.0, now=False)
+            self._cap_loop = loop
+
+    def _check_caps(self) -> None:
+        if not self.config.deposit_bytes:
+            return
+        for session in self.server.sessions:
+            if session.bill is not None and session.active:
+                why = self.over_deposit_cap(session)
+                if why is not None:
+                    self._cap_reached(session, why)
+
+    def _cap_reached(self, session: ServerSession, why: str) -> None:
+        self.deposit_capped += 1
+        self.log.info("session {sid}: stopped: {why}", sid=_sid(session), why=why)
+        self._refuse(session, ErrorCode.DEPOSIT_BYTES_CAP, why, close=True)
+
     def allowance_used(self, session: ServerSession) -> None:
         """The forwarder used up the byte allowance: the meter accounts for it and looks."""
+        if self.config.deposit_bytes and session.active:
+            why = self.over_deposit_cap(session)
+            if why is not None:
+                self._cap_reached(session, why)
+                return
         bill = session.bill
         if bill is None:
             session.allowance = UNMETERED
@@ -869,6 +930,8 @@ class ServerBilling:
         if bill is None:
             return
         session.bill = None
+        carried = self.deposit_carried
+        carried[bill.deposit_id] = carried.get(bill.deposit_id, 0) + session.carried()
         try:
             # every timer of the bill stops; a session that ends in grace uses up budget
             ended = self._feed(session, bill, Ended(self.clock.seconds(), session.carried()))

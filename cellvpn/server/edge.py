@@ -39,6 +39,7 @@ class Refusal(StrEnum):
     SIGN_RESPONSE = "sign_response"
     PROXY = "proxy"
     LEDGER_BUSY = "ledger_busy"
+    SESSIONS_PER_KEY = "sessions_per_key"
 
 
 @dataclass(frozen=True)

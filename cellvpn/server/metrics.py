@@ -70,6 +70,8 @@ _FROM_CLIENT_DROPS = (
     ("rate_limit", "dropped_rate_up"),
 )
 _DIRECTIONS = ("from_client", "to_client")
+#: the rate limit's name of each direction
+_RATE_WAYS = (("from_client", "up"), ("to_client", "down"))
 #: TUN counters: metric name, TunStats field, help.
 _TUN_COUNTERS = (
     ("cellvpn_tun_read_packets_total", "packets_read", "Packets read from the TUN."),
@@ -147,14 +149,14 @@ class ServerCollector(Collector):
         yield _family(
             "counter",
             "cellvpn_ip_packets_total",
-            "IPv4 packets carried between clients and the TUN (offload super-packets count as the "
-            "packets they stand for).",
+            "IP packets (IPv4 and IPv6) carried between clients and the TUN (offload"
+            " super-packets count as the packets they stand for).",
             [({"direction": d}, t[f"{d}_packets"]) for d in _DIRECTIONS],
         )
         yield _family(
             "counter",
             "cellvpn_ip_bytes_total",
-            "IP bytes carried between clients and the TUN: whole IPv4 packets, header included, "
+            "IP bytes carried between clients and the TUN: whole IP packets, header included, "
             "stream and TLS overhead excluded.",
             [({"direction": d}, t[f"{d}_bytes"]) for d in _DIRECTIONS],
         )
@@ -180,6 +182,13 @@ class ServerCollector(Collector):
             "cellvpn_dropped_packets_total",
             "Packets dropped, by direction and reason.",
             drops,
+        )
+        yield _family(
+            "counter",
+            "cellvpn_rate_limit_delays_total",
+            "Times the L4 proxy paused a direction for a session's rate limit (TCP bytes are"
+            " delayed, not dropped; dropped IP packets are in cellvpn_dropped_packets_total).",
+            [({"direction": d}, t[f"delayed_rate_{w}"]) for d, w in _RATE_WAYS],
         )
         yield _family(
             "counter",

@@ -10,6 +10,11 @@ carries bytes to the destination, RECV bytes back; DISCONNECT from either side c
 A session has at most :data:`MAX_SOCKETS`.
 
 No side buffers without bound: see :mod:`cellvpn.conn.flow`.
+
+The session's rate limits (``[srv_vpn] rate_up``/``rate_down``) hold here too, from the same
+token buckets as its IP packets. TCP bytes are delayed, not dropped: past the rate, the
+proxy stops reading the client's stream (up) or its destinations (down) until the bucket has
+paid back what was carried; each pause is counted (``delayed_rate_up``/``delayed_rate_down``).
 """
 
 from __future__ import annotations
@@ -122,6 +127,53 @@ class _Link:
         self.chunk = chunk_size(hello.max_frame if hello is not None else 0)
         #: early data held for all still-connecting sockets together
         self.early_size = 0
+        #: the pauses of a rate limit: until the bucket paid back (None: not paused)
+        self._up_wait: Any = None
+        self._down_wait: Any = None
+
+    def _rate_up(self, size: int) -> None:
+        """Past ``rate_up``: stop reading the client's stream until the debt is paid."""
+        session = self.session
+        bucket = session.rate_up
+        if bucket is None or self._up_wait is not None or session.proto is None:
+            return
+        reactor = session.server.reactor
+        wait = bucket.spend(reactor.seconds(), size)
+        if wait > 0:
+            session.counters.delayed_rate_up += 1
+            session.proto.hold_reading("rate")
+            self._up_wait = reactor.callLater(wait, self._up_paid)
+
+    def _up_paid(self) -> None:
+        self._up_wait = None
+        if self.session.proto is not None:
+            self.session.proto.release_reading("rate")
+
+    def _rate_down(self, size: int) -> None:
+        """Past ``rate_down``: stop reading the destinations until the debt is paid."""
+        session = self.session
+        bucket = session.rate_down
+        if bucket is None:
+            return
+        reactor = session.server.reactor
+        wait = bucket.spend(reactor.seconds(), size)
+        if wait > 0 and self._down_wait is None:
+            session.counters.delayed_rate_down += 1
+            self.flow.hold_sockets()
+            self._down_wait = reactor.callLater(wait, self._down_paid)
+
+    def _down_paid(self) -> None:
+        self._down_wait = None
+        self.flow.release_sockets()
+
+    def _stop_waits(self) -> None:
+        for name in ("_up_wait", "_down_wait"):
+            call = getattr(self, name)
+            setattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+        if self.session.proto is not None:
+            self.session.proto.release_reading("rate")
 
     def send(self, op: int, sock_id: int, data: bytes = b"", port: int = 0) -> None:
         session = self.session
@@ -147,6 +199,8 @@ class _Link:
         session.counters.proxy_to_client_bytes += len(data)
         session.charge(len(data))
         session.flush()
+        if session.rate_down is not None:
+            self._rate_down(len(data))
 
     def target_lost(self, sock: _Socket) -> None:
         """The destination closed (or the connection broke): tell the client."""
@@ -172,6 +226,8 @@ class _Link:
         target.transport.write(data)
         self.session.counters.proxy_from_client_bytes += len(data)
         self.session.charge(len(data))
+        if self.session.rate_up is not None:
+            self._rate_up(len(data))
 
     def close(self, sock: _Socket) -> None:
         """Forget ``sock`` and close its connection (what is written still goes out)."""
@@ -192,6 +248,7 @@ class _Link:
             self.close(sock)
             if tell_client:
                 self.send(OpCode.DISCONNECT, sock.sock_id)
+        self._stop_waits()
         self.flow.close()
         if tell_client:
             self.session.flush()

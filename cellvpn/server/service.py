@@ -113,6 +113,7 @@ SERVER_RELOADABLE: dict[str, frozenset[str]] = {
             "session_up",
             "session_down",
             "hook_timeout",
+            "sessions_per_key",
         }
     ),
 }
@@ -183,7 +184,8 @@ class VPNServerService(MultiService):
             keepalive_interval=s.keepalive,
             idle_timeout=s.idle_timeout,
             channels="RS",
-            caps=caps.KNOWN - {caps.OFFLOAD},  # offered once the TUN can do it
+            # offload is offered once the TUN can do it, ipv6 only with an IPv6 network
+            caps=self._offered_caps(config, offload=False),
             alives_per_second=edge.alives_per_second,
         )
         self.admission = Admission(
@@ -204,7 +206,7 @@ class VPNServerService(MultiService):
         self.control.setServiceParent(self)
         v = config.srv_vpn
         self.network = ipaddress.IPv4Network(f"{v.network_address}/{v.network_mask}")
-        self.pool = LeasePool(self.network, v.lease_hold)
+        self.pool = LeasePool(self.network, v.lease_hold, v.network6)
         self.to_host = ToHost(ToHostRules.parse(v.to_host), self._fixed_host_addresses(), v.dns)
         self.forwarder = Forwarder(
             self._tun_write,
@@ -470,7 +472,9 @@ class VPNServerService(MultiService):
             self.log.info("no large-packet offload on this TUN: {why}", why=why_not)
         if handle.vnet_hdr:
             self.offload = True
-            self.stream_settings = replace(self.stream_settings, caps=caps.KNOWN)
+            self.stream_settings = replace(
+                self.stream_settings, caps=self._offered_caps(self.config, offload=True)
+            )
         self.tun_name = handle.name
         self.tun = TunPort(
             self.reactor, handle.detach(), self.forwarder.from_tun, on_lost=self._tun_lost
@@ -480,9 +484,14 @@ class VPNServerService(MultiService):
         if self.offload:
             self.forwarder.tun_writev = self.tun.writev
         # done now, not on the thread pool: after this, twistd -u may take root away
-        d = Netlink(blocking=True).configure_tun(
+        netlink = Netlink(blocking=True)
+        d = netlink.configure_tun(
             handle.name, self.pool.gateway, self.network.prefixlen, None, v.mtu
         )
+        gateway6 = self.pool.gateway6
+        if gateway6 is not None and v.network6 is not None:
+            interface6 = ipaddress.IPv6Interface((gateway6, v.network6.prefixlen))
+            d.addCallback(lambda _: netlink.add_address(handle.name, interface6))
         failed: list[Any] = []
         d.addCallbacks(self._tun_configured, failed.append)
         if failed:
@@ -490,10 +499,23 @@ class VPNServerService(MultiService):
             self.tun = None
             raise StartupError(f"cannot configure TUN {handle.name}: {failed[0].value}")
 
+    @staticmethod
+    def _offered_caps(config: ServerConfig, offload: bool) -> frozenset[str]:
+        """What HELLO may agree to: offload once the TUN does it, ipv6 with an IPv6 network."""
+        offered = set(caps.KNOWN)
+        if not offload:
+            offered.discard(caps.OFFLOAD)
+        if config.srv_vpn.network6 is None:
+            offered.discard(caps.IPV6)
+        return frozenset(offered)
+
     def _fixed_host_addresses(self) -> list[str]:
-        """Addresses that reach the host whatever its interfaces: the gateway, broadcasts."""
+        """Addresses that reach the host whatever its interfaces: the gateways, broadcasts."""
         net = self.network
-        return [str(self.pool.gateway), str(net.broadcast_address), "255.255.255.255"]
+        fixed = [str(self.pool.gateway), str(net.broadcast_address), "255.255.255.255"]
+        if self.pool.gateway6 is not None:
+            fixed.append(str(self.pool.gateway6))
+        return fixed
 
     def _host_addresses_changed(self, addresses: list[str]) -> None:
         known = self._fixed_host_addresses() + addresses
@@ -502,10 +524,13 @@ class VPNServerService(MultiService):
 
     def _tun_configured(self, _: object) -> None:
         self.tun_ready = True
+        network6 = self.config.srv_vpn.network6
         self.log.info(
-            "TUN {name} up: {gw}/{prefix}, mtu {mtu}, offload {offload}; leasing {first} to {last}",
+            "TUN {name} up: {gw}/{prefix}{v6}, mtu {mtu}, offload {offload}; leasing {first} to"
+            " {last}",
             name=self.tun_name,
             gw=str(self.pool.gateway),
+            v6="" if network6 is None else f" and {self.pool.gateway6}/{network6.prefixlen}",
             prefix=self.network.prefixlen,
             mtu=self.config.srv_vpn.mtu,
             offload="on" if self.offload else "off",
@@ -714,6 +739,8 @@ class VPNServerService(MultiService):
             self.forwarder.detach(old)
             old.address = None
             old.addr_key = b""
+            old.address6 = None
+            old.addr6_key = b""
             old.update_passing()
             self.log.info(
                 "session {new} takes over {addr} from session {old}",
@@ -723,6 +750,32 @@ class VPNServerService(MultiService):
             )
             old.close(CloseCode.TAKEN_OVER, "a newer session of this client took over")
         return lease
+
+    def key_limit(self, session: ServerSession) -> str | None:
+        """Why ``session`` would pass ``[srv_vpn] sessions_per_key``, or None when it may.
+
+        Counted: the live sessions of the same key that passed this check, except those with
+        the newcomer's resume token (a reconnect that replaces its old session).
+        """
+        limit = self.config.srv_vpn.sessions_per_key
+        key = session.key
+        if not limit or key is None:
+            return None
+        held = sum(
+            1
+            for s in self.sessions
+            if s is not session
+            and s.counted
+            and s.key == key
+            and not s.ended
+            and s.resume_token != session.resume_token
+        )
+        if held < limit:
+            return None
+        return (
+            f"client key {key[:28]} holds {held} session(s) already, the most"
+            f" [srv_vpn] sessions_per_key = {limit} allows"
+        )
 
     def forwarder_detach(self, session: ServerSession) -> None:
         if session.addr_key:
@@ -770,7 +823,12 @@ class VPNServerService(MultiService):
         """The session has its address: the callbacks, then the session_up hook (not waited
         for: its failure is only logged)."""
         facts = server_facts(
-            "session_up", session.session_id, session.address, session.peer, session.client_name
+            "session_up",
+            session.session_id,
+            session.address,
+            session.peer,
+            session.client_name,
+            client_address6=session.address6,
         )
         self._up_sessions[session] = facts
         self.on_session_up(facts)
@@ -794,6 +852,8 @@ class VPNServerService(MultiService):
             counters.to_client_bytes,
         )
         facts["client_address"] = up["client_address"]  # taken over meanwhile: still its lease
+        if "client_address6" in up:
+            facts["client_address6"] = up["client_address6"]
         self.on_session_end(facts)
         path = self.config.srv_vpn.session_down
         if path is not None:
@@ -820,12 +880,28 @@ class VPNServerService(MultiService):
         elif self.free_usage is not None:
             self.free_usage.session_ended(session)
 
-    def addr_reply(self, address: ipaddress.IPv4Address, with_options: bool) -> AddrReply:
+    def addr_reply(
+        self,
+        address: ipaddress.IPv4Address,
+        with_options: bool,
+        address6: ipaddress.IPv6Address | None = None,
+    ) -> AddrReply:
+        """The reply for a lease; the IPv6 options only with ``address6`` (ipv6 agreed), so an
+        IPv4-only client gets the bytes it always got."""
         v = self.config.srv_vpn
         if not with_options:
             return AddrReply(address, self.pool.gateway)
-        return AddrReply(
-            address, self.pool.gateway, self.network.netmask, v.mtu, tuple(v.dns), v.routes
+        dns4 = tuple(a for a in v.dns if isinstance(a, ipaddress.IPv4Address))
+        routes4 = tuple(n for n in v.routes if isinstance(n, ipaddress.IPv4Network))
+        reply = AddrReply(address, self.pool.gateway, self.network.netmask, v.mtu, dns4, routes4)
+        if address6 is None or v.network6 is None:
+            return reply
+        return replace(
+            reply,
+            client6=ipaddress.IPv6Interface((address6, v.network6.prefixlen)),
+            gateway6=self.pool.gateway6,
+            dns6=tuple(a for a in v.dns if isinstance(a, ipaddress.IPv6Address)),
+            routes6=tuple(n for n in v.routes if isinstance(n, ipaddress.IPv6Network)),
         )
 
     # --- control -----------------------------------------------------------------------------
@@ -961,6 +1037,9 @@ class VPNServerService(MultiService):
             "tun": self.tun_name,
             "tun_ready": self.tun_ready,
             "network": str(self.network),
+            "network6": None
+            if self.config.srv_vpn.network6 is None
+            else str(self.config.srv_vpn.network6),
             "pool": self.pool.stats(),
             "checks": self.checks.describe(),
         }

@@ -76,6 +76,11 @@ class ServerSession(StreamApplication):
         #: the enrolled client's name and certificate serial (None: it presented none)
         self.client_name: str | None = None
         self.client_serial: str | None = None
+        #: the client key that ``sessions_per_key`` counts: the wallet key once billing proved
+        #: it, else the client certificate (None: an anonymous client, not counted)
+        self.key: str | None = None
+        #: this session counts towards its key's sessions (it passed the check)
+        self.counted = False
         self.resume_token = b""
         self.started_at = time.time()
         self.established_at: float | None = None
@@ -99,6 +104,9 @@ class ServerSession(StreamApplication):
         self.usage_id = 0
         self.address: ipaddress.IPv4Address | None = None
         self.addr_key = b""
+        #: the paired IPv6 address, when the pool has one and the client agreed to ipv6
+        self.address6: ipaddress.IPv6Address | None = None
+        self.addr6_key = b""
         self.counters = SessionCounters()
         #: both ends agreed to carry super-packets (VPN_SEND_GSO / VPN_RECV_GSO)
         self.offload = False
@@ -205,6 +213,8 @@ class ServerSession(StreamApplication):
             return
         self.client_name, self.client_serial = verdict.name, verdict.serial
         self.identity, self.resume_token = self._identify(proto, event.hello.resume_token)
+        if self.identity.startswith("tls:"):
+            self.key = self.identity
         sid = server.sessions.new_id()
         self.session_id = sid
         conn = proto.conn
@@ -448,7 +458,24 @@ class ServerSession(StreamApplication):
         if not self.server.config.srv_vpn.allow_free_srv:
             self.refuse(ErrorCode.FREE_IS_NOT_ALLOWED, "free service is not allowed here")
             return
+        if not self.admit_key():
+            return
         self.grant(UsageInput.GRANT_FREE)
+
+    def admit_key(self) -> bool:
+        """Count this session for its key, or refuse it (ERROR, then close) past
+        ``sessions_per_key``; True when it may go on."""
+        why = self.server.key_limit(self)
+        if why is None:
+            self.counted = True
+            return True
+        self.server.refusal(Refusal.SESSIONS_PER_KEY, self, why)
+        self.refuse(ErrorCode.TOO_MANY_SESSIONS, why)
+        self.flush()
+        self.server.reactor.callLater(
+            0.5, self.close, CloseCode.REFUSED, f"TOO_MANY_SESSIONS: {why}"
+        )
+        return False
 
     def grant(self, how: UsageInput) -> None:
         """Activate the usage and tell the client (SUCCESS)."""
@@ -574,8 +601,12 @@ class ServerSession(StreamApplication):
             return
         self.address = lease.address
         self.addr_key = lease.address.packed
+        agreed = self._caps()
+        if lease.address6 is not None and caps.IPV6 in agreed and caps.ADDR_OPTIONS in agreed:
+            self.address6 = lease.address6
+            self.addr6_key = lease.address6.packed
         self.update_passing()
-        reply = server.addr_reply(self.address, caps.ADDR_OPTIONS in self._caps())
+        reply = server.addr_reply(self.address, caps.ADDR_OPTIONS in agreed, self.address6)
         self.send_vpn(
             vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REPLY, reply.encode(), usage_id=self.usage_id)
         )
@@ -584,7 +615,7 @@ class ServerSession(StreamApplication):
             "session {sid} with {peer}: leased {addr}{how}",
             sid=f"{self.session_id or 0:#010x}",
             peer=self.peer,
-            addr=str(self.address),
+            addr=str(self.address) + ("" if self.address6 is None else f" and {self.address6}"),
             how=" (again)" if lease.reused else "",
         )
         server.session_up(self)
@@ -609,6 +640,7 @@ class ServerSession(StreamApplication):
             "length_seconds": end - start,
             "ended_at": self.ended_at,
             "client_addr": str(self.address) if self.address else None,
+            "client_addr6": str(self.address6) if self.address6 else None,
             "usage_state": self.usage.state.name,
             "usage_id": self.usage_id,
             "counters": self.counters.as_dict(),

@@ -146,7 +146,15 @@ class SessionHost(Protocol):
     def lease_for(self, session: ServerSession) -> Lease | None:
         """An address for ``session`` (a takeover closes the session that held it)."""
 
-    def addr_reply(self, address: ipaddress.IPv4Address, with_options: bool) -> AddrReply: ...
+    def addr_reply(
+        self,
+        address: ipaddress.IPv4Address,
+        with_options: bool,
+        address6: ipaddress.IPv6Address | None = None,
+    ) -> AddrReply: ...
+
+    def key_limit(self, session: ServerSession) -> str | None:
+        """Why ``session`` would pass ``[srv_vpn] sessions_per_key``, or None when it may."""
 
     def forwarder_detach(self, session: ServerSession) -> None:
         """The session's address carries no more packets."""

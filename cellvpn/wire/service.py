@@ -90,6 +90,10 @@ class ErrorCode(IntEnum):
     PRICE_ERROR = 0x00000600
     NO_ORDER_HASH = 0x00000601
     NO_TX_HASH = 0x00000602
+    #: cellvpn's: the client's key has ``[srv_vpn] sessions_per_key`` sessions already
+    TOO_MANY_SESSIONS = 0x00000700
+    #: cellvpn's: the deposit carried ``[billing] deposit_bytes`` bytes, its cap
+    DEPOSIT_BYTES_CAP = 0x00000701
     WRONG_HASH = 0x00000BAD
     ALLOC_MEMORY_ERROR = 0x00BADA55
     UNKNOWN = 0xFFFFFFFF
@@ -103,6 +107,7 @@ TRANSIENT_ERRORS = frozenset(
         ErrorCode.NETWORK_IS_OFFLINE,
         ErrorCode.CANT_ADD_USAGE,
         ErrorCode.REQUEST_INTERNAL_ERROR,
+        ErrorCode.TOO_MANY_SESSIONS,  # another device of the key may leave
     }
 )
 

@@ -175,13 +175,18 @@ def peek_op(data: bytes | memoryview) -> int:
 # data = client_addr[4] || gateway_addr[4] || netmask[4] || options
 # The first 8 bytes are the original's; the netmask is the third address the original node
 # client already reads. Options are TLVs {u8 tag, u8 length, value}; a reader skips tags it
-# does not know.
+# does not know. Tags 4-7 (IPv6) are sent only once the ``ipv6`` capability is agreed, so an
+# IPv4-only peer gets the same bytes as before.
 
 
 class AddrOption(IntEnum):
     MTU = 1  # u16, network order
     DNS = 2  # one IPv4 address per option, network order
     ROUTE = 3  # IPv4 prefix: 4-byte network + 1-byte prefix length
+    ADDR6 = 4  # the client's IPv6 address (16 bytes) + the prefix length it is leased from
+    GATEWAY6 = 5  # the server's IPv6 address in that prefix (16 bytes)
+    DNS6 = 6  # one IPv6 DNS server per option (16 bytes)
+    ROUTE6 = 7  # IPv6 prefix: 16-byte network + 1-byte prefix length
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,13 +198,32 @@ class AddrReply:
     dns: tuple[ipaddress.IPv4Address, ...] = ()
     routes: tuple[ipaddress.IPv4Network, ...] = ()
     unknown: Mapping[int, bytes] = field(default_factory=dict)
+    #: the client's IPv6 address with the prefix length of the server's IPv6 network
+    client6: ipaddress.IPv6Interface | None = None
+    gateway6: ipaddress.IPv6Address | None = None
+    dns6: tuple[ipaddress.IPv6Address, ...] = ()
+    routes6: tuple[ipaddress.IPv6Network, ...] = ()
+
+    @property
+    def has_options(self) -> bool:
+        return bool(
+            self.mtu is not None
+            or self.dns
+            or self.routes
+            or self.client6
+            or self.gateway6
+            or self.dns6
+            or self.routes6
+        )
 
     def encode(self) -> bytes:
         out = bytearray(self.client.packed + self.gateway.packed)
         if self.netmask is None:
-            if self.mtu is not None or self.dns or self.routes:
+            if self.has_options:
                 raise ValueError("ADDR_REPLY options need the netmask before them")
             return bytes(out)
+        if (self.client6 is None) != (self.gateway6 is None):
+            raise ValueError("ADDR_REPLY carries an IPv6 address and its gateway, or neither")
         out += self.netmask.packed
         if self.mtu is not None:
             out += bytes((AddrOption.MTU, 2)) + self.mtu.to_bytes(2, "big")
@@ -208,6 +232,15 @@ class AddrReply:
         for route in self.routes:
             out += bytes((AddrOption.ROUTE, 5)) + route.network_address.packed
             out.append(route.prefixlen)
+        if self.client6 is not None and self.gateway6 is not None:
+            out += bytes((AddrOption.ADDR6, 17)) + self.client6.ip.packed
+            out.append(self.client6.network.prefixlen)
+            out += bytes((AddrOption.GATEWAY6, 16)) + self.gateway6.packed
+        for server6 in self.dns6:
+            out += bytes((AddrOption.DNS6, 16)) + server6.packed
+        for route6 in self.routes6:
+            out += bytes((AddrOption.ROUTE6, 17)) + route6.network_address.packed
+            out.append(route6.prefixlen)
         return bytes(out)
 
     @classmethod
@@ -226,6 +259,10 @@ class AddrReply:
         dns: list[ipaddress.IPv4Address] = []
         routes: list[ipaddress.IPv4Network] = []
         unknown: dict[int, bytes] = {}
+        client6: ipaddress.IPv6Interface | None = None
+        gateway6: ipaddress.IPv6Address | None = None
+        dns6: list[ipaddress.IPv6Address] = []
+        routes6: list[ipaddress.IPv6Network] = []
         pos = 12
         while pos < len(data):
             if len(data) - pos < 2:
@@ -250,6 +287,43 @@ class AddrReply:
                     routes.append(ipaddress.IPv4Network((value[:4], value[4])))
                 except ValueError as e:
                     raise DecodeError(f"ADDR_REPLY route option: {e}") from None
+            elif tag == AddrOption.ADDR6:
+                if length != 17 or value[16] > 128:
+                    raise DecodeError("ADDR_REPLY IPv6 address option is not 16 bytes + length")
+                if client6 is not None:
+                    raise DecodeError("ADDR_REPLY carries two IPv6 addresses")
+                client6 = ipaddress.IPv6Interface((value[:16], value[16]))
+            elif tag == AddrOption.GATEWAY6:
+                if length != 16:
+                    raise DecodeError(f"ADDR_REPLY IPv6 gateway option has {length} bytes")
+                if gateway6 is not None:
+                    raise DecodeError("ADDR_REPLY carries two IPv6 gateways")
+                gateway6 = ipaddress.IPv6Address(value)
+            elif tag == AddrOption.DNS6:
+                if length != 16:
+                    raise DecodeError(f"ADDR_REPLY IPv6 DNS option has {length} bytes")
+                dns6.append(ipaddress.IPv6Address(value))
+            elif tag == AddrOption.ROUTE6:
+                if length != 17 or value[16] > 128:
+                    raise DecodeError("ADDR_REPLY IPv6 route option is not 16 bytes + length")
+                try:
+                    routes6.append(ipaddress.IPv6Network((value[:16], value[16])))
+                except ValueError as e:
+                    raise DecodeError(f"ADDR_REPLY IPv6 route option: {e}") from None
             else:
                 unknown[tag] = value
-        return cls(client, gateway, netmask, mtu, tuple(dns), tuple(routes), unknown)
+        if (client6 is None) != (gateway6 is None):
+            raise DecodeError("ADDR_REPLY carries an IPv6 address without its gateway or back")
+        return cls(
+            client,
+            gateway,
+            netmask,
+            mtu,
+            tuple(dns),
+            tuple(routes),
+            unknown,
+            client6,
+            gateway6,
+            tuple(dns6),
+            tuple(routes6),
+        )

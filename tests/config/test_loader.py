@@ -258,8 +258,8 @@ def test_many_bad_keys_reported_together(tmp_path: Path) -> None:
         f"{p}: [srv_vpn] tun_name = much-too-long-name: expected a network interface name: "
         "1 to 15 characters, without '/', ':' or spaces",
         f"{p}: [srv_vpn] mtu = 70000: expected an integer from 576 to 65535",
-        f"{p}: [srv_vpn] dns = 1.1.1.1, x: expected a comma-separated list of IPv4 addresses "
-        "('x' is not one)",
+        f"{p}: [srv_vpn] dns = 1.1.1.1, x: expected a comma-separated list of IPv4 or IPv6 "
+        "addresses ('x' is not one)",
         f"{p}: [srv_vpn] offload = sometimes: expected one of auto, on, off",
         f"{p}: [metrics] listen = nope:1: expected a Twisted server endpoint string such as "
         "tcp:PORT, tcp6:PORT, unix:PATH, systemd:domain=INET:index=N or ssl:PORT:privateKey=KEY "

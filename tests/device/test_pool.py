@@ -432,3 +432,49 @@ PoolMachine.TestCase.settings = MACHINE_SETTINGS
 RoomyPoolMachine.TestCase.settings = MACHINE_SETTINGS
 test_pool_machine = PoolMachine.TestCase
 test_roomy_pool_machine = RoomyPoolMachine.TestCase
+
+
+def test_dual_stack_leases_pair_each_ipv4_address_with_one_ipv6_address() -> None:
+    """The IPv6 partner sits at the IPv4 address's offset; the gateways pair up too."""
+    from ipaddress import IPv6Address, IPv6Network
+
+    pool = LeasePool(IPv4Network("198.18.5.0/24"), 300, IPv6Network("2001:db8:1::/64"))
+    a, b = object(), object()
+    assert pool.gateway6 == IPv6Address("2001:db8:1::1")
+    assert pool.lease(a, "a") == Lease(
+        IPv4Address("198.18.5.2"), None, False, IPv6Address("2001:db8:1::2")
+    )
+    assert pool.lease(b, "b") == Lease(
+        IPv4Address("198.18.5.3"), None, False, IPv6Address("2001:db8:1::3")
+    )
+    assert pool.partner(IPv4Address("198.18.5.254")) == IPv6Address("2001:db8:1::fe")
+
+
+def test_dual_stack_lease_is_sticky_as_a_pair() -> None:
+    """A client that comes back within lease_hold gets the same IPv4 and IPv6 addresses."""
+    from ipaddress import IPv6Address, IPv6Network
+
+    pool = LeasePool(IPv4Network("198.18.5.0/24"), 300, IPv6Network("2001:db8:1::/64"))
+    first, other, again = object(), object(), object()
+    lease = pool.lease(first, "tls:aa", now=0)
+    assert lease is not None
+    pool.release(lease.address, first, now=1)
+    assert pool.lease(other, "tls:bb", now=2) == Lease(
+        IPv4Address("198.18.5.3"), None, False, IPv6Address("2001:db8:1::3")
+    )
+    assert pool.lease(again, "tls:aa", now=3) == Lease(
+        IPv4Address("198.18.5.2"), None, True, IPv6Address("2001:db8:1::2")
+    )
+
+
+def test_ipv4_only_pool_leases_no_ipv6() -> None:
+    pool = LeasePool(IPv4Network("198.18.5.0/24"))
+    assert pool.gateway6 is None
+    assert pool.lease(object()) == Lease(IPv4Address("198.18.5.2"), None, False, None)
+
+
+def test_an_ipv6_network_smaller_than_the_ipv4_pool_is_refused() -> None:
+    from ipaddress import IPv6Network
+
+    with pytest.raises(ValueError, match="smaller than the IPv4 pool"):
+        LeasePool(IPv4Network("198.18.5.0/24"), 300, IPv6Network("2001:db8:1::/121"))

@@ -55,7 +55,10 @@ def test_rules(guard: ToHost, pkt: bytes, allowed: bool) -> None:
 
 def test_only_host_addresses_are_keys_and_dns_must_be_one() -> None:
     guard = ToHost(ToHostRules.parse(["dns"]), [GW, "2001:db8::1", "bad"], ["198.18.9.9", GW])
-    assert guard.addresses == {socket.inet_aton(GW)}
+    assert guard.addresses == {
+        socket.inet_aton(GW),
+        socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
+    }
     assert guard.dns == {socket.inet_aton(GW)}
 
 

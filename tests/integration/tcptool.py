@@ -6,6 +6,9 @@ send HOST PORT N          connect, send N random bytes, print their SHA-256
 recv HOST PORT            connect, read to EOF, print the SHA-256
 echo PORT BIND            accept one connection, echo until EOF
 hold HOST PORT TRIGGER    connect, echo-check once, wait for file TRIGGER, echo-check again
+spoof SRC DST N           N UDP packets to DST:9 from the forged SRC (IPv4 or IPv6)
+
+BIND and HOST may be IPv4 or IPv6 addresses.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ CHUNK = 256 * 1024
 
 
 def listen(port: int, bind: str) -> socket.socket:
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((bind, port))
     s.listen(1)
@@ -103,6 +106,9 @@ def spoof(src: str, dst: str, count: int) -> int:
     """UDP packets to DST:9 claiming to come from SRC; the kernel routes them as given."""
     import struct
 
+    if ":" in dst:
+        return spoof6(src, dst, count)
+
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
     payload = b"forged"
@@ -114,6 +120,30 @@ def spoof(src: str, dst: str, count: int) -> int:
             0x45, 0, total, i, 0, 64, 17, 0,
             socket.inet_aton(src), socket.inet_aton(dst),
         )  # fmt: skip
+        s.sendto(head + udp, (dst, 0))
+        time.sleep(0.01)
+    return count
+
+
+def spoof6(src: str, dst: str, count: int) -> int:
+    """``spoof`` for IPv6: a raw IPv6 header (IPV6_HDRINCL) with the forged source."""
+    import struct
+
+    ipv6_hdrincl = 36
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.setsockopt(socket.IPPROTO_IPV6, ipv6_hdrincl, 1)
+    payload = b"forged"
+    udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0xFFFF) + payload
+    head = struct.pack(
+        "!IHBB16s16s",
+        0x60000000,
+        len(udp),
+        17,
+        64,
+        socket.inet_pton(socket.AF_INET6, src),
+        socket.inet_pton(socket.AF_INET6, dst),
+    )
+    for _ in range(count):
         s.sendto(head + udp, (dst, 0))
         time.sleep(0.01)
     return count

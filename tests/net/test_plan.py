@@ -223,3 +223,49 @@ def test_an_excluded_network_already_in_the_tunnel_is_refused() -> None:
             SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=False,
             exclude=[(NETS["198.19.9.0/24"], into_tun)],
         )  # fmt: skip
+
+
+TUNNEL6 = [Route("::/1", oif="cvpn0", family=6), Route("8000::/1", oif="cvpn0", family=6)]
+
+
+def test_a_dual_stack_tunnel_takes_ipv6_instead_of_the_guard() -> None:
+    """With an IPv6 address on the tunnel, ::/1 and 8000::/1 go into the TUN; no guard."""
+    routes = plan_routes(
+        SERVER, VIA_GATEWAY, "cvpn0", default_route=True, ipv6_guard=True, ipv6_tunnel=True
+    )
+    assert routes == [
+        Route("198.19.9.9/32", gateway="192.0.2.254", oif="veth1"),
+        *TUNNEL,
+        *TUNNEL6,
+    ]
+
+
+def test_an_ipv6_server_stays_reachable_beside_a_dual_stack_tunnel() -> None:
+    server = IPv6Address("2001:db8::1")
+    via = RouteInfo(gateway="fe80::1", oif=3, ifname="veth1", prefsrc="2001:db8::2")
+    routes = plan_routes(server, via, "cvpn0", True, True, ipv6_tunnel=True)
+    host = Route("2001:db8::1/128", gateway="fe80::1", oif="veth1", family=6)
+    assert routes == [host, *TUNNEL, *TUNNEL6]
+
+
+def test_ipv6_prefixes_in_a_split_tunnel() -> None:
+    """routes and exclude take IPv6 prefixes: each a route of its own family."""
+    from ipaddress import IPv6Network
+
+    v6_way = RouteInfo(gateway="2001:db8::fe", oif=3, ifname="veth1", prefsrc=None)
+    routes = plan_routes(
+        SERVER,
+        VIA_GATEWAY,
+        "cvpn0",
+        default_route=False,
+        ipv6_guard=True,
+        include=[IPv4Network("198.19.0.0/16"), IPv6Network("2001:db8:5::/48")],
+        exclude=[(IPv6Network("2001:db8:5:1::/64"), v6_way)],
+        ipv6_tunnel=True,
+    )
+    assert routes == [
+        Route("198.19.9.9/32", gateway="192.0.2.254", oif="veth1"),
+        Route("2001:db8:5:1::/64", gateway="2001:db8::fe", oif="veth1", family=6),
+        Route("198.19.0.0/16", oif="cvpn0"),
+        Route("2001:db8:5::/48", oif="cvpn0", family=6),
+    ]

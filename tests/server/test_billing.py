@@ -452,3 +452,41 @@ def test_a_reload_that_turns_billing_off_waits_for_a_restart(tmp_path: Path) -> 
     )
     assert server.reload(new).result == ["reload: not applied (needs a restart): [billing] price"]
     assert server.config.billing.price == PRICE and server.billing.order.order.price == PRICE
+
+
+def test_a_deposit_is_stopped_at_its_byte_cap(tmp_path: Path) -> None:
+    """[billing] deposit_bytes = 100,000: traffic passes below it; at the next check (a
+    second later) the session gets ERROR DEPOSIT_BYTES_CAP and closes; a new session on the
+    same deposit is refused at REQUEST, since the cap counts the ended sessions too."""
+    server, clock, written, _ledger, key, deposit, c = granted(
+        tmp_path, **{"billing.deposit_bytes": "100000"}
+    )
+    c.send_bytes(70_000)
+    clock.advance(1)
+    c.pump()
+    assert not [t for t in c.types() if t == PacketType.ERROR]
+    c.send_bytes(70_000)
+    clock.advance(1)
+    c.pump()
+    errors = [Error.decode(b).code for t, b in c.r if t == PacketType.ERROR]
+    assert errors == [ErrorCode.DEPOSIT_BYTES_CAP]
+    before = len(written)
+    c.send_bytes(14_000)
+    assert len(written) == before
+    clock.advance(3)
+    assert c.closed
+    c.lose()
+    again = Payer(server, clock, key, deposit)
+    again.paid_request()
+    errors = [Error.decode(b).code for t, b in again.r if t == PacketType.ERROR]
+    assert errors == [ErrorCode.DEPOSIT_BYTES_CAP]
+    assert server.billing.deposit_capped == 2
+
+
+def test_without_a_cap_a_deposit_carries_on(tmp_path: Path) -> None:
+    _server, clock, written, _ledger, _key, _deposit, c = granted(tmp_path)
+    c.send_bytes(140_000)
+    clock.advance(2)
+    c.pump()
+    assert not [t for t in c.types() if t == PacketType.ERROR]
+    assert len(written) == 100  # 100 packets of 1,392 bytes

@@ -70,7 +70,8 @@ def test_exposition_parses_and_sums_live_and_ended_sessions(tmp_path: Path) -> N
     a.send_ip(ipv4("198.18.9.77", "198.19.0.10"))  # spoofed
     b.send_ip(ipv4("198.18.9.3", "198.19.0.10", b"z" * 30))
     to_b = ipv4("198.19.0.10", "198.18.9.3")
-    server.forwarder.from_tun([to_b, ipv4("198.19.0.10", "198.18.9.200"), b"\x60" * 40])
+    # version 7: neither IPv4 nor IPv6, so malformed
+    server.forwarder.from_tun([to_b, ipv4("198.19.0.10", "198.18.9.200"), b"\x70" * 40])
     b.pump()
     a.lose()
 
@@ -338,3 +339,21 @@ def test_the_process_metrics_come_with_the_servers(tmp_path: Path) -> None:
     assert value(scrape(), "cellvpn_sessions_active") == 1
     c.lose()
     assert value(scrape(), "cellvpn_sessions_active") == 0
+
+
+def test_rate_limit_drops_and_delays_are_exposed(tmp_path: Path) -> None:
+    """What the limiter drops (IP packets) and delays (proxy bytes), by direction."""
+    server, clock, _ = make_server(tmp_path)
+    c = Client(server, clock)
+    counters = c.session.counters
+    counters.dropped_rate_up, counters.dropped_rate_down = 3, 4
+    counters.delayed_rate_up, counters.delayed_rate_down = 5, 6
+    families = parse_exposition(exposition(server).decode())
+    drops = "cellvpn_dropped_packets_total"
+    delays = "cellvpn_rate_limit_delays_total"
+    assert value(families, drops, direction="from_client", reason="rate_limit") == 3
+    assert value(families, drops, direction="to_client", reason="rate_limit") == 4
+    assert value(families, delays, direction="from_client") == 5
+    assert value(families, delays, direction="to_client") == 6
+    stat = server.control_vpn_stat()["sessions"][0]["counters"]
+    assert (stat["delayed_rate_up"], stat["delayed_rate_down"]) == (5, 6)

@@ -45,8 +45,9 @@ class Client:
         clock: MemoryReactorClock,
         token: bytes = b"",
         transport: StringTransport | None = None,
+        caps: frozenset[str] = frozenset({"addr-options"}),
     ):
-        self.conn = StreamConnection(Role.CLIENT, StreamSettings(caps=frozenset({"addr-options"})))
+        self.conn = StreamConnection(Role.CLIENT, StreamSettings(caps=caps))
         self.r: list[tuple[int, bytes]] = []
         self.s: list[vpn.VpnPacket] = []
         self.events: list[Any] = []

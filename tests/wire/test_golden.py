@@ -15,6 +15,7 @@ import pytest
 
 from cellvpn.wire import channel, frame, receipt, service, setup, vpn
 from cellvpn.wire.channel import ChannelHeader, decode_channel_packet, encode_channel_packet
+from cellvpn.wire.errors import DecodeError
 from cellvpn.wire.frame import FrameHeader, FrameType, decode_frame, encode_frame
 from cellvpn.wire.receipt import (
     Receipt,
@@ -560,6 +561,8 @@ ERROR_TABLE = [
     ("PRICE_ERROR", 0x600),
     ("NO_ORDER_HASH", 0x601),
     ("NO_TX_HASH", 0x602),
+    ("TOO_MANY_SESSIONS", 0x700),  # cellvpn's
+    ("DEPOSIT_BYTES_CAP", 0x701),  # cellvpn's
     ("WRONG_HASH", 0xBAD),
     ("ALLOC_MEMORY_ERROR", 0xBADA55),
     ("UNKNOWN", 0xFFFFFFFF),
@@ -969,3 +972,70 @@ def test_close_reason_is_capped() -> None:
     """CLOSE sends at most 1000 characters of reason."""
     encoded = Close(reason="x" * 1500).encode()
     assert encoded == hx("07 0200 0000") + hx("06 e803") + b"x" * 1000
+
+
+IP6 = ipaddress.IPv6Address
+NET6 = ipaddress.IPv6Network
+
+ADDR_REPLY_DUAL = (
+    ADDR_REPLY_FULL
+    + hx("04 11 20010db8000100000000000000000002 40")  # @35 ADDR6: 2001:db8:1::2, /64
+    + hx("05 10 20010db8000100000000000000000001")  # @54 GATEWAY6: 2001:db8:1::1
+    + hx("06 10 20010db8000100000000000000000035")  # @72 DNS6: 2001:db8:1::35
+    + hx("07 11 20010db8000200000000000000000000 30")  # @90 ROUTE6: 2001:db8:2::/48
+)
+
+
+def test_addr_reply_ipv6_golden() -> None:
+    """With the ipv6 capability: ADDR6, GATEWAY6, DNS6 and ROUTE6 follow the IPv4 options."""
+    reply = AddrReply(
+        client=IP("198.18.5.2"),
+        gateway=IP("198.18.5.1"),
+        netmask=IP("255.255.255.0"),
+        mtu=1400,
+        dns=(IP("198.18.5.1"), IP("198.18.5.53")),
+        routes=(NET("198.19.0.0/16"),),
+        client6=ipaddress.IPv6Interface("2001:db8:1::2/64"),
+        gateway6=IP6("2001:db8:1::1"),
+        dns6=(IP6("2001:db8:1::35"),),
+        routes6=(NET6("2001:db8:2::/48"),),
+    )
+    assert reply.encode() == ADDR_REPLY_DUAL
+    assert AddrReply.decode(ADDR_REPLY_DUAL) == reply
+
+
+def test_addr_reply_ipv6_option_tags() -> None:
+    """The IPv6 option tags are ADDR6 4, GATEWAY6 5, DNS6 6, ROUTE6 7."""
+    assert [vpn.AddrOption.ADDR6, vpn.AddrOption.GATEWAY6] == [4, 5]
+    assert [vpn.AddrOption.DNS6, vpn.AddrOption.ROUTE6] == [6, 7]
+
+
+def test_addr_reply_without_ipv6_is_unchanged() -> None:
+    """No IPv6 fields: exactly the bytes an IPv4-only peer always got."""
+    reply = AddrReply(
+        IP("198.18.5.2"),
+        IP("198.18.5.1"),
+        IP("255.255.255.0"),
+        1400,
+        (IP("198.18.5.1"), IP("198.18.5.53")),
+        (NET("198.19.0.0/16"),),
+    )
+    assert reply.encode() == ADDR_REPLY_FULL
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        hx("04 10") + bytes(16),  # ADDR6 without its prefix length
+        hx("04 11") + bytes(16) + hx("81"),  # prefix length 129
+        hx("05 04 01020304"),  # GATEWAY6 of 4 bytes
+        hx("06 04 01020304"),  # DNS6 of 4 bytes
+        hx("07 11") + hx("20010db8000200000000000000000001") + hx("30"),  # host bits set
+        hx("04 11") + bytes(15) + hx("02 40"),  # an address without a gateway
+        hx("05 10") + bytes(15) + hx("01"),  # a gateway without an address
+    ],
+)
+def test_addr_reply_ipv6_options_rejected(options: bytes) -> None:
+    """A malformed IPv6 option, or half of the address pair, is a decode error."""
+    with pytest.raises(DecodeError):
+        AddrReply.decode(hx("c6120502 c6120501 ffffff00") + options)
