@@ -396,7 +396,14 @@ class Engine:
         self.write_tally()
         return self.tallies
 
-    def run_one(self, target: Target, inputs: int, seconds: float | None = None) -> Tally:
+    def run_one(
+        self,
+        target: Target,
+        inputs: int,
+        seconds: float | None = None,
+        *,
+        until_found: bool = False,
+    ) -> Tally:
         from tests.fuzz.harness import Reuse
 
         tally = self.tallies.setdefault(target.name, Tally())
@@ -441,6 +448,8 @@ class Engine:
             return new
 
         while tally.inputs < inputs and not self.stopping:
+            if until_found and tally.escaped:
+                break
             elapsed = time.perf_counter() - start
             if seconds is not None and elapsed >= seconds:
                 break
