@@ -116,7 +116,19 @@ def fuzz(test: Callable[[], None]) -> Callable[[], None]:
 
     run.__name__, run.__qualname__ = test.__name__, test.__qualname__
     run.__module__, run.__doc__ = test.__module__, test.__doc__
+    run.hypothesis = test.hypothesis  # type: ignore[attr-defined]  # the engine's way in
     return run
+
+
+class Reuse:
+    """How many inputs one server scene may serve before a fresh one is built (0: a fresh
+    one per input, as under hypothesis; the long run's engine sets more, since building a
+    server, its ledger and the other client costs more than most inputs)."""
+
+    inputs = 0
+    #: inputs that failed on a reused scene and then passed on a fresh one: an effect of
+    #: earlier inputs on the server (counted and reported, not taken as this input's)
+    only_after_reuse = 0
 
 
 class LoggedFailures:

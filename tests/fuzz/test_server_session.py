@@ -17,6 +17,7 @@ import atexit
 import ipaddress
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from tests.server.test_billing import fund, paid_server
 from tests.server.test_session import ipv4, make_server
 
 from . import inputs
-from .harness import LoggedFailures, counted, fuzz
+from .harness import LoggedFailures, Reuse, counted, fuzz
 
 _SHM = Path("/dev/shm")
 #: Control sockets and ledgers of the servers under test (never bound: no service starts).
@@ -199,6 +200,7 @@ class Scene:
 
     def setup(self, variant: Variant) -> None:
         server = self.server
+        self.uses = 0
         self.tun: list[tuple[bytes, bytes]] = []
         #: the source the TUN may see now: the victim's lease (the bystander's when it sends)
         self.may_send: ServerSession | None = None
@@ -216,6 +218,31 @@ class Scene:
         self.bystander.start()
         self.bystander_up()
         self.victim = Peer(server, self.clock, caps.KNOWN)
+
+    def next_victim(self) -> None:
+        """Ready for another hostile client, the server and the bystander kept."""
+        self.tun.clear()
+        self.may_send = None
+        self.connected.clear()
+        self.clock.tcpClients.clear()
+        self.bystander.r.clear()
+        self.bystander.s.clear()
+        self.victim = Peer(self.server, self.clock, caps.KNOWN)
+
+    def healthy(self) -> bool:
+        """The bystander still up with its address, nobody else registered, nothing queued:
+        the scene is as a fresh one would be for the next input."""
+        b, server = self.bystander, self.server
+        session = b.session
+        return (
+            not session.ended
+            and b.proto.conn.closed is None
+            and not b.transport.disconnecting
+            and session.session_id is not None
+            and len(server.sessions) == 1
+            and server.pool.owner_of(BYSTANDER) is session
+            and server.forwarder.routes.get(BYSTANDER.packed) is session
+        )
 
     def bystander_up(self) -> None:
         b = self.bystander
@@ -358,6 +385,45 @@ class Scene:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+#: scenes kept for the next input, by kind and variant (only while ``Reuse.inputs``)
+_SCENES: dict[tuple[type[Scene], Variant], Scene] = {}
+
+
+def on_scene(kind: type[Scene], variant: Variant, body: Callable[[Scene], None]) -> None:
+    """``body`` on a scene of ``kind``: a fresh one, or (``Reuse.inputs``) one kept from
+    earlier inputs while it is healthy. What fails on a kept scene runs again on a fresh
+    one, and only a failure there is the input's own."""
+    if not Reuse.inputs:
+        scene = kind(variant)
+        try:
+            body(scene)
+        finally:
+            scene.close()
+        return
+    kept = _SCENES.pop((kind, variant), None)
+    if kept is not None and (kept.uses >= Reuse.inputs or not kept.healthy()):
+        kept.close()
+        kept = None
+    scene = kept or kind(variant)
+    if kept is not None:
+        scene.next_victim()
+    try:
+        body(scene)
+    except BaseException:
+        scene.close()
+        if kept is None:
+            raise
+        fresh = kind(variant)
+        try:
+            body(fresh)
+        finally:
+            fresh.close()
+        Reuse.only_after_reuse += 1
+        return
+    scene.uses += 1
+    _SCENES[(kind, variant)] = scene
+
+
 def free_steps() -> st.SearchStrategy[tuple[Any, ...]]:
     """Script steps: mostly reads of structure-aware packets; now and then raw frames (which
     often end the session), time passing, an honest REQUEST or address request, or the proxy's
@@ -416,11 +482,7 @@ def test_free_server_session(
 ) -> None:
     """A free server: hostile 'R' and 'S' packets after the setup (and a REQUEST and an
     address, or not)."""
-    scene = Scene(variant)
-    try:
-        run_script(scene, stage, script)
-    finally:
-        scene.close()
+    on_scene(Scene, variant, lambda scene: run_script(scene, stage, script))
 
 
 class PaidScene(Scene):
@@ -442,6 +504,13 @@ class PaidScene(Scene):
         sign_last(b, self.bystander_key)
         b.send(CHANNEL_S, vpn.PKT_TYPE_DATA, vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REQUEST).encode())
         assert b.session.address == BYSTANDER
+
+    def next_victim(self) -> None:
+        """As for a free server; the bystander signs what it was asked since, as it would."""
+        b = self.bystander
+        if any(ptype == PacketType.SIGN_REQUEST for ptype, _ in b.r):
+            sign_last(b, self.bystander_key)
+        super().next_victim()
 
     def step(self, step: tuple[Any, ...]) -> None:
         kind = step[0]
@@ -506,11 +575,7 @@ def test_paid_server_session(
     variant: Variant, stage: tuple[str, ...], script: list[tuple[Any, ...]]
 ) -> None:
     """A paid server: the same, with receipts asked, signed, forged, replayed and damaged."""
-    scene = PaidScene(variant)
-    try:
-        run_script(scene, stage, script)
-    finally:
-        scene.close()
+    on_scene(PaidScene, variant, lambda scene: run_script(scene, stage, script))
 
 
 @fuzz
@@ -532,8 +597,8 @@ def test_paid_server_session(
 def test_server_session_before_setup(variant: Variant, chunks: list[bytes]) -> None:
     """Raw bytes, or a damaged HELLO and anything after it, as a connection's first reads:
     the session is registered only after a HELLO it accepted, and leaves when it ends."""
-    scene = Scene(variant)
-    try:
+
+    def body(scene: Scene) -> None:
         with LoggedFailures() as logged:
             before = scene.snapshot()
             v = scene.victim
@@ -546,5 +611,5 @@ def test_server_session_before_setup(variant: Variant, chunks: list[bytes]) -> N
             scene.check_victim()
             scene.check_bystander(before)
         logged.check()
-    finally:
-        scene.close()
+
+    on_scene(Scene, variant, body)
