@@ -683,16 +683,7 @@ def ensure_server_identity(state_dir: Path, names: Sequence[str]) -> ServerIdent
             key="same key: key pins (SPKI) still match" if kept is not None else "new key",
         )
     assert leaf is not None
-    return ServerIdentity(
-        ca_cert=ca_path,
-        cert=cert_path,
-        key=key_path,
-        fingerprint=fingerprint_of(leaf),
-        names=tuple(_name_text(g) for g in generals),
-        created=created,
-        spki=spki_fingerprint(leaf),
-        not_after=leaf.not_valid_after_utc,
-    )
+    return _identity(ca_path, cert_path, key_path, leaf, generals, created)
 
 
 def _kept_offline(
@@ -773,16 +764,7 @@ def issue_fleet_server(
         _write_atomically(key_path, _key_pem(key), 0o600)
     _write_atomically(ca_path, _cert_pem(authority.cert), 0o644)
     _write_atomically(cert_path, _cert_pem(leaf, authority.cert), 0o644)
-    return ServerIdentity(
-        ca_cert=ca_path,
-        cert=cert_path,
-        key=key_path,
-        fingerprint=fingerprint_of(leaf),
-        names=tuple(_name_text(g) for g in generals),
-        created=True,
-        spki=spki_fingerprint(leaf),
-        not_after=leaf.not_valid_after_utc,
-    )
+    return _identity(ca_path, cert_path, key_path, leaf, generals, True)
 
 
 def _reusable_key(key_path: Path) -> CertificateIssuerPrivateKeyTypes | None:
@@ -954,3 +936,24 @@ def client_common_name(cert: x509.Certificate) -> str | None:
     """The CN of a client certificate, or None."""
     found = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(found[0].value) if found else None
+
+
+def _identity(
+    ca_path: Path,
+    cert_path: Path,
+    key_path: Path,
+    leaf: x509.Certificate,
+    generals: Sequence[x509.GeneralName],
+    created: bool,
+) -> ServerIdentity:
+    """The identity a server runs on, as its files and certificate describe it."""
+    return ServerIdentity(
+        ca_cert=ca_path,
+        cert=cert_path,
+        key=key_path,
+        fingerprint=fingerprint_of(leaf),
+        names=tuple(_name_text(g) for g in generals),
+        created=created,
+        spki=spki_fingerprint(leaf),
+        not_after=leaf.not_valid_after_utc,
+    )
