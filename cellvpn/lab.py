@@ -306,9 +306,10 @@ class VpnLab:
         options: tuple[str, ...] = (),
         clients: str | None = "any",
         tls_extra: str = "",
+        server_extra: str = "",
     ) -> Twistd:
         """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``edge`` into [edge],
-        ``tls_extra`` into [tls], ``extra`` at the end.
+        ``tls_extra`` into [tls], ``server_extra`` into [server], ``extra`` at the end.
 
         ``clients`` is ``[tls] clients``: the lab's clients have no certificates, so it serves
         ``any`` client unless a test enrolls them (``None`` leaves the key out: the default,
@@ -324,8 +325,7 @@ class VpnLab:
             "[server]\n"
             f"listen = {listen}\n"
             "state_dir = state\n"
-            "source_prefix_v4 = 32\n"
-            "[edge]\n" + edge + "[tls]\n"
+            "source_prefix_v4 = 32\n" + server_extra + "[edge]\n" + edge + "[tls]\n"
             f"names = {names}\n"
             + (f"clients = {clients}\n" if clients is not None else "")
             + tls_extra

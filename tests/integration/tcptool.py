@@ -7,6 +7,7 @@ recv HOST PORT            connect, read to EOF, print the SHA-256
 echo PORT BIND            accept one connection, echo until EOF
 hold HOST PORT TRIGGER    connect, echo-check once, wait for file TRIGGER, echo-check again
 spoof SRC DST N           N UDP packets to DST:9 from the forged SRC (IPv4 or IPv6)
+blast HOST PORT N         N bytes of 1,400-byte UDP datagrams to HOST:PORT, as fast as it can
 
 BIND and HOST may be IPv4 or IPv6 addresses.
 """
@@ -98,8 +99,23 @@ def main(argv: list[str]) -> None:
         print(json.dumps({"second": exchange(conn, b"after the cut")}), flush=True)
     elif mode == "spoof":
         print(json.dumps({"sent": spoof(argv[1], argv[2], int(argv[3]))}))
+    elif mode == "blast":
+        print(json.dumps({"sent": blast(argv[1], int(argv[2]), int(argv[3]))}))
     else:
         raise SystemExit(f"unknown mode {mode}")
+
+
+def blast(host: str, port: int, total: int) -> int:
+    """UDP nobody acknowledges: a sender that does not slow down for a receiver that stopped."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    datagram = os.urandom(1400)
+    sent = 0
+    while sent < total:
+        try:
+            sent += s.sendto(datagram, (host, port))
+        except OSError:  # ENOBUFS while the device queue is full: try again
+            time.sleep(0.001)
+    return sent
 
 
 def spoof(src: str, dst: str, count: int) -> int:

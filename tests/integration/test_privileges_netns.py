@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from cellvpn.billing.sqlite import SqliteLedger
-from cellvpn.lab import NET_HOST_IP, VpnLab, ctl_json
+from cellvpn.lab import NET_HOST_IP, VpnLab, ctl_json, wait_for
 from tests.integration.helpers import (
     background,
     billing_section,
     last_json,
     ping,
-    tool,
     wallet,
     wallet_section,
 )
@@ -37,6 +36,12 @@ def credentials(pid: int) -> dict[str, int]:
         "cap_eff": int(fields["CapEff"], 16),
         "cap_prm": int(fields["CapPrm"], 16),
     }
+
+
+def carried(lab: VpnLab) -> int:
+    """IP bytes the server has taken from its one client so far."""
+    sessions = ctl_json(lab.srv, lab.server_socket, "vpn_stat")["sessions"]
+    return int(sessions[0]["counters"]["from_client_bytes"]) if sessions else 0
 
 
 @contextmanager
@@ -76,11 +81,16 @@ def run_without_root(netns: Any, tmp_path: Path) -> None:
     )
     assert ping(cli, "198.18.5.1")
     sink = background(lab.net, tmp_path / "sink.log", "sink", "5001", NET_HOST_IP)
-    sent = tool(cli, "send", NET_HOST_IP, "5001", str(24 * MB))
-    assert last_json(sink, tmp_path / "sink.log")["sha256"] == sent["sha256"]
+    upload = background(cli, tmp_path / "send.log", "send", NET_HOST_IP, "5001", str(256 * MB))
+    wait_for(lambda: carried(lab) > 4 * MB, timeout=30, what="the upload under way")
+    # read while the transfer runs: what the processes are while they carry traffic
     server_creds = credentials(server.proc.pid)
     client_creds = credentials(client.proc.pid)
-    print("server:", server_creds, "client:", client_creds)
+    still_sending = upload.poll() is None
+    print("server:", server_creds, "client:", client_creds, f"sending: {still_sending}")
+    sent = last_json(upload, tmp_path / "send.log")
+    assert last_json(sink, tmp_path / "sink.log")["sha256"] == sent["sha256"]
+    assert still_sending  # the upload was still running when they were read
     assert server_creds == {"uid": NOBODY, "gid": NOBODY, "cap_eff": 0, "cap_prm": 0}
     # the client changes addresses, routes and resolv.conf on every reconnect (docs/security.md)
     assert client_creds["uid"] == 0 and client_creds["cap_eff"] & CAP_NET_ADMIN
