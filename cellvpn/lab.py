@@ -307,9 +307,11 @@ class VpnLab:
         clients: str | None = "any",
         tls_extra: str = "",
         server_extra: str = "",
+        names: str = "",
     ) -> Twistd:
         """Start ``twistd cellvpn``; ``vpn_extra`` goes into [srv_vpn], ``edge`` into [edge],
-        ``tls_extra`` into [tls], ``server_extra`` into [server], ``extra`` at the end.
+        ``tls_extra`` into [tls], ``server_extra`` into [server], ``extra`` at the end;
+        ``names`` are the certificate's names (default the server's addresses).
 
         ``clients`` is ``[tls] clients``: the lab's clients have no certificates, so it serves
         ``any`` client unless a test enrolls them (``None`` leaves the key out: the default,
@@ -320,7 +322,7 @@ class VpnLab:
         """
         cfg = self.work / "server.cfg"
         listen = "tcp6:8089:interface=\\:\\:" if self.ipv6 else f"tcp:8089:interface={SERVER_IP}"
-        names = f"{SERVER_IP}, {SERVER_IP6}" if self.ipv6 else SERVER_IP
+        names = names or (f"{SERVER_IP}, {SERVER_IP6}" if self.ipv6 else SERVER_IP)
         cfg.write_text(
             "[server]\n"
             f"listen = {listen}\n"

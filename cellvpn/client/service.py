@@ -653,12 +653,14 @@ class VPNClientService(MultiService):
     def _fail_over(self) -> bool:
         """The reconnect budget is spent: switch to the next server, if there is one.
 
-        Not with the kill switch: the tunnel's routes stay while the link is lost, and only
-        the lost server has a route around them."""
-        if self.config.client.kill_switch:
-            return False
+        The reconnect that follows first routes the new server around the tunnel (its routes
+        stay while the link is lost with the kill switch, and come back once the new server
+        answers). That route needs the server's address: with the kill switch, a server named
+        by a host name is skipped, since looking it up would go into the tunnel."""
         lost = self._server_text()
         ranked = self._ranked(lost)
+        if self.config.client.kill_switch:
+            ranked = [c for c in ranked if _ip_literal(c.host) is not None]
         if not ranked or ranked[0].endpoint == lost:
             return False
         nxt = ranked[0]
@@ -924,7 +926,8 @@ class VPNClientService(MultiService):
             if self.state is ClientState.CONN_LOST and self.stream is None:
                 self._connect()
 
-        d = self._serial(self.tunnel.refresh_carrier)
+        target = _ip_literal(self.host) if self.host else None
+        d = self._serial(lambda: self.tunnel.refresh_carrier(target))
         d.addErrback(
             lambda f: self.log.warn(
                 "cannot plan the route to the server again: {why}", why=f.getErrorMessage()
@@ -995,3 +998,11 @@ def peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address, or None for a host name."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None

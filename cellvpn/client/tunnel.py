@@ -339,10 +339,13 @@ class ClientTunnel:
         if self.dns.method is not None:
             await self.dns.restore()
 
-    async def refresh_carrier(self) -> None:
-        """Before a reconnect: the host route to the server planned again if a roam took it."""
+    async def refresh_carrier(
+        self, server: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    ) -> None:
+        """Before a reconnect: the host route to the server planned again if a roam took it,
+        or made for ``server``, the one a fail-over moves to."""
         if self.name is not None:
-            await self.routes.refresh_carrier(self.name)
+            await self.routes.refresh_carrier(self.name, server)
 
     async def teardown_network(self) -> None:
         """Routes and DNS back as they were (the TUN stays)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from twisted.internet.defer import Deferred
@@ -24,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from cellvpn.net.journal import Journal
-from cellvpn.net.netlink import Family, NetConfigError, Netlink, Route, RouteInfo
+from cellvpn.net.netlink import MAIN_TABLE, Family, NetConfigError, Netlink, Route, RouteInfo
 
 #: Together all of IPv4, and each more specific than a default route.
 IPV4_HALVES = ("0.0.0.0/1", "128.0.0.0/1")
@@ -115,6 +116,56 @@ def route_around(routes: Sequence[Route], server: ServerAddress, tun: str) -> Ro
         return None
     way = best[2]
     return Route(_host_dst(server), gateway=way.gateway, oif=way.oif, family=way.family)
+
+
+@dataclass(frozen=True)
+class CarrierMove:
+    """What keeps the server the client connects to next reachable around the tunnel."""
+
+    add: Route | None
+    drop: Route | None
+    why: str
+
+
+def plan_carrier(
+    hosts: Sequence[Route],
+    present: Sequence[Route],
+    tunnel_plan: Sequence[Route],
+    server: ServerAddress | None,
+    tun: str,
+) -> CarrierMove | None:
+    """The host route to ``server`` (None: the server the carrier route leads to now), given
+    the client's carrier host routes, the kernel's table of the server's family and the tunnel
+    routes planned; None when nothing is to change.
+
+    Two reasons to change it: a roam took the route with its gateway, or the client moves to
+    another server (fail-over) while its tunnel routes stay (the kill switch), or come back
+    when the new server answers; without a route around them the connection to the new server
+    would go into the client's own TUN.
+    """
+    if len(hosts) > 1:
+        return None
+    old = hosts[0] if hosts else None
+    if server is None:
+        if old is None:
+            return None
+        server = ipaddress.ip_network(old.dst).network_address
+    dst = _host_dst(server)
+    if old is not None and old.dst == dst:
+        if any(p.matches(old) for p in present):
+            return None
+        why = "the route to the server is gone"
+    elif old is None:
+        family = _family(server)
+        covered = any(
+            r.family == family and server in ipaddress.ip_network(r.dst) for r in tunnel_plan
+        )
+        if not covered:
+            return None  # a split tunnel that does not hold the server: the table's own way
+        why = "the next server is inside the tunnel's routes"
+    else:
+        why = "the client moves to another server"
+    return CarrierMove(route_around(present, server, tun), old, why)
 
 
 def _family(server: ServerAddress) -> Family:
@@ -280,36 +331,43 @@ class ClientRoutes:
             raise
         return routes
 
-    def refresh_carrier(self, tun: str) -> Deferred[Route | None]:
-        """Before a reconnect: if the kernel dropped the host route to the server (its
-        gateway went with a roam), plan it again around the tunnel; fires with the new route,
-        or None when nothing changed or no way is left."""
-        return Deferred.fromCoroutine(self._refresh_carrier(tun))
+    def refresh_carrier(
+        self, tun: str, server: ServerAddress | None = None
+    ) -> Deferred[Route | None]:
+        """Before a reconnect: the host route around the tunnel to ``server`` (None: the
+        server it leads to now), planned again if a roam took it with its gateway, or made
+        for the server a fail-over moves to (the old one removed after the new one is in);
+        fires with the new route, or None when nothing changed or no way is left."""
+        return Deferred.fromCoroutine(self._refresh_carrier(tun, server))
 
-    async def _refresh_carrier(self, tun: str) -> Route | None:
+    async def _refresh_carrier(self, tun: str, server: ServerAddress | None) -> Route | None:
         hosts = [r for r in self.carrier.routes if ipaddress.ip_network(r.dst).num_addresses == 1]
-        if len(hosts) != 1:
+        family = _family(server) if server is not None else (hosts[0].family if hosts else 4)
+        table = hosts[0].table if hosts else MAIN_TABLE
+        present = await self.netlink.dump_routes(family, table)
+        move = plan_carrier(hosts, present, self._tunnel_plan, server, tun)
+        if move is None:
             return None
-        (old,) = hosts
-        present = await self.netlink.dump_routes(old.family, old.table)
-        if any(p.matches(old) for p in present):
-            return None
-        await self.carrier.discard(old)
-        server = ipaddress.ip_network(old.dst).network_address
-        new = route_around(present, server, tun)
-        if new is None:
+        if move.add is None:
             self.log.warn(
-                "the route {route} to the server is gone and no other way is left",
-                route=old.describe(),
+                "{why} and no way around the tunnel is left for it",
+                why=move.why,
             )
             return None
-        await self.carrier.apply([new])
+        if move.drop is not None and move.drop.dst == move.add.dst:
+            await self.carrier.discard(move.drop)  # gone with its gateway: forget it first
+            await self.carrier.apply([move.add])
+        else:
+            await self.carrier.apply([move.add])  # the new way first: no gap
+            if move.drop is not None:
+                await self.carrier.discard(move.drop)
         self.log.info(
-            "the way to the server changed: {old} is gone, {new} instead",
-            old=old.describe(),
-            new=new.describe(),
+            "{why}: {new}{instead}",
+            why=move.why,
+            new=move.add.describe(),
+            instead=f" instead of {move.drop.describe()}" if move.drop is not None else "",
         )
-        return new
+        return move.add
 
     def drop_tunnel(self) -> Deferred[None]:
         """Remove the tunnel routes only (connection lost, no kill switch)."""

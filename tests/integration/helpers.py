@@ -104,12 +104,17 @@ def billing_section(price: int, unit: str, units: int, extra: str = "") -> str:
 
 
 def second_server(
-    lab: VpnLab, port: int, pool: str, extra: str = "", vpn_extra: str = ""
+    lab: VpnLab,
+    port: int,
+    pool: str,
+    extra: str = "",
+    vpn_extra: str = "",
+    address: str = SERVER_IP,
 ) -> Twistd:
     """Another ``twistd cellvpn`` in the lab's server host, on ``port`` with the pool
     ``pool`` (a /24 of 198.18.0.0/15) and TUN cvpn-srv2, using the lab server's certificate
     (so lab clients trust it) and a state_dir of its own; the net host routes the pool back.
-    ``extra`` is added at the end, ``vpn_extra`` into [srv_vpn]."""
+    ``extra`` is added at the end, ``vpn_extra`` into [srv_vpn]; it listens on ``address``."""
     work = lab.work
     state = work / "state"
     name = f"server{port}"
@@ -117,7 +122,7 @@ def second_server(
     network = pool.split("/")[0]
     cfg.write_text(
         "[server]\n"
-        f"listen = tcp:{port}:interface={SERVER_IP}\n"
+        f"listen = tcp:{port}:interface={address}\n"
         f"state_dir = {work / (name + '-state')}\n"
         "source_prefix_v4 = 32\n"
         f"[edge]\n{LAB_EDGE}"

@@ -96,8 +96,12 @@ def with_options(src: str, dst: str) -> bytes:
 
 
 def connect(host: str, port: int, ca: str) -> ssl.SSLSocket:
+    """TLS to the server; with a client certificate when PROBE_CERT and PROBE_KEY name one
+    (a server that serves enrolled clients only)."""
     ctx = ssl.create_default_context(cafile=ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if os.environ.get("PROBE_CERT"):
+        ctx.load_cert_chain(os.environ["PROBE_CERT"], os.environ["PROBE_KEY"])
     raw = socket.create_connection((host, port), timeout=10)
     return ctx.wrap_socket(raw, server_hostname=host)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cellvpn.lab import NET_HOST_IP, Namespace, Twistd, VpnLab, ctl, ctl_json, wait_for
-from tests.integration.helpers import background, host_snapshot, last_json, ping
+from tests.integration.helpers import background, host_snapshot, last_json, ping, second_server
 
 
 def status(lab: VpnLab, ns: Namespace, name: str = "client") -> dict[str, Any]:
@@ -111,3 +111,57 @@ def test_stop_and_kill_leave_the_host_as_it_was(netns: Any, tmp_path: Path) -> N
     client.stop()
     assert host_snapshot(cli) == before
     assert Path("/etc/resolv.conf").read_bytes() == host_resolv
+
+
+SECOND_IP = "192.0.2.254"
+
+
+def test_fail_over_with_the_kill_switch_routes_the_next_server_around_the_tunnel(
+    netns: Any, tmp_path: Path
+) -> None:
+    """Two servers the client reaches through its gateway (its link is a /25 here, so the
+    second address is off-link), ``kill_switch = true``: the server it is on is killed; while
+    the link is lost nothing leaves outside the tunnel; after its reconnect budget it moves to
+    the other server with a host route to it around the tunnel's routes, the old one's gone;
+    traffic flows again, and the stop leaves the host as it was."""
+    lab = VpnLab(netns, tmp_path)
+    cli = lab.add_client_host()
+    cli.ip("addr", "del", "192.0.2.2/24", "dev", "eth0")
+    cli.ip("addr", "add", "192.0.2.2/25", "dev", "eth0")
+    cli.ip("route", "replace", "default", "via", "192.0.2.1")
+    lab.srv.ip("addr", "add", f"{SECOND_IP}/24", "dev", "br0")
+    servers = {
+        "192.0.2.1:8089": lab.start_server(names=f"192.0.2.1, {SECOND_IP}"),
+        f"{SECOND_IP}:8090": second_server(lab, 8090, "198.18.6.0/24", address=SECOND_IP),
+    }
+    before = host_snapshot(cli)
+    client = lab.start_client(
+        cli,
+        "client",
+        section_extra=(
+            f"default_route = true\nkill_switch = true\nservers = {SECOND_IP}:8090\n"
+            "reconnect_budget = 2\nkeepalive = 0.5\n"
+        ),
+    )
+    first = client.wait_log(r"VPN up: session \S+ with (\S+),").group(1)
+    assert ping(cli, NET_HOST_IP)
+    victim = next(name for name in servers if first.startswith(name.rsplit(":", 1)[0] + ":"))
+    other_ip = next(n for n in servers if n != victim).rsplit(":", 1)[0]
+    victim_ip = victim.rsplit(":", 1)[0]
+    servers[victim].proc.kill()
+    servers[victim].proc.wait(timeout=10)
+    client.wait_log(r"connection lost: ")
+    routes = cli.ip("-4", "route").stdout
+    assert "0.0.0.0/1 dev cvpn-cli" in routes  # the kill switch holds the tunnel's routes
+    assert not ping(cli, NET_HOST_IP, count=1)  # and nothing goes around them
+    client.wait_log(rf"moving to server {other_ip}:\d+: ", timeout=30)
+    client.wait_log(rf"the client moves to another server: {other_ip}/32 ", timeout=30)
+    wait_for(lambda: client.text().count("VPN up: ") >= 2, timeout=60, what="the move")
+    st = status(lab, cli)
+    assert st["server"].startswith(other_ip) and st["status"] == "STARTED"
+    assert ping(cli, NET_HOST_IP)
+    routes = cli.ip("-4", "route").stdout
+    assert f"{other_ip} via 192.0.2.1 dev eth0" in routes, routes
+    assert f"{victim_ip} via" not in routes, routes
+    assert client.stop() == 0
+    assert host_snapshot(cli) == before

@@ -39,6 +39,7 @@ from tests.billing.pgcluster import PgCluster, pg_bin
 
 HERE = Path(__file__).resolve().parent
 PAYERS = str(HERE / "payers.py")
+PROBE = str(HERE / "probe.py")
 SERVERS = {1: "192.0.2.11", 2: "192.0.2.12", 3: "192.0.2.13"}
 CLIENT_IP = "192.0.2.20"
 PRICE, UNITS = 10, 4  # 10 datoshi per 4 seconds
@@ -131,9 +132,9 @@ class Fleet:
             f"[edge]\n{LAB_EDGE}"
             f"[tls]\nnames = {ip}\nclients = enrolled\nregistry = ledger\nregistry_refresh = 1\n"
             f"[srv_vpn]\nnetwork_address = 198.18.{10 + n}.0\nnetwork_mask = 255.255.255.0\n"
-            "tun_name = cvpn-srv\nmtu = 1400\n"
+            "tun_name = cvpn-srv\nmtu = 1400\ngrace_period = 3\n"
             f"[billing]\nkey = {self.provider_key}\nprice = {PRICE}\nprice_unit = SEC\n"
-            f"units = {UNITS}\nsave_interval = 1\nmark_ttl = 10\n"
+            f"units = {UNITS}\nsave_interval = 1\nmark_ttl = 10\ngrace_budget_seconds = 2\n"
             f"[ledger]\nurl = {self.url}\n"
             f"[control]\nsocket = {self.work / f'srv{n}.sock'}\n"
         )
@@ -211,6 +212,24 @@ class Fleet:
             [sys.executable, PAYERS, str(spec), str(self.work / f"{tag}.result")],
             log=self.work / f"{tag}.log",
         )
+
+    def grace(self, n: int, key: Path, cert: tuple[Path, Path]) -> bool:
+        """Whether server ``n`` gives grace to ``key`` for a deposit no ledger knows; the
+        session stays 2.5 s (inside grace_period) and leaves, its grace booked once it ends."""
+        ended = self.servers[n].text().count(" ended: ")
+        done = self.cli.exec(
+            "env", f"PROBE_CERT={cert[0]}", f"PROBE_KEY={cert[1]}",
+            sys.executable, PROBE, SERVERS[n], "8089", str(self.ca_pem),
+            "grace-hold", str(key), os.urandom(32).hex(), "2.5",
+        )  # fmt: skip
+        events = [json.loads(line) for line in done.stdout.splitlines()]
+        wait_for(
+            lambda: self.servers[n].text().count(" ended: ") > ended,
+            timeout=10,
+            what=f"server {n} to end the grace session",
+        )
+        time.sleep(0.5)  # the booking is the session's last ledger write
+        return bool(events[-1]["value"])
 
     def result(self, tag: str, proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
         proc.wait(timeout=90)
@@ -305,6 +324,13 @@ def test_a_fleet_on_one_postgresql_ledger(netns: Any, tmp_path: Path, pg_url: st
         tried = fleet.result(f"ban{n}", fleet.payers(n, banned, 0.5, payer_cert, f"ban{n}"))
         assert tried[0]["granted_after"] is None, tried
         assert "banned" in str(tried[0]["refused"]).lower(), tried
+
+    # --- a grace budget spent on one server is spent on all -----------------------------
+    grace_key = tmp_path / "grace.key"
+    create_key(grace_key)
+    granted = [fleet.grace(n, grace_key, payer_cert) for n in (1, 3)]
+    assert granted == [True, False]
+    fleet.servers[3].wait_log(r"no grace left for key:[0-9a-f]+", timeout=10)
 
     # --- a full client; its server killed with SIGKILL: it moves on, same deposit --------
     roamer_cfg = tmp_path / "roamer.cfg"

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 
-from cellvpn.net.clientroutes import plan_routes, route_around, split_routes
+from cellvpn.net.clientroutes import plan_carrier, plan_routes, route_around, split_routes
 from cellvpn.net.dns import HEADER, choose_method, render
 from cellvpn.net.netlink import Route, RouteInfo
 
@@ -172,6 +172,62 @@ def test_the_way_around_keeps_to_the_servers_family() -> None:
     table = [Route("::/0", gateway="2001:db8::fe", oif="eth0", family=6), *AROUND_TABLE]
     found = route_around(table, IPv6Address("2001:db8:5::1"), "cvpn0")
     assert found == Route("2001:db8:5::1/128", gateway="2001:db8::fe", oif="eth0", family=6)
+
+
+# --- the carrier route before a reconnect: a roam, or a fail-over to another server ----------
+
+HOST_A = Route("198.18.3.3/32", gateway="192.0.2.254", oif="eth0")
+SPLIT = [Route("198.19.0.0/16", oif="cvpn0")]
+
+
+def _move(
+    hosts: list[Route], present: list[Route], plan: list[Route], server: str | None
+) -> tuple[str | None, str | None, str] | None:
+    move = plan_carrier(hosts, present, plan, IPv4Address(server) if server else None, "cvpn0")
+    if move is None:
+        return None
+    return (
+        move.add.describe() if move.add else None,
+        move.drop.describe() if move.drop else None,
+        move.why,
+    )
+
+
+@pytest.mark.parametrize(
+    ("hosts", "present", "plan", "server", "expected"),
+    [
+        # the same server, its route still in the table: nothing to do
+        ([HOST_A], [HOST_A, *AROUND_TABLE], TUNNEL, None, None),
+        ([HOST_A], [HOST_A, *AROUND_TABLE], TUNNEL, "198.18.3.3", None),
+        # a roam took it with its gateway: planned again on what is left
+        ([HOST_A], AROUND_TABLE[:2] + AROUND_TABLE[3:], TUNNEL, None,
+         ("198.18.3.3/32 via 198.18.200.1 dev wlan0", "198.18.3.3/32 via 192.0.2.254 dev eth0",
+          "the route to the server is gone")),
+        # a fail-over: a route to the next server, the old one to go
+        ([HOST_A], [HOST_A, *AROUND_TABLE], TUNNEL, "198.19.1.1",
+         ("198.19.1.1/32 via 192.0.2.253 dev eth0", "198.18.3.3/32 via 192.0.2.254 dev eth0",
+          "the client moves to another server")),
+        # the next server has no way but the tunnel: said, nothing added
+        ([HOST_A], AROUND_TABLE[:2], TUNNEL, "198.19.1.1",
+         (None, "198.18.3.3/32 via 192.0.2.254 dev eth0", "the client moves to another server")),
+        # a split tunnel without a host route: the next server inside it gets one
+        ([], AROUND_TABLE, SPLIT, "198.19.1.1",
+         ("198.19.1.1/32 via 192.0.2.253 dev eth0", None,
+          "the next server is inside the tunnel's routes")),
+        # ... and one outside it needs none
+        ([], AROUND_TABLE, SPLIT, "198.18.3.3", None),
+        # no routes of the client's at all, no server named: nothing
+        ([], AROUND_TABLE, [], None, None),
+    ],
+)  # fmt: skip
+def test_the_carrier_route_before_a_reconnect(
+    hosts: list[Route],
+    present: list[Route],
+    plan: list[Route],
+    server: str | None,
+    expected: tuple[str | None, str | None, str] | None,
+) -> None:
+    assert _move(hosts, present, plan, server) == expected
 
 
 # --- split tunnels: routes in, networks out -----------------------------------------------------
