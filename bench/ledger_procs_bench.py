@@ -1,7 +1,7 @@
 """Redemptions per second from 1, 3 and 6 processes on one ledger: SQLite beside PostgreSQL.
 
     .venv/bin/python bench/ledger_procs_bench.py [--per-process N] [--deposits D]
-        [--procs 1,3,6] [--postgres URL] [--backends sqlite,postgres]
+        [--procs 1,3,6] [--postgres URL] [--backends sqlite,postgres] [--batch N]
 
 Not a test. Each process stands for one server: it opens the ledger's URL itself and redeems
 its own receipts (``--deposits`` chains of its own, interleaved, one ``redeem()`` per receipt,
@@ -57,20 +57,33 @@ def worker(
     ready: Any,
     go: Any,
     done: Any,
+    batch: int,
 ) -> None:
-    from cellvpn.billing.interfaces import LedgerUnavailableError
+    from cellvpn.billing.interfaces import LedgerUnavailableError, RedeemRequest
 
     ledger = open_ledger(url, create=False)
     receipts = [(Receipt.decode(encoded), dep_id) for encoded, dep_id in jobs]
     ready.put(True)
     go.wait()
-    for r, dep_id in receipts:
-        while True:
-            try:
-                ledger.redeem(r, dep_id, provider_public, NOW)
-                break
-            except LedgerUnavailableError:
-                continue  # locked longer than the timeout: nothing changed, again
+    if batch <= 1:
+        for r, dep_id in receipts:
+            while True:
+                try:
+                    ledger.redeem(r, dep_id, provider_public, NOW)
+                    break
+                except LedgerUnavailableError:
+                    continue  # locked longer than the timeout: nothing changed, again
+    else:
+        requests = [RedeemRequest(r, dep_id, provider_public, NOW) for r, dep_id in receipts]
+        for at in range(0, len(requests), batch):
+            while True:
+                try:
+                    results = ledger.redeem_many(requests[at : at + batch])
+                    break
+                except LedgerUnavailableError:
+                    continue
+            refused = [r for r in results if isinstance(r, Exception)]
+            assert not refused, refused[0]
     done.put(time.perf_counter())
     ledger.close()
 
@@ -81,7 +94,8 @@ def run(url: str, procs: int, args: argparse.Namespace) -> float:
     ctx = multiprocessing.get_context("spawn")
     ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     workers = [
-        ctx.Process(target=worker, args=(url, provider.public, j, ready, go, done)) for j in jobs
+        ctx.Process(target=worker, args=(url, provider.public, j, ready, go, done, args.batch))
+        for j in jobs
     ]
     for w in workers:
         w.start()
@@ -106,12 +120,22 @@ def main() -> None:
     parser.add_argument("--deposits", type=int, default=20, help="deposits per process")
     parser.add_argument("--procs", default="1,3,6", help="process counts, comma separated")
     parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="receipts per transaction: 1 = one redeem() each, N = redeem_many() of N (as a"
+        " server's AsyncLedger batches what waits)",
+    )
     parser.add_argument("--postgres", metavar="URL", help="a database to use (else a throwaway)")
     args = parser.parse_args()
     counts = [int(n) for n in args.procs.split(",")]
     backends = args.backends.split(",")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"{args.per_process} receipts per process over {args.deposits} deposits each")
+    print(
+        f"{args.per_process} receipts per process over {args.deposits} deposits each,"
+        f" {args.batch} per transaction"
+    )
     cluster = None
     with tempfile.TemporaryDirectory(prefix="cellvpn-bench-") as tmp:
         try:
