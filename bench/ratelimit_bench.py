@@ -34,6 +34,7 @@ class Peer:
 
     def __init__(self, rate_bits: int | None, now: float) -> None:
         self.addr_key = CLIENT
+        self.addr6_key = b""
         self.counters = SessionCounters()
         self.allowance = 1 << 62
         self.offload = False

@@ -19,7 +19,6 @@ counters count it as the packets it stands for, so a client pays the same either
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -29,11 +28,32 @@ from cellvpn.device.gro import coalesce
 from cellvpn.device.packet import clamp_mss
 from cellvpn.device.tohost import ToHost
 from cellvpn.ratelimit import TokenBucket
+from cellvpn.wire import ip
+from cellvpn.wire.ip import (
+    IPV4_ADDRESSES,
+    IPV4_DST,
+    IPV4_HEADER,
+    IPV4_PLAIN_FIRST_BYTE,
+    IPV4_PROTOCOL,
+    IPV4_TOTAL_LENGTH,
+    IPV6_ADDRESSES,
+    IPV6_DST,
+    IPV6_HEADER,
+    IPV6_NEXT_HEADER,
+    IPV6_PAYLOAD_LENGTH,
+    TCP,
+)
 
 Packet = bytes | memoryview
 _PLAIN = vnet.PLAIN
-_SRC_DST = struct.Struct("4s4s")
-_SRC_DST6 = struct.Struct("16s16s")
+_SRC_DST = ip.IPV4_SRC_DST
+_SRC_DST6 = ip.IPV6_SRC_DST
+#: the same fields in a TUN read that starts with a vnet header
+_V = vnet.SIZE
+_VNET_V4_DST = ip.shifted(IPV4_DST, _V)
+_VNET_V6_DST = ip.shifted(IPV6_DST, _V)
+_VNET_V4_PROTOCOL = IPV4_PROTOCOL + _V
+_VNET_V6_NEXT_HEADER = IPV6_NEXT_HEADER + _V
 
 
 class Peer(Protocol):
@@ -63,6 +83,27 @@ class Peer(Protocol):
 
     def allowance_used(self) -> None:
         """The allowance reached zero: billing looks at the limits and sets a new one."""
+
+
+def charge_to_client(peer: Peer, packets: int, size: int) -> None:
+    """``packets`` (``size`` IP bytes) went towards the client: counted, and drawn from the
+    allowance, whose end hands over to billing. Every path to a client ends here."""
+    counters = peer.counters
+    counters.to_client_packets += packets
+    counters.to_client_bytes += size
+    peer.allowance -= size
+    if peer.allowance <= 0:
+        peer.allowance_used()
+
+
+def charge_from_client(peer: Peer, packets: int, size: int) -> None:
+    """As :func:`charge_to_client`, for what the client sent and the server passed on."""
+    counters = peer.counters
+    counters.from_client_packets += packets
+    counters.from_client_bytes += size
+    peer.allowance -= size
+    if peer.allowance <= 0:
+        peer.allowance_used()
 
 
 class Forwarder:
@@ -148,12 +189,12 @@ class Forwarder:
         max_mss6 = self.max_mss6
         for pkt in batch:
             version = pkt[0] >> 4 if pkt else 0
-            if version == 4 and len(pkt) >= 20:
-                peer = routes.get(pkt[16:20])
-                mss = max_mss if pkt[9] == 6 else 0
-            elif version == 6 and len(pkt) >= 40:
-                peer = routes.get(pkt[24:40])
-                mss = max_mss6 if pkt[6] == 6 else 0
+            if version == 4 and len(pkt) >= IPV4_HEADER:
+                peer = routes.get(pkt[IPV4_DST])
+                mss = max_mss if pkt[IPV4_PROTOCOL] == TCP else 0
+            elif version == 6 and len(pkt) >= IPV6_HEADER:
+                peer = routes.get(pkt[IPV6_DST])
+                mss = max_mss6 if pkt[IPV6_NEXT_HEADER] == TCP else 0
             else:
                 self.dropped_malformed += 1
                 continue
@@ -167,12 +208,7 @@ class Forwarder:
                 if clamped is not None:
                     pkt = clamped
             if peer.deliver(pkt):
-                counters = peer.counters
-                counters.to_client_packets += 1
-                counters.to_client_bytes += len(pkt)
-                peer.allowance -= len(pkt)
-                if peer.allowance <= 0:
-                    peer.allowance_used()
+                charge_to_client(peer, 1, len(pkt))
                 touched[id(peer)] = peer
         for peer in touched.values():
             peer.flush()
@@ -183,14 +219,14 @@ class Forwarder:
         max_mss = self.max_mss
         max_mss6 = self.max_mss6
         for buf in batch:
-            version = buf[10] >> 4 if len(buf) > 10 else 0
-            if version == 4 and len(buf) >= 30:
-                peer = routes.get(buf[26:30])
-                tcp = buf[19] == 6
+            version = buf[_V] >> 4 if len(buf) > _V else 0
+            if version == 4 and len(buf) >= _V + IPV4_HEADER:
+                peer = routes.get(buf[_VNET_V4_DST])
+                tcp = buf[_VNET_V4_PROTOCOL] == TCP
                 mss = max_mss
-            elif version == 6 and len(buf) >= 50:
-                peer = routes.get(buf[34:50])
-                tcp = buf[16] == 6
+            elif version == 6 and len(buf) >= _V + IPV6_HEADER:
+                peer = routes.get(buf[_VNET_V6_DST])
+                tcp = buf[_VNET_V6_NEXT_HEADER] == TCP
                 mss = max_mss6
             else:
                 self.dropped_malformed += 1
@@ -199,8 +235,7 @@ class Forwarder:
                 self.dropped_no_route += 1
                 continue
             view = memoryview(buf)
-            pkt: Packet = view[10:]
-            counters = peer.counters
+            pkt: Packet = view[_V:]
             if buf[0] == 0 and buf[1] == 0:  # a plain, complete packet
                 if peer.rate_down is not None and self._over_down(peer, len(pkt)):
                     continue
@@ -209,14 +244,10 @@ class Forwarder:
                     if clamped is not None:
                         pkt = clamped
                 if peer.deliver(pkt):
-                    counters.to_client_packets += 1
-                    counters.to_client_bytes += len(pkt)
-                    peer.allowance -= len(pkt)
-                    if peer.allowance <= 0:
-                        peer.allowance_used()
+                    charge_to_client(peer, 1, len(pkt))
                     touched[id(peer)] = peer
                 continue
-            header = view[:10]
+            header = view[:_V]
             if buf[1] == vnet.GSO_NONE and vnet.is_tcp_syn(pkt):
                 if peer.rate_down is not None and self._over_down(peer, len(pkt)):
                     continue
@@ -224,11 +255,7 @@ class Forwarder:
                 pkt = vnet.finish_checksum(header, pkt)
                 clamped = clamp_mss(pkt, mss)
                 if peer.deliver(clamped if clamped is not None else pkt):
-                    counters.to_client_packets += 1
-                    counters.to_client_bytes += len(pkt)
-                    peer.allowance -= len(pkt)
-                    if peer.allowance <= 0:
-                        peer.allowance_used()
+                    charge_to_client(peer, 1, len(pkt))
                     touched[id(peer)] = peer
                 continue
             packets, size = vnet.ip_bytes(header, pkt)
@@ -247,11 +274,7 @@ class Forwarder:
                 if not all(delivered):
                     packets -= delivered.count(False)
                     size = sum(len(s) for s, ok in zip(segments, delivered, strict=True) if ok)
-            counters.to_client_packets += packets
-            counters.to_client_bytes += size
-            peer.allowance -= size
-            if peer.allowance <= 0:
-                peer.allowance_used()
+            charge_to_client(peer, packets, size)
             touched[id(peer)] = peer
         for peer in touched.values():
             peer.flush()
@@ -263,18 +286,22 @@ class Forwarder:
         it was dropped (counted) or handed to another session."""
         counters = peer.counters
         size = len(pkt)
-        if size >= 40 and pkt[0] >> 4 == 6:
+        if size >= IPV6_HEADER and pkt[0] >> 4 == 6:
             return self._accept6(peer, pkt)
-        if size < 20 or pkt[0] >> 4 != 4 or (pkt[2] << 8 | pkt[3]) != size:
+        if (
+            size < IPV4_HEADER
+            or pkt[0] >> 4 != 4
+            or (pkt[IPV4_TOTAL_LENGTH] << 8 | pkt[IPV4_TOTAL_LENGTH + 1]) != size
+        ):
             counters.dropped_malformed += 1
             counters.from_client_lost_bytes += size
             return None
-        src, dst = _SRC_DST.unpack_from(pkt, 12)
+        src, dst = _SRC_DST.unpack_from(pkt, IPV4_ADDRESSES)
         if src != peer.addr_key:
             counters.dropped_spoofed += 1
             counters.from_client_lost_bytes += size
             return None
-        if pkt[0] != 0x45:
+        if pkt[0] != IPV4_PLAIN_FIRST_BYTE:
             counters.dropped_ip_options += 1
             counters.from_client_lost_bytes += size
             return None
@@ -285,7 +312,7 @@ class Forwarder:
             counters.dropped_to_host += 1
             counters.from_client_lost_bytes += size
             return None
-        if pkt[9] == 6:
+        if pkt[IPV4_PROTOCOL] == TCP:
             clamped = clamp_mss(pkt, self.max_mss)
             if clamped is not None:
                 pkt = clamped
@@ -300,11 +327,11 @@ class Forwarder:
         headers follow: none of them can change who sent the packet."""
         counters = peer.counters
         size = len(pkt)
-        if (pkt[4] << 8 | pkt[5]) + 40 != size:
+        if (pkt[IPV6_PAYLOAD_LENGTH] << 8 | pkt[IPV6_PAYLOAD_LENGTH + 1]) + IPV6_HEADER != size:
             counters.dropped_malformed += 1
             counters.from_client_lost_bytes += size
             return None
-        src, dst = _SRC_DST6.unpack_from(pkt, 8)
+        src, dst = _SRC_DST6.unpack_from(pkt, IPV6_ADDRESSES)
         if src != peer.addr6_key or not src:
             counters.dropped_spoofed += 1
             counters.from_client_lost_bytes += size
@@ -316,7 +343,7 @@ class Forwarder:
             counters.dropped_to_host += 1
             counters.from_client_lost_bytes += size
             return None
-        if pkt[6] == 6:
+        if pkt[IPV6_NEXT_HEADER] == TCP:
             clamped = clamp_mss(pkt, self.max_mss6)
             if clamped is not None:
                 pkt = clamped
@@ -342,11 +369,7 @@ class Forwarder:
         for header, pkt, segments in coalesce(accepted):
             size = len(pkt) if segments == 1 else vnet.ip_bytes(header, pkt)[1]
             if writev(header, pkt):
-                counters.from_client_packets += segments
-                counters.from_client_bytes += size
-                peer.allowance -= size
-                if peer.allowance <= 0:
-                    peer.allowance_used()
+                charge_from_client(peer, segments, size)
             else:
                 counters.dropped_tun_write += segments
                 counters.from_client_lost_bytes += size
@@ -362,11 +385,7 @@ class Forwarder:
         writev = self.tun_writev
         ok = self.tun_write(pkt) if writev is None else writev(_PLAIN, pkt)
         if ok:
-            counters.from_client_packets += 1
-            counters.from_client_bytes += size
-            peer.allowance -= size
-            if peer.allowance <= 0:
-                peer.allowance_used()
+            charge_from_client(peer, 1, size)
         else:
             counters.dropped_tun_write += 1
             counters.from_client_lost_bytes += size
@@ -374,7 +393,7 @@ class Forwarder:
     def from_client_gso(self, peer: Peer, data: Packet) -> None:
         """A vnet header and its packet (VPN_SEND_GSO): every field checked before the TUN."""
         counters = peer.counters
-        header, pkt = data[:10], data[10:]
+        header, pkt = data[:_V], data[_V:]
         try:
             header = vnet.rebuild_header(header, pkt, self.max_mss)
         except vnet.OffloadError:
@@ -384,16 +403,16 @@ class Forwarder:
         packets, size = vnet.ip_bytes(header, pkt)
         v6 = pkt[0] >> 4 == 6
         if v6:
-            src, dst = _SRC_DST6.unpack_from(pkt, 8)
+            src, dst = _SRC_DST6.unpack_from(pkt, IPV6_ADDRESSES)
             own = peer.addr6_key
         else:
-            src, dst = _SRC_DST.unpack_from(pkt, 12)
+            src, dst = _SRC_DST.unpack_from(pkt, IPV4_ADDRESSES)
             own = peer.addr_key
         if src != own or not own:
             counters.dropped_spoofed += packets
             counters.from_client_lost_bytes += size
             return
-        if not v6 and pkt[0] != 0x45:
+        if not v6 and pkt[0] != IPV4_PLAIN_FIRST_BYTE:
             counters.dropped_ip_options += packets
             counters.from_client_lost_bytes += size
             return
@@ -424,11 +443,7 @@ class Forwarder:
         else:
             ok = all([self.tun_write(seg) for seg in vnet.segment(header, pkt)])
         if ok:
-            counters.from_client_packets += packets
-            counters.from_client_bytes += size
-            peer.allowance -= size
-            if peer.allowance <= 0:
-                peer.allowance_used()
+            charge_from_client(peer, packets, size)
         else:
             counters.dropped_tun_write += packets
             counters.from_client_lost_bytes += size
@@ -442,11 +457,7 @@ class Forwarder:
             counters.dropped_isolated += packets
             counters.from_client_lost_bytes += size
             return
-        counters.from_client_packets += packets
-        counters.from_client_bytes += size
-        peer.allowance -= size
-        if peer.allowance <= 0:
-            peer.allowance_used()
+        charge_from_client(peer, packets, size)
         if header is _PLAIN or (header[0] == 0 and header[1] == 0):
             ok = other.deliver(pkt)
         elif other.offload:
@@ -454,10 +465,5 @@ class Forwarder:
         else:
             ok = all([other.deliver(seg) for seg in vnet.segment(header, pkt)])
         if ok:
-            oc = other.counters
-            oc.to_client_packets += packets
-            oc.to_client_bytes += size
-            other.allowance -= size
-            if other.allowance <= 0:
-                other.allowance_used()
+            charge_to_client(other, packets, size)
             other.flush()
