@@ -5,7 +5,7 @@ The L4 proxy's counts are TCP payload bytes instead: there are no IP packets on 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(slots=True)
@@ -62,4 +62,9 @@ class SessionCounters:
         return self.dropped_queue_full + self.dropped_rate_down
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """Every counter by name (``dataclasses.asdict`` deep-copies each int: ten times
+        slower, and status, metrics and every session's end read this)."""
+        return {name: getattr(self, name) for name in _NAMES}
+
+
+_NAMES = tuple(f.name for f in fields(SessionCounters))
