@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod postgresql prometheus
+DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod postgresql prometheus ethtool
 # Debian's postgresql would create and start a "main" cluster listening on TCP port 5432; the
 # tests start a throwaway server of their own on a Unix socket, so none is made. prometheus is
 # there for promtool (the tests lint /metrics with it); its server, which Debian would start on

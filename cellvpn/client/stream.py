@@ -31,7 +31,7 @@ _PING = vpn.VpnPacket(vpn.OpCode.PING).encode()
 _PONG = vpn.VpnPacket(vpn.OpCode.PONG).encode()
 _ADDR_REQUEST = vpn.VpnPacket(vpn.OpCode.VPN_ADDR_REQUEST).encode()
 _HEADER = struct.Struct("<iIII")
-_DATA_HEADER = struct.Struct("<iIIIxxxx")
+_DATA_HEADER = vpn.DATA_HEADER
 _OP_RECV = vpn.OpCode.VPN_RECV
 _OP_RECV_GSO = vpn.OpCode.VPN_RECV_GSO
 _OP_SEND_GSO = vpn.OpCode.VPN_SEND_GSO
@@ -136,6 +136,8 @@ class ClientStream(StreamApplication):
         self._addr_retry: IDelayedCall | None = None
         self._lost_reported = False
         self._send: Any = None
+        #: the stream's data path (``StreamConnection.send_data_packets``) while established
+        self._send_data: Any = None
         #: told each step of the setup (TCP up, TLS up, WELCOME, SUCCESS), if set
         self.on_step: Callable[[StartStep], object] | None = None
 
@@ -166,6 +168,7 @@ class ClientStream(StreamApplication):
         if event.welcome.resume_token:
             self.resume_token = event.welcome.resume_token
         self._send = proto.conn.send_channel
+        self._send_data = proto.conn.send_data_packets
         pinger = LoopingCall(self._ping)
         pinger.clock = self.clock
         pinger.start(self.ping_interval, now=False)
@@ -182,6 +185,7 @@ class ClientStream(StreamApplication):
     def connection_lost(self, proto: StreamProtocol, reason: Failure) -> None:
         self._stop_timers()
         self._send = None
+        self._send_data = None
         if self._lost_reported:
             return
         self._lost_reported = True
@@ -232,15 +236,10 @@ class ClientStream(StreamApplication):
 
     def send_packets(self, batch: list[bytes]) -> None:
         """TUN packets to the server as VPN_SEND, one transport write for the batch."""
-        send = self._send
-        if send is None:
+        send_data = self._send_data
+        if send_data is None:
             return
-        usage = self.usage_id
-        pack = _DATA_HEADER.pack
-        size = 0
-        for pkt in batch:
-            send(CHANNEL_S, _PKT_DATA, pack(0, _OP_SEND, usage, len(pkt)), pkt)
-            size += len(pkt)
+        size = send_data(CHANNEL_S, _PKT_DATA, _OP_SEND, self.usage_id, batch)
         self.sent_packets += len(batch)
         self.sent_bytes += size
         self.flush()

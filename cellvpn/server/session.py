@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from cellvpn.server.sessionhost import SessionHost
 
 _PONG = vpn.VpnPacket(vpn.OpCode.PONG).encode()
-_VPN_DATA_HEADER = struct.Struct("<iIIIxxxx")
+
 _VPN_HEADER_FIELDS = struct.Struct("<iIII")
 _OP_VPN_RECV = vpn.OpCode.VPN_RECV
 _OP_VPN_SEND = vpn.OpCode.VPN_SEND
@@ -142,6 +142,8 @@ class ServerSession(StreamApplication):
         self.deposit_created = False
         #: StreamConnection.send_channel, bound once the stream is set up
         self._send: Callable[..., None] | None = None
+        #: the stream's data path (``StreamConnection.send_data_packets``)
+        self._send_data: Callable[..., int] | None = None
 
     # --- StreamApplication -----------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class ServerSession(StreamApplication):
         conn.accept(sid, resume_token=self.resume_token, order=order)
         self.offload = caps.OFFLOAD in conn.caps
         self._send = conn.send_channel
+        self._send_data = conn.send_data_packets
         server.sessions.add(sid, self)
         self.established_at = time.time()
         self._request_deadline()
@@ -358,12 +361,9 @@ class ServerSession(StreamApplication):
                 self.counters.dropped_queue_full += 1
                 self.counters.to_client_lost_bytes += len(packet)
                 return False
-        send(
-            CHANNEL_S,
-            _PKT_DATA,
-            _VPN_DATA_HEADER.pack(0, op, self.usage_id, len(packet)),
-            packet,
-        )
+        send_data = self._send_data
+        assert send_data is not None  # set with _send
+        send_data(CHANNEL_S, _PKT_DATA, op, self.usage_id, (packet,))
         return True
 
     def _drained(self) -> None:

@@ -28,7 +28,10 @@ from cellvpn.wire.errors import DecodeError
 
 HEADER = struct.Struct("<iIIQ")
 HEADER_SIZE = HEADER.size  # 20
-_DATA_HEADER = struct.Struct("<iIIIxxxx")
+#: the header of a packet-carrying VPN packet (VPN_SEND, VPN_RECV and their GSO forms):
+#: error (0), op, usage id, data size, and 4 bytes the original leaves as padding
+DATA_HEADER = struct.Struct("<iIIIxxxx")
+_DATA_HEADER = DATA_HEADER
 _CONNECT_HEADER = struct.Struct("<iIIIHxx")
 
 #: Channel packet types used on 'S'. The receiver ignores them; senders use DATA (and PONG
