@@ -13,12 +13,17 @@ DEBS := iproute2 iperf3 curl tcpdump iputils-ping procps kmod postgresql prometh
 # port 9090, is stopped and disabled again.
 PG_CREATECLUSTER := /etc/postgresql-common/createcluster.conf
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# What pip needs to build the C fast path (cellvpn/native, by hatch_build.py); without them the
+# install still works and cellvpn runs its Python loops. Installed before the virtualenv is.
+CC_DEBS := gcc libc6-dev python3-dev
+NATIVE := hatch_build.py cellvpn/native/_fastpath.c cellvpn/native/frames.h
+SANITIZE := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
-.PHONY: test demo venv debs lint typecheck bench clean flood fuzz
+.PHONY: test demo venv debs cc lint typecheck bench clean flood fuzz fuzz-native
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(NATIVE) | cc
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +32,13 @@ $(STAMP): pyproject.toml
 	@# twistd finds the plugin through dropin.cache; write it now, as its owner.
 	$(PY) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	@touch $(STAMP)
+
+cc:
+	@missing=""; for p in $(CC_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages for the C fast path:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -62,6 +74,7 @@ typecheck: venv
 
 clean:
 	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -f cellvpn/native/*.so
 	find . -name dropin.cache -delete
 
 flood: venv debs
@@ -74,3 +87,17 @@ flood: venv debs
 fuzz: venv
 	nice -n 19 $(PY) -m tests.fuzz.engine --inputs $${CELLVPN_FUZZ_EXAMPLES:-1000000} \
 	    --tally $${CELLVPN_FUZZ_TALLY:-/tmp/cellvpn-fuzz-tally.json}
+
+# The C fast path under AddressSanitizer and UndefinedBehaviorSanitizer: its loops alone
+# (cellvpn/native/fuzz_frames.c), then the module built with both, loaded into Python and fed
+# beside the Python loops (tests/native/sanitized.py); a million inputs each unless
+# CELLVPN_FUZZ_EXAMPLES says otherwise.
+fuzz-native: venv cc
+	mkdir -p build/sanitized
+	gcc $(SANITIZE) -Wall -Wextra cellvpn/native/fuzz_frames.c -o build/fuzz_frames
+	build/fuzz_frames $${CELLVPN_FUZZ_EXAMPLES:-1000000}
+	gcc $(SANITIZE) -fPIC -shared -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	    cellvpn/native/_fastpath.c -o build/sanitized/_fastpath.so
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	    ASAN_OPTIONS=detect_leaks=0 $(PY) -m tests.native.sanitized build/sanitized/_fastpath.so \
+	    --inputs $${CELLVPN_FUZZ_EXAMPLES:-1000000}

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+from cellvpn import native
 from cellvpn.fsm import Machine
 from cellvpn.ratelimit import TokenBucket
 from cellvpn.wire import channel as chan
@@ -102,6 +103,8 @@ class StreamSettings:
     #: KEEPALIVEs answered per second at most (a burst of twice that); the rest go unanswered,
     #: so a peer that sends them and never reads cannot make us queue one ALIVE for each
     alives_per_second: float = 4.0
+    #: the per-frame loops: ``auto``, ``on`` or ``off`` (:mod:`cellvpn.native`)
+    fastpath: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,10 @@ class StreamConnection:
         self.machine: Machine[StreamState, StreamInput] = Machine(
             f"stream-{role.value}", initial, TRANSITIONS
         )
-        self._reader = fr.FrameReader(self.settings.max_payload)
+        #: the loops this stream runs: C or Python (:mod:`cellvpn.native`)
+        self.fastpath = fast = native.load(self.settings.fastpath)
+        self._pack = fast.pack
+        self._reader = fr.FrameReader(self.settings.max_payload, fast.scan)
         self._seq = chan.SeqTracker()
         self._next_seq = 0
         #: small frames, coalesced into one write
@@ -316,6 +322,11 @@ class StreamConnection:
             if state is StreamState.CLOSED:
                 return 0
             raise RuntimeError(f"channel packet sent in stream state {state.name}")
+        if self._pack is not None:
+            batch = packets if isinstance(packets, list | tuple) else list(packets)
+            if len(batch) > 1:  # one packet costs less in the Python loop than in the call
+                return self._send_data_native(channel_id, ptype, op, usage_id, batch)
+            packets = batch
         pack = _FRAME_CHANNEL_DATA.pack
         stamp, node = self._stamp, self.settings.node_addr
         seq = self._next_seq
@@ -337,6 +348,43 @@ class StreamConnection:
                 out += pkt
             count += 1
             total += size
+        self._next_seq = seq + count
+        self.stats.frames_out += count
+        if count:
+            self._tx_since_tick = True
+        return total
+
+    def _send_data_native(
+        self,
+        channel_id: int,
+        ptype: int,
+        op: int,
+        usage_id: int,
+        batch: list[bytes | bytearray | memoryview] | tuple[bytes | bytearray | memoryview, ...],
+    ) -> int:
+        """``send_data_packets`` with the C loop: it packs up to each large payload, which goes
+        into the pieces as it is, as in the Python loop."""
+        pack = self._pack
+        assert pack is not None
+        stamp, node = self._stamp, self.settings.node_addr
+        seq = self._next_seq
+        end = len(batch)
+        start = total = count = 0
+        while start < end:
+            stop, headed, size = pack(
+                self._out, batch, start, stamp, node, channel_id, ptype, seq + count, op,
+                usage_id, LARGE_PAYLOAD,
+            )  # fmt: skip
+            count += headed
+            total += size
+            if stop == end:
+                break
+            # batch[stop] is large: its headers are queued, its bytes go as they are
+            self._seal()
+            pkt = batch[stop]
+            self._pieces.append(pkt if isinstance(pkt, memoryview) else memoryview(pkt))
+            self._pieces_size += len(pkt)
+            start = stop + 1
         self._next_seq = seq + count
         self.stats.frames_out += count
         if count:

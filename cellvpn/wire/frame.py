@@ -18,6 +18,7 @@ reader raises and the session is closed, it never scans forward to resynchronise
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -97,18 +98,47 @@ def decode_frame(
     return header, bytes(data[HEADER_SIZE:])
 
 
+def scan_frames(
+    view: memoryview, pos: int, max_payload: int
+) -> tuple[list[tuple[int, memoryview]], int, int, int]:
+    """The whole frames in ``view[pos:]`` as ``(type, payload view)`` pairs; the first byte
+    not consumed; the bytes from there the next frame needs; and 1 if the header there is
+    wrong (0 if not). The Python twin of the C loop in ``cellvpn/native/frames.h``."""
+    frames: list[tuple[int, memoryview]] = []
+    end = len(view)
+    unpack = HEADER.unpack_from
+    while end - pos >= HEADER_SIZE:
+        sig, size, _ts, ftype, _src, _dst = unpack(view, pos)
+        if sig != SIGNATURE or size > max_payload:
+            return frames, pos, HEADER_SIZE, 1
+        stop = pos + HEADER_SIZE + size
+        if stop > end:
+            return frames, pos, stop - pos, 0
+        frames.append((ftype, view[pos + HEADER_SIZE : stop]))
+        pos = stop
+    return frames, pos, HEADER_SIZE, 0
+
+
+#: ``scan(view, pos, max_payload) -> (frames, pos, need, bad)``: :func:`scan_frames` or its C
+#: twin (``cellvpn/native/frames.h``)
+Scan = Callable[[memoryview, int, int], tuple[list[tuple[int, memoryview]], int, int, int]]
+
+
 class FrameReader:
     """Cuts a byte stream into frames, checking every header.
 
     ``feed`` returns ``(type, payload)`` pairs; the payload is a memoryview of immutable bytes,
     so a consumer may keep it. Partial input is held as a list of chunks and joined only once a
     whole frame is present, so a large frame arriving in many TLS records is copied once.
+    ``scan`` is the loop that cuts (:func:`scan_frames`, or its C twin from
+    :mod:`cellvpn.native`).
     """
 
-    __slots__ = ("_chunks", "_held", "_need", "max_payload")
+    __slots__ = ("_chunks", "_held", "_need", "_scan", "max_payload")
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, scan: Scan | None = None) -> None:
         self.max_payload = max_payload
+        self._scan: Scan = scan or scan_frames
         self._chunks: list[bytes] = []
         self._held = 0
         self._need = HEADER_SIZE
@@ -127,25 +157,13 @@ class FrameReader:
                 return []
             data = b"".join(self._chunks)
             self._chunks.clear()
-        frames: list[tuple[int, memoryview]] = []
         view = memoryview(data)
+        frames, pos, self._need, bad = self._scan(view, 0, self.max_payload)
+        if bad:
+            self._held = 0
+            sig, size = HEADER.unpack_from(view, pos)[:2]
+            _check(sig, size, self.max_payload)
         end = len(data)
-        pos = 0
-        unpack = HEADER.unpack_from
-        max_payload = self.max_payload
-        while end - pos >= HEADER_SIZE:
-            sig, size, _ts, ftype, _src, _dst = unpack(view, pos)
-            if sig != SIGNATURE or size > max_payload:
-                self._held = 0
-                _check(sig, size, max_payload)
-            stop = pos + HEADER_SIZE + size
-            if stop > end:
-                self._need = stop - pos
-                break
-            frames.append((ftype, view[pos + HEADER_SIZE : stop]))
-            pos = stop
-        else:
-            self._need = HEADER_SIZE
         if pos < end:
             rest = bytes(view[pos:]) if pos else data
             self._chunks.append(rest)
