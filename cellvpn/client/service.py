@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cellvpn import native
 from cellvpn.billing.keys import KeyFileError
 from cellvpn.client.backoff import Backoff
 from cellvpn.client.billing import ClientBilling
@@ -168,7 +169,11 @@ class VPNClientService(MultiService):
         offered = caps.KNOWN if c.offload is not Offload.OFF else caps.KNOWN - {caps.OFFLOAD}
         if not c.ipv6 or not c.vpn:
             offered -= {caps.IPV6}  # no IPv6 address asked for: the guard keeps IPv6 out
-        self.stream_settings = StreamSettings(channels="RS", caps=offered)
+        self.stream_settings = StreamSettings(
+            channels="RS", caps=offered, fastpath=c.fastpath.value
+        )
+        #: the per-frame loops the streams run (chosen at start)
+        self.fastpath: native.FastPath | None = None
         self.tunnel = ClientTunnel(
             reactor,
             c.tun_name,
@@ -215,6 +220,8 @@ class VPNClientService(MultiService):
     def privilegedStartService(self) -> None:
         if self._billing_error is not None:
             raise StartupError(f"[wallet]: {self._billing_error}")
+        self.fastpath = native.chosen(self.config.client.fastpath)
+        self.log.info("frames are cut and packed in {how}", how=self.fastpath.why)
         self.metrics_port = listen_client_metrics(self.reactor, self.config.metrics.listen, self)
         super().privilegedStartService()
 
@@ -416,6 +423,7 @@ class VPNClientService(MultiService):
             "warning": self.trust_warning,
             **tunnel,
             "kill_switch": self.config.client.kill_switch,
+            "fastpath": self.fastpath.why if self.fastpath is not None else None,
             "tun_stats": {k: getattr(port_stats, k) for k in port_stats.__slots__}
             if port_stats
             else None,

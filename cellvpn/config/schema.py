@@ -46,6 +46,7 @@ from cellvpn.config.parsers import (
     seconds,
 )
 from cellvpn.device.tohost import RuleError, ToHostRules
+from cellvpn.native import FastPathMode
 
 _OPTIONAL_PATH = optional(PATH)
 _HOOK = optional(EXECUTABLE)
@@ -147,6 +148,17 @@ def _region(text: str, base: Path) -> str:
 REGION: Parser[str] = Parser(_region, "up to 32 ASCII letters, digits, '-', '_' or '.'")
 
 
+def fastpath_option() -> FastPathMode:
+    """``fastpath``, the same key in ``[server]`` and ``[client]``."""
+    return option(
+        choice(FastPathMode),
+        FastPathMode.AUTO,
+        "The stream's per-frame loops: auto = in C when it was built at install (else in"
+        " Python, and the log and the status say why), on = C or refuse to start, off ="
+        " Python. Same bytes either way; figures: docs/performance.md.",
+    )
+
+
 @dataclass(frozen=True)
 class ServerSection:
     """Where the server listens for client streams, and how it keeps them alive."""
@@ -186,6 +198,7 @@ class ServerSection:
         "Handshake RTT in seconds below which auto takes a path for a LAN (cubic); 0 = bbr on"
         " every path.",
     )
+    fastpath: FastPathMode = fastpath_option()
     source_prefix_v4: int = option(
         integer(8, 32),
         24,
@@ -632,6 +645,7 @@ class ClientSection:
         "Handshake RTT in seconds below which auto takes a path for a LAN (cubic); 0 = bbr on"
         " every path.",
     )
+    fastpath: FastPathMode = fastpath_option()
     dns: tuple[IPv4Address | IPv6Address, ...] = option(
         _IP_LIST, (), "DNS servers to use while connected; empty = the ones the server offers."
     )

@@ -30,6 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from cellvpn import native
 from cellvpn.billing.asyncledger import AsyncLedger
 from cellvpn.billing.interfaces import LedgerUnavailableError
 from cellvpn.billing.keys import KeyFileError, KeyPair, load_or_create_key
@@ -187,7 +188,10 @@ class VPNServerService(MultiService):
             # offload is offered once the TUN can do it, ipv6 only with an IPv6 network
             caps=self._offered_caps(config, offload=False),
             alives_per_second=edge.alives_per_second,
+            fastpath=s.fastpath.value,
         )
+        #: the per-frame loops the sessions run (chosen at start)
+        self.fastpath: native.FastPath | None = None
         self.admission = Admission(
             EdgeLimits(
                 edge.max_streams,
@@ -414,6 +418,8 @@ class VPNServerService(MultiService):
             )
 
     def privilegedStartService(self) -> None:
+        self.fastpath = native.chosen(self.config.server.fastpath)
+        self.log.info("frames are cut and packed in {how}", how=self.fastpath.why)
         raise_file_limit()
         _ensure_state_dir(self.config.server.state_dir)
         cert, key = self._tls_files()
@@ -1042,6 +1048,7 @@ class VPNServerService(MultiService):
             else str(self.config.srv_vpn.network6),
             "pool": self.pool.stats(),
             "checks": self.checks.describe(),
+            "fastpath": self.fastpath.why if self.fastpath is not None else None,
         }
 
 
