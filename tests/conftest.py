@@ -39,6 +39,20 @@ def require_root(what: str = "network namespaces and TUN devices") -> None:
     pytest.skip(reason)
 
 
+def require_native() -> Any:
+    """The C fast path module; skip without it (no compiler at install), unless
+    CELLVPN_REQUIRE_NETNS=1 (CI, where ``make test`` installs the compiler first), where it
+    fails instead."""
+    try:
+        from cellvpn.native import _fastpath  # type: ignore[attr-defined]
+    except ImportError as e:
+        reason = f"needs the C fast path module, which was not built ({e})"
+        if os.environ.get("CELLVPN_REQUIRE_NETNS") == "1":
+            pytest.fail(reason + " (CELLVPN_REQUIRE_NETNS=1)")
+        pytest.skip(reason)
+    return _fastpath
+
+
 @pytest.fixture
 def netns() -> Any:
     """A factory of network namespaces, all removed (with their processes) after the test."""

@@ -40,15 +40,23 @@ def test_ping_and_100_mb_both_ways(netns: Any, tmp_path: Path) -> None:
 
 
 def test_two_clients_reach_the_internet_host_and_each_other(netns: Any, tmp_path: Path) -> None:
-    """Two clients at once: each fetches from the net host and pings the other's address."""
+    """Two clients at once: each fetches from the net host and pings the other's address.
+    One runs the Python loops (``fastpath = off``), the other and the server the C ones: the
+    wire is the same, so either end may run either."""
     lab = VpnLab(netns, tmp_path)
     a, b = lab.add_client_host(), lab.add_client_host()
     lab.serve_http()
-    lab.start_server()
-    lab.start_client(a, "a", section_extra="default_route = true\n")
-    lab.start_client(b, "b", section_extra="default_route = true\n")
-    addr_a = ctl_json(a, lab.socket("a"), "status")["address"]
-    addr_b = ctl_json(b, lab.socket("b"), "status")["address"]
+    server = lab.start_server()
+    client_a = lab.start_client(a, "a", section_extra="default_route = true\nfastpath = off\n")
+    lab.start_client(b, "b", section_extra="default_route = true\nfastpath = on\n")
+    status_a = ctl_json(a, lab.socket("a"), "status")
+    status_b = ctl_json(b, lab.socket("b"), "status")
+    assert status_a["fastpath"] == "Python (fastpath = off)"
+    assert status_b["fastpath"] == "C (cellvpn.native._fastpath)"
+    assert ctl_json(lab.srv, lab.server_socket, "status")["fastpath"].startswith("C ")
+    server.wait_log(r"frames are cut and packed in C \(cellvpn.native._fastpath\)")
+    client_a.wait_log(r"frames are cut and packed in Python \(fastpath = off\)")
+    addr_a, addr_b = status_a["address"], status_b["address"]
     assert {addr_a, addr_b} == {"198.18.5.2", "198.18.5.3"}
     for ns in (a, b):
         page = ns.exec("curl", "-sS", "-m", "10", f"http://{NET_HOST_IP}/").stdout
