@@ -6,6 +6,11 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import Phase, settings
+
+#: ``--hypothesis-profile=no-shrink``: a failing example is reported as found, not made
+#: smaller first (for runs that only ask whether a test fails, such as a mutant of the C core)
+settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 def require_command(name: str, package: str) -> str:

@@ -19,13 +19,15 @@ counters count it as the packets it stands for, so a client pays the same either
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from cellvpn.device import vnet
 from cellvpn.device.counters import SessionCounters
 from cellvpn.device.gro import coalesce
 from cellvpn.device.packet import clamp_mss
+from cellvpn.device.pump import PumpRules, PumpTun, pump_rules
 from cellvpn.device.tohost import ToHost
 from cellvpn.ratelimit import TokenBucket
 from cellvpn.wire import ip
@@ -121,6 +123,7 @@ class Forwarder:
         tun_writev: Callable[[Packet, Packet], bool] | None = None,
         to_host: ToHost | None = None,
         clock: Callable[[], float] | None = None,
+        clients: Iterable[ipaddress.IPv4Network] = (),
     ) -> None:
         self.tun_write = tun_write
         #: the time for rate limits (the reactor's seconds); read only for a limited session
@@ -137,10 +140,24 @@ class Forwarder:
         self.dropped_no_route = 0
         #: TUN packets too short or not IPv4.
         self.dropped_malformed = 0
+        #: the pools clients hold addresses from: the server's pump leaves them to Python
+        self.clients = tuple(clients)
+        #: the open TUN for the server's pump (:mod:`cellvpn.device.pump`); None: no pump
+        self.tun_port: PumpTun | None = None
+        #: client packets the pump carried to the TUN
+        self.pumped_packets = 0
+        self._pump_rules: tuple[ToHost | None, PumpRules] | None = None
 
     @property
     def vnet(self) -> bool:
         return self.tun_writev is not None
+
+    def pump_rules(self) -> PumpRules:
+        """What the pump must leave to Python, made again when ``to_host`` is replaced."""
+        cached = self._pump_rules
+        if cached is None or cached[0] is not self.to_host:
+            cached = self._pump_rules = (self.to_host, pump_rules(self.clients, self.to_host))
+        return cached[1]
 
     def attach(self, peer: Peer) -> Peer | None:
         """Route ``peer.addr_key`` (and ``addr6_key``) to ``peer``; return the peer that had

@@ -4,7 +4,9 @@
 Python loops when it could not; ``on`` refuses to start without it; ``off`` never uses it.
 ``CELLVPN_FASTPATH`` in the environment overrides ``auto`` only, so an operator (or a test) can
 run a whole process on the Python path without editing its configuration. The C loops give the
-same results as the Python ones byte for byte (``tests/native``); everything else stays Python.
+same results as the Python ones byte for byte (``tests/native``); so does the server's pump,
+which carries an established session's VPN_SEND packets to the TUN (:mod:`cellvpn.device.pump`).
+Everything else stays Python.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ Pack = Callable[
 ]  # fmt: skip
 
 
+#: ``pump_up(view, pos, max_payload, fd, vnet, lease, keep, hosts, host_udp, host_flags,
+#: seq_next, allowance, channel, op) -> (pos, packets, ip_bytes, written)``: the server's pump
+#: from the stream to the TUN (``cellvpn/device/pump.py``)
+PumpUp = Callable[
+    [memoryview, int, int, int, bool, bytes, bytes, bytes, bytes, int, int, int, int, int],
+    tuple[int, int, int, int],
+]
+
+
 class FastPathUnavailableError(RuntimeError):
     """``fastpath = on`` and the C module is not there (or does not load)."""
 
@@ -50,6 +61,8 @@ class FastPath:
     scan: Scan | None
     pack: Pack | None
     why: str
+    #: None on the Python path: every frame goes through the stream and the session
+    pump_up: PumpUp | None = None
 
     @property
     def native(self) -> bool:
@@ -79,7 +92,12 @@ def load(mode: str = "auto") -> FastPath:
                 "(reinstall with a C compiler and the Python headers present)"
             ) from None
         return FastPath(None, None, f"Python (the C module is not built: {e})")
-    return FastPath(_fastpath.scan_frames, _fastpath.pack_data, "C (cellvpn.native._fastpath)")
+    return FastPath(
+        _fastpath.scan_frames,
+        _fastpath.pack_data,
+        "C (cellvpn.native._fastpath)",
+        _fastpath.pump_up,
+    )
 
 
 def chosen(mode: FastPathMode) -> FastPath:

@@ -2,9 +2,14 @@
  *
  * scan_frames is FrameReader.feed's loop and pack_data is StreamConnection.send_data_packets'
  * loop, with the same results byte for byte (tests/native holds the differential tests); the
- * Python code around them keeps every decision that is not per frame. */
+ * Python code around them keeps every decision that is not per frame. pump_up carries a
+ * session's VPN_SEND packets to the TUN (cvpn_pump_up) and hands the rest back. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include <errno.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include "frames.h"
 
@@ -158,9 +163,120 @@ fail:
     return NULL;
 }
 
+
+typedef struct {
+    int fd;
+    int vnet; /* the TUN takes a vnet header before each packet: an all-zero one */
+} pump_ctx;
+
+static const unsigned char plain_vnet[10];
+
+static int pump_write(void *arg, const unsigned char *pkt, size_t size, size_t *written)
+{
+    pump_ctx *ctx = arg;
+    ssize_t n;
+    do {
+        if (ctx->vnet) {
+            struct iovec iov[2] = {{(void *)plain_vnet, sizeof plain_vnet}, {(void *)pkt, size}};
+            n = writev(ctx->fd, iov, 2);
+        } else {
+            n = write(ctx->fd, pkt, size);
+        }
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return 1;
+    *written = (size_t)n;
+    return 0;
+}
+
+PyDoc_STRVAR(pump_up_doc,
+"pump_up(view, pos, max_payload, fd, vnet, lease, keep, hosts, host_udp, host_flags,\n"
+"        seq_next, allowance, channel, op) -> (pos, packets, ip_bytes, written)\n\n"
+"Write to the TUN fd the VPN_SEND packets of the data frames at the start of view[pos:]\n"
+"(frames.h says which), each as one write (after a zero vnet header if vnet). lease is the\n"
+"4-byte source every packet must have; keep holds up to 16 (address, mask) pairs of 4 bytes\n"
+"each, destinations left to Python; hosts up to 16 host addresses of 4 bytes, host_udp up to\n"
+"16 UDP ports of 2 bytes (big-endian) that to_host lets reach them, host_flags 1 for echo\n"
+"requests and 2 for everything. Returns the first byte not carried, the packets and their\n"
+"IP bytes, and the bytes written.");
+
+static PyObject *pump_up(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *view;
+    Py_ssize_t pos;
+    unsigned long long max_payload, seq_next;
+    int fd, vnet;
+    Py_buffer lease, keep, hosts, udp;
+    unsigned host_flags, channel, op;
+    long long allowance;
+    if (!PyArg_ParseTuple(args, "O!nKipy*y*y*y*IKLII:pump_up", &PyMemoryView_Type, &view, &pos,
+                          &max_payload, &fd, &vnet, &lease, &keep, &hosts, &udp, &host_flags,
+                          &seq_next, &allowance, &channel, &op))
+        return NULL;
+    PyObject *result = NULL;
+    cvpn_pump_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    if (fd < 0 || channel > 255) {
+        PyErr_SetString(PyExc_ValueError, "pump_up: fd or channel out of range");
+        goto done;
+    }
+    if (lease.len != 4 || keep.len % 8 || keep.len > 8 * CVPN_MAX_KEEP) {
+        PyErr_SetString(PyExc_ValueError,
+                        "pump_up: lease must be 4 bytes, keep at most 16 pairs of 8");
+        goto done;
+    }
+    if (hosts.len % 4 || hosts.len > 4 * CVPN_MAX_HOSTS || udp.len % 2 ||
+        udp.len > 2 * CVPN_MAX_HOSTS || host_flags > 3) {
+        PyErr_SetString(PyExc_ValueError,
+                        "pump_up: hosts at most 16 addresses of 4 bytes, host_udp at most 16 "
+                        "ports of 2, host_flags 0 to 3");
+        goto done;
+    }
+    cfg.channel = channel;
+    cfg.op = op;
+    cfg.seq_next = seq_next;
+    cfg.allowance = allowance;
+    cfg.lease = cvpn_get32(lease.buf);
+    const unsigned char *k = keep.buf, *hs = hosts.buf, *u = udp.buf;
+    cfg.n_keep = (size_t)keep.len / 8;
+    for (size_t i = 0; i < cfg.n_keep; i++) {
+        cfg.keep_mask[i] = cvpn_get32(k + 8 * i + 4);
+        cfg.keep_addr[i] = cvpn_get32(k + 8 * i) & cfg.keep_mask[i];
+    }
+    cfg.n_host = (size_t)hosts.len / 4;
+    for (size_t i = 0; i < cfg.n_host; i++)
+        cfg.host_addr[i] = cvpn_get32(hs + 4 * i);
+    cfg.n_host_udp = (size_t)udp.len / 2;
+    for (size_t i = 0; i < cfg.n_host_udp; i++)
+        cfg.host_udp[i] = (uint16_t)(u[2 * i] << 8 | u[2 * i + 1]);
+    cfg.host_flags = host_flags;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(view, &buf, PyBUF_SIMPLE) != 0)
+        goto done;
+    if (pos < 0 || pos > buf.len) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "pump_up: pos outside the buffer");
+        goto done;
+    }
+    pump_ctx ctx = {fd, vnet};
+    cvpn_pump_result r;
+    cvpn_pump_up(buf.buf, (size_t)pos, (size_t)buf.len, max_payload, &cfg, pump_write, &ctx, &r);
+    PyBuffer_Release(&buf);
+    result = Py_BuildValue("(nKKK)", (Py_ssize_t)r.pos, (unsigned long long)r.packets,
+                           (unsigned long long)r.ip_bytes, (unsigned long long)r.written);
+done:
+    PyBuffer_Release(&lease);
+    PyBuffer_Release(&keep);
+    PyBuffer_Release(&hosts);
+    PyBuffer_Release(&udp);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan_frames", scan_frames, METH_VARARGS, scan_frames_doc},
     {"pack_data", pack_data, METH_VARARGS, pack_data_doc},
+    {"pump_up", pump_up, METH_VARARGS, pump_up_doc},
     {NULL, NULL, 0, NULL},
 };
 

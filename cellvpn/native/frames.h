@@ -28,6 +28,11 @@ static inline uint32_t cvpn_get32(const unsigned char *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
+static inline uint64_t cvpn_get64(const unsigned char *p)
+{
+    return (uint64_t)cvpn_get32(p) | (uint64_t)cvpn_get32(p + 4) << 32;
+}
+
 static inline void cvpn_put32(unsigned char *p, uint32_t v)
 {
     p[0] = (unsigned char)v;
@@ -124,6 +129,136 @@ static inline int cvpn_data_headers(unsigned char *out, const cvpn_data_run *run
     cvpn_put32(v + 12, (uint32_t)size);
     cvpn_put32(v + 16, 0);
     return 0;
+}
+
+/* --- the pump: client to TUN ----------------------------------------------------------- */
+
+#define CVPN_MAX_KEEP 16
+#define CVPN_MAX_HOSTS 16
+#define CVPN_HOST_ICMP 1u /* to_host icmp: echo requests to a host address pass */
+#define CVPN_HOST_ALL 2u  /* to_host all: everything to a host address passes */
+
+/* What one session's pump may carry. Addresses are as the packet has them (network order),
+ * read with cvpn_get32, so no byte swapping is needed to compare. */
+typedef struct {
+    unsigned channel;  /* the VPN channel ('S') */
+    uint32_t op;       /* VPN_SEND */
+    uint64_t seq_next; /* the seq the next data frame must carry (the last accepted + 1) */
+    int64_t allowance; /* IP bytes billing lets pass; a packet that would use it up is left */
+    uint32_t lease;    /* the session's IPv4 address: every source must be it */
+    /* destinations Python decides: other clients (the pool), addresses of the host that a
+     * client could also hold */
+    uint32_t keep_addr[CVPN_MAX_KEEP], keep_mask[CVPN_MAX_KEEP];
+    size_t n_keep;
+    /* the host's own addresses and what to_host lets reach them */
+    uint32_t host_addr[CVPN_MAX_HOSTS];
+    size_t n_host;
+    uint16_t host_udp[CVPN_MAX_HOSTS]; /* UDP ports, as numbers */
+    size_t n_host_udp;
+    unsigned host_flags;
+} cvpn_pump_cfg;
+
+typedef struct {
+    size_t pos;         /* first byte not carried: the frame there (if any) is Python's */
+    uint64_t packets;   /* packets written */
+    uint64_t ip_bytes;  /* their IP bytes (what counters and billing count) */
+    uint64_t written;   /* bytes the writes reported (with a vnet header each, if any) */
+} cvpn_pump_result;
+
+/* Write one IP packet to the TUN; store the bytes written. Nonzero: not written (the frame
+ * is left to Python, which counts the failure as it always does). */
+typedef int (*cvpn_write_fn)(void *ctx, const unsigned char *pkt, size_t size, size_t *written);
+
+/* Whether to_host lets this packet (to a host address) pass, for what C knows of the rules;
+ * 0 leaves it to Python, which knows them all (dns, tcp ports) and drops what they refuse. */
+static inline int cvpn_pump_host_ok(const cvpn_pump_cfg *cfg, const unsigned char *pkt,
+                                    size_t size)
+{
+    if (cfg->host_flags & CVPN_HOST_ALL)
+        return 1;
+    if ((pkt[6] & 0x3f) || pkt[7]) /* a fragment names no port */
+        return 0;
+    if (pkt[9] == 1) /* ICMP: an echo request */
+        return (cfg->host_flags & CVPN_HOST_ICMP) && size >= 28 && pkt[20] == 8;
+    if (pkt[9] == 17 && size >= 24) {
+        unsigned port = (unsigned)pkt[22] << 8 | pkt[23];
+        for (size_t i = 0; i < cfg->n_host_udp; i++)
+            if (cfg->host_udp[i] == port)
+                return 1;
+    }
+    return 0;
+}
+
+/* Whether C carries this VPN_SEND packet to the TUN: a plain IPv4 packet (no options, its
+ * total length the size) from the lease, not TCP (Python clamps its MSS and joins segments),
+ * to an address Python need not decide. */
+static inline int cvpn_pump_packet_ok(const cvpn_pump_cfg *cfg, const unsigned char *pkt,
+                                      size_t size)
+{
+    if (size < 20 || pkt[0] != 0x45)
+        return 0;
+    if (((size_t)pkt[2] << 8 | pkt[3]) != size || pkt[9] == 6)
+        return 0;
+    if (cvpn_get32(pkt + 12) != cfg->lease)
+        return 0;
+    uint32_t dst = cvpn_get32(pkt + 16);
+    for (size_t i = 0; i < cfg->n_host; i++)
+        if (cfg->host_addr[i] == dst)
+            return cvpn_pump_host_ok(cfg, pkt, size);
+    for (size_t i = 0; i < cfg->n_keep; i++)
+        if ((dst & cfg->keep_mask[i]) == cfg->keep_addr[i])
+            return 0;
+    return 1;
+}
+
+/* Carry the VPN_SEND packets at the start of buf[pos:end] to the TUN, frame by frame, and
+ * stop at the first frame that is not whole, not one C may carry, or not written. A frame
+ * header anywhere in the buffer that the reader would refuse stops it before it starts, since
+ * then Python closes the session without carrying any of the read. */
+static inline void cvpn_pump_up(const unsigned char *buf, size_t pos, size_t end,
+                                uint64_t max_payload, const cvpn_pump_cfg *cfg,
+                                cvpn_write_fn write, void *ctx, cvpn_pump_result *out)
+{
+    out->pos = pos;
+    out->packets = out->ip_bytes = out->written = 0;
+    for (size_t p = pos; end - p >= CVPN_FRAME_HEADER;) {
+        uint64_t size = cvpn_get32(buf + p + 8);
+        if (memcmp(buf + p, cvpn_signature, 8) != 0 || size > max_payload)
+            return;
+        if (size > end - p - CVPN_FRAME_HEADER)
+            break;
+        p += CVPN_FRAME_HEADER + (size_t)size;
+    }
+    uint64_t seq = cfg->seq_next;
+    int64_t allowance = cfg->allowance;
+    while (end - pos >= CVPN_FRAME_HEADER) {
+        const unsigned char *h = buf + pos;
+        size_t size = cvpn_get32(h + 8);
+        if (size > end - pos - CVPN_FRAME_HEADER)
+            break;
+        const unsigned char *c = h + CVPN_FRAME_HEADER, *v = c + CVPN_CHANNEL_HEADER;
+        if (h[20] != 0 || size < CVPN_CHANNEL_HEADER + CVPN_VPN_HEADER || c[0] != cfg->channel)
+            break;
+        if (seq == UINT64_MAX || cvpn_get64(c + 4) != seq ||
+            cvpn_get32(c + 12) != size - CVPN_CHANNEL_HEADER)
+            break;
+        size_t ip = size - CVPN_CHANNEL_HEADER - CVPN_VPN_HEADER;
+        if (cvpn_get32(v + 4) != cfg->op || cvpn_get32(v + 12) != ip)
+            break;
+        const unsigned char *pkt = v + CVPN_VPN_HEADER;
+        if (!cvpn_pump_packet_ok(cfg, pkt, ip) || (int64_t)ip >= allowance)
+            break;
+        size_t written = 0;
+        if (write(ctx, pkt, ip, &written) != 0)
+            break;
+        allowance -= (int64_t)ip;
+        seq++;
+        out->packets++;
+        out->ip_bytes += ip;
+        out->written += written;
+        pos += CVPN_FRAME_HEADER + size;
+    }
+    out->pos = pos;
 }
 
 #endif

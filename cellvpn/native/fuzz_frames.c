@@ -1,6 +1,8 @@
 /* Fuzzing the C loops of frames.h under AddressSanitizer and UndefinedBehaviorSanitizer
- * (make fuzz-native): the frame scan fed hostile byte streams, and the data headers written
- * for any fields and sizes and read back by the scan.
+ * (make fuzz-native): the frame scan fed hostile byte streams, the data headers written
+ * for any fields and sizes and read back by the scan, and the pump fed data frames (most of
+ * them ones it may carry, then bytes changed) with each packet it writes checked again
+ * against the rules by code of its own.
  *
  *   fuzz_frames [inputs] [seed]
  *
@@ -155,6 +157,162 @@ static void fuzz_headers(void)
     free(out);
 }
 
+
+typedef struct {
+    const unsigned char *buf;
+    size_t len, next_frame; /* where the frame of the next packet written must start */
+    const cvpn_pump_cfg *cfg;
+    uint64_t seq;
+    int64_t allowance;
+    unsigned long written;
+} pump_check;
+
+static int in_list(const uint32_t *list, size_t n, uint32_t v)
+{
+    for (size_t i = 0; i < n; i++)
+        if (list[i] == v)
+            return 1;
+    return 0;
+}
+
+/* Every packet the pump writes, checked against the rules again, from its bytes alone. */
+static int pump_write_check(void *arg, const unsigned char *pkt, size_t size, size_t *written)
+{
+    pump_check *c = arg;
+    const cvpn_pump_cfg *cfg = c->cfg;
+    const unsigned char *h = c->buf + c->next_frame;
+    CHECK(pkt == h + CVPN_DATA_HEADERS && c->next_frame + CVPN_DATA_HEADERS + size <= c->len);
+    CHECK(memcmp(h, cvpn_signature, 8) == 0 && h[20] == 0);
+    CHECK(cvpn_get32(h + 8) == size + 36 && h[37] == cfg->channel);
+    CHECK(cvpn_get64(h + 41) == c->seq && c->seq != UINT64_MAX);
+    CHECK(cvpn_get32(h + 49) == size + 20 && cvpn_get32(h + 57) == cfg->op);
+    CHECK(cvpn_get32(h + 65) == size);
+    CHECK(size >= 20 && pkt[0] == 0x45 && (size_t)(pkt[2] * 256 + pkt[3]) == size);
+    CHECK(pkt[9] != 6 && memcmp(pkt + 12, &cfg->lease, 4) == 0);
+    CHECK((int64_t)size < c->allowance);
+    uint32_t dst;
+    memcpy(&dst, pkt + 16, 4);
+    if (in_list(cfg->host_addr, cfg->n_host, dst)) {
+        if (!(cfg->host_flags & CVPN_HOST_ALL)) {
+            CHECK(pkt[6] % 64 == 0 && pkt[7] == 0);
+            if (pkt[9] == 1) {
+                CHECK((cfg->host_flags & CVPN_HOST_ICMP) && size >= 28 && pkt[20] == 8);
+            } else {
+                CHECK(pkt[9] == 17 && size >= 24);
+                int listed = 0;
+                for (size_t i = 0; i < cfg->n_host_udp; i++)
+                    listed |= cfg->host_udp[i] == pkt[22] * 256 + pkt[23];
+                CHECK(listed);
+            }
+        }
+    } else {
+        for (size_t i = 0; i < cfg->n_keep; i++)
+            CHECK((dst & cfg->keep_mask[i]) != cfg->keep_addr[i]);
+    }
+    c->allowance -= (int64_t)size;
+    c->seq++;
+    c->next_frame += CVPN_DATA_HEADERS + size;
+    c->written++;
+    if (below(50) == 0)
+        return 1; /* a write that fails: the pump must stop at this frame */
+    *written = size;
+    return 0;
+}
+
+static unsigned long long pumped;
+
+static void fuzz_pump(void)
+{
+    cvpn_pump_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    static const unsigned char pool[4] = {198, 18, 5, 0}, other[4] = {198, 19, 7, 0};
+    unsigned char lease[4] = {198, 18, 5, (unsigned char)(2 + below(2))};
+    cfg.lease = cvpn_get32(lease);
+    cfg.channel = 0x53;
+    cfg.op = 1;
+    cfg.seq_next = below(4) ? below(1000) : UINT64_MAX - below(3);
+    cfg.allowance = below(3) ? INT64_MAX / 2 : (int64_t)below(4000);
+    cfg.n_keep = below(3);
+    for (size_t i = 0; i < cfg.n_keep; i++) {
+        cfg.keep_mask[i] = below(2) ? cvpn_get32((const unsigned char[]){255, 255, 255, 0})
+                                    : (uint32_t)next();
+        cfg.keep_addr[i] = (below(2) ? cvpn_get32(pool) : (uint32_t)next()) & cfg.keep_mask[i];
+    }
+    cfg.n_host = below(3);
+    for (size_t i = 0; i < cfg.n_host; i++) {
+        unsigned char a[4] = {198, 18 + (unsigned char)below(2), 5, (unsigned char)below(3)};
+        cfg.host_addr[i] = cvpn_get32(a);
+    }
+    static const uint16_t ports[3] = {5201, 53, 7};
+    cfg.n_host_udp = below(4);
+    for (size_t i = 0; i < cfg.n_host_udp; i++)
+        cfg.host_udp[i] = ports[below(3)];
+    cfg.host_flags = (unsigned)below(4);
+
+    size_t cap = 1 + below(6000);
+    unsigned char *tmp = malloc(cap);
+    CHECK(tmp != NULL);
+    size_t len = 0;
+    for (uint64_t n = 0; len + CVPN_DATA_HEADERS + 20 < cap; n++) {
+        size_t body = below(3) ? below(64) : below(1500);
+        size_t size = 20 + body;
+        if (len + CVPN_DATA_HEADERS + size > cap)
+            break;
+        cvpn_data_run run = {5, 0, cfg.seq_next + n, cfg.channel, 2, cfg.op, 0};
+        cvpn_data_headers(tmp + len, &run, 0, size);
+        unsigned char *p = tmp + len + CVPN_DATA_HEADERS;
+        for (size_t i = 0; i < size; i++)
+            p[i] = (unsigned char)next();
+        p[0] = below(10) ? 0x45 : (unsigned char)next();
+        size_t total = size + (below(10) ? 0 : below(3) - 1);
+        p[2] = (unsigned char)(total >> 8);
+        p[3] = (unsigned char)total;
+        if (below(6))
+            p[6] = p[7] = 0;
+        static const unsigned char protos[5] = {17, 17, 1, 6, 47};
+        p[9] = protos[below(5)];
+        memcpy(p + 12, below(8) ? lease : pool, 4);
+        const unsigned char *d = below(3) ? other : pool;
+        memcpy(p + 16, d, 3);
+        p[19] = (unsigned char)below(4);
+        if (below(3) == 0)
+            memcpy(p + 16, &cfg.host_addr[below(cfg.n_host + 1) % (cfg.n_host ? cfg.n_host : 1)],
+                   4);
+        if (p[9] == 17 && size >= 24) {
+            p[22] = (unsigned char)(ports[below(3)] >> 8);
+            p[23] = (unsigned char)ports[below(3)];
+        }
+        if (p[9] == 1 && size > 20)
+            p[20] = below(2) ? 8 : 0;
+        len += CVPN_DATA_HEADERS + size;
+    }
+    for (uint64_t flips = below(3); flips > 0 && len; flips--)
+        tmp[below(len)] ^= (unsigned char)(1u << below(8));
+    if (len && below(3) == 0)
+        len -= below(len);
+    unsigned char *buf = malloc(len ? len : 1);
+    CHECK(buf != NULL);
+    memcpy(buf, tmp, len);
+    free(tmp);
+    static const uint64_t limits[] = {0, 100, 1600, 262144, UINT32_MAX};
+    uint64_t max_payload = limits[below(sizeof limits / sizeof limits[0])];
+    pump_check c = {buf, len, 0, &cfg, cfg.seq_next, cfg.allowance, 0};
+    cvpn_pump_result r;
+    cvpn_pump_up(buf, 0, len, max_payload, &cfg, pump_write_check, &c, &r);
+    /* it stopped at a frame boundary: the one after the last packet written */
+    CHECK(r.pos <= len && r.packets <= c.written && c.written <= r.packets + 1);
+    size_t at = 0;
+    uint64_t ip = 0;
+    for (uint64_t i = 0; i < r.packets; i++) {
+        size_t size = cvpn_get32(buf + at + 8);
+        at += CVPN_FRAME_HEADER + size;
+        ip += size - 36;
+    }
+    CHECK(at == r.pos && ip == r.ip_bytes && r.written == r.ip_bytes);
+    pumped += r.packets;
+    free(buf);
+}
+
 int main(int argc, char **argv)
 {
     unsigned long long inputs = argc > 1 ? strtoull(argv[1], NULL, 10) : 1000000ULL;
@@ -164,10 +322,15 @@ int main(int argc, char **argv)
     for (input_no = 0; input_no < inputs; input_no++) {
         if (input_no % 4 == 3)
             fuzz_headers();
+        else if (input_no % 4 == 1)
+            fuzz_pump();
         else
             fuzz_scan();
     }
-    printf("fuzz_frames: %llu inputs (scan %llu, headers %llu), 0 findings, seed %s\n", inputs,
-           inputs - inputs / 4, inputs / 4, argc > 2 ? argv[2] : "20261204");
+    unsigned long long pumps = inputs / 4 + (inputs % 4 > 1), headers = inputs / 4;
+    printf("fuzz_frames: %llu inputs (scan %llu, pump %llu with %llu packets written, headers "
+           "%llu), 0 findings, seed %s\n",
+           inputs, inputs - pumps - headers, pumps, pumped, headers,
+           argc > 2 ? argv[2] : "20261204");
     return 0;
 }

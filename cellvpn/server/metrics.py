@@ -251,6 +251,12 @@ class ServerCollector(Collector):
         yield _one(
             "gauge", "cellvpn_tun_up", "1 when the TUN is configured and up.", int(server.tun_ready)
         )
+        yield _one(
+            "counter",
+            "cellvpn_pumped_packets_total",
+            "Client packets the C pump wrote to the TUN (counted in cellvpn_ip_packets_total too).",
+            server.forwarder.pumped_packets,
+        )
         tun = server.tun
         if tun is not None:
             for name, attr, help_text in _TUN_COUNTERS:

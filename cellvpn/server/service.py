@@ -218,6 +218,7 @@ class VPNServerService(MultiService):
             v.isolate_clients,
             to_host=self.to_host,
             clock=reactor.seconds,
+            clients=(self.network,),
         )
         #: the host's own addresses, read again while running (to_host and the proxy use them)
         self.host_addresses = HostAddresses(reactor)
@@ -489,6 +490,7 @@ class VPNServerService(MultiService):
         self.forwarder.tun_write = self.tun.write
         if self.offload:
             self.forwarder.tun_writev = self.tun.writev
+        self.forwarder.tun_port = self.tun
         # done now, not on the thread pool: after this, twistd -u may take root away
         netlink = Netlink(blocking=True)
         d = netlink.configure_tun(
@@ -503,6 +505,7 @@ class VPNServerService(MultiService):
         if failed:
             self.tun.close()
             self.tun = None
+            self.forwarder.tun_port = None
             raise StartupError(f"cannot configure TUN {handle.name}: {failed[0].value}")
 
     @staticmethod
@@ -681,6 +684,7 @@ class VPNServerService(MultiService):
             self.tun_ready = False
             self.forwarder.tun_write = self._tun_write
             self.forwarder.tun_writev = None
+            self.forwarder.tun_port = None
             tun.stopReading()
             tun.close()  # a non-persistent TUN disappears with its last fd
         if self.port is not None:
@@ -923,6 +927,8 @@ class VPNServerService(MultiService):
             "pool": self.pool.stats(),
             "dropped_no_route": self.forwarder.dropped_no_route,
             "dropped_malformed": self.forwarder.dropped_malformed,
+            # client packets the C pump carried to the TUN (counted in the sessions too)
+            "pumped_packets": self.forwarder.pumped_packets,
             "proxy": self.proxy.describe() if self.proxy is not None else None,
             "tun": self.tun_name,
             "tun_stats": _tun_stats(self.tun),

@@ -25,6 +25,7 @@ from cellvpn.conn.tls import (
     peer_fingerprint,
 )
 from cellvpn.device.counters import SessionCounters
+from cellvpn.device.pump import UpPump
 from cellvpn.ratelimit import TokenBucket
 from cellvpn.server.billing import UNMETERED, Bill
 from cellvpn.server.check import answer_check, check_data_limit
@@ -227,6 +228,12 @@ class ServerSession(StreamApplication):
         self.offload = caps.OFFLOAD in conn.caps
         self._send = conn.send_channel
         self._send_data = conn.send_data_packets
+        pump_up = conn.fastpath.pump_up
+        if pump_up is not None:
+            conn.pump = UpPump(
+                self, server.forwarder, pump_up, CHANNEL_S, _OP_VPN_SEND,
+                conn.settings.max_payload,
+            )  # fmt: skip
         server.sessions.add(sid, self)
         self.established_at = time.time()
         self._request_deadline()

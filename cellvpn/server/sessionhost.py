@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Protocol
 
+from cellvpn.device.pump import PumpRoutes
+
 if TYPE_CHECKING:
     from cryptography import x509
     from twisted.internet.interfaces import IDelayedCall
@@ -54,8 +56,8 @@ class SessionProxy(Protocol):
     def usage_ended(self, session: ServerSession) -> None: ...
 
 
-class SessionForwarder(Protocol):
-    """The packet path between sessions and the TUN."""
+class SessionForwarder(PumpRoutes, Protocol):
+    """The packet path between sessions and the TUN (and the pump's view of it)."""
 
     def attach(self, peer: ServerSession) -> object: ...
 

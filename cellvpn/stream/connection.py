@@ -28,6 +28,9 @@ from cellvpn.wire.setup import PROTOCOL_VERSION, Close, CloseCode, Hello, Welcom
 #: A channel's packet handler: ``handler(channel_packet_type, data)``. ``data`` is a view of
 #: immutable bytes, so a handler may keep it.
 ChannelHandler = Callable[[int, memoryview], None]
+#: ``pump(view, seq_next) -> (pos, taken)``: carries the data frames at the start of ``view``
+#: that need no decision, numbered from ``seq_next``, and says where the rest begins
+DataPump = Callable[[memoryview, int], tuple[int, int]]
 
 # frame header + channel header in one pack: 37 + 16 bytes
 _FRAME_AND_CHANNEL = struct.Struct("<" + fr.HEADER.format[1:] + chan.HEADER.format[1:])
@@ -202,6 +205,8 @@ class StreamConnection:
         self.peer_hello: Hello | None = None
         self.welcome: Welcome | None = None
         self.closed: Closed | None = None
+        #: carries data frames before they reach a handler (the server's pump), or None
+        self.pump: DataPump | None = None
 
     # --- state ---------------------------------------------------------------------------
 
@@ -529,8 +534,12 @@ class StreamConnection:
             return []
         self._rx_since_tick = True
         self.stats.bytes_in += len(data)
+        pump = self.pump
         try:
-            frames = self._reader.feed(data)
+            if pump is not None and self.machine.state is StreamState.ESTABLISHED:
+                frames = self._reader.feed(data, self._run_pump)
+            else:
+                frames = self._reader.feed(data)
         except DecodeError as e:
             return [self._violation(str(e))]
         if not frames:
@@ -575,6 +584,16 @@ class StreamConnection:
                 break
             established = self.machine.state is StreamState.ESTABLISHED
         return events
+
+    def _run_pump(self, view: memoryview) -> int:
+        """The pump's turn at the start of a read: the data frames it carried count as
+        received and accepted, as if their handler had seen them."""
+        assert self.pump is not None
+        pos, taken = self.pump(view, self._seq.last + 1)
+        if taken:
+            self._seq.last += taken
+            self.stats.frames_in += taken
+        return pos
 
     def _control_frame(self, ftype: int, payload: memoryview) -> Event | None:
         if (

@@ -123,6 +123,10 @@ def scan_frames(
 #: twin (``cellvpn/native/frames.h``)
 Scan = Callable[[memoryview, int, int], tuple[list[tuple[int, memoryview]], int, int, int]]
 
+#: ``pump(view) -> pos``: carries the frames at the start of ``view`` that need no decision
+#: (the server's pump, :mod:`cellvpn.device.pump`) and returns where the rest begins
+Pump = Callable[[memoryview], int]
+
 
 class FrameReader:
     """Cuts a byte stream into frames, checking every header.
@@ -148,8 +152,11 @@ class FrameReader:
         """Bytes received but not yet returned as a frame."""
         return self._held
 
-    def feed(self, data: bytes) -> list[tuple[int, memoryview]]:
-        """Add ``data``; return every frame it completes. Raises DecodeError on a bad header."""
+    def feed(self, data: bytes, pump: Pump | None = None) -> list[tuple[int, memoryview]]:
+        """Add ``data``; return every frame it completes. Raises DecodeError on a bad header.
+
+        ``pump`` first takes the frames at the start that it can carry itself; the frames
+        returned are the ones after them."""
         if self._chunks:
             self._chunks.append(data)
             self._held += len(data)
@@ -158,7 +165,9 @@ class FrameReader:
             data = b"".join(self._chunks)
             self._chunks.clear()
         view = memoryview(data)
-        frames, pos, self._need, bad = self._scan(view, 0, self.max_payload)
+        frames, pos, self._need, bad = self._scan(
+            view, 0 if pump is None else pump(view), self.max_payload
+        )
         if bad:
             self._held = 0
             sig, size = HEADER.unpack_from(view, pos)[:2]

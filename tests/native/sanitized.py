@@ -6,7 +6,9 @@ and fed random inputs beside the Python loops (``make fuzz-native``; a short run
 Run it with the sanitizers' runtime preloaded (``LD_PRELOAD``, as the Makefile does): a read
 past a buffer, a bad free or undefined behaviour in the wrapper (memoryview slices, the
 bytearray's growth, the copies) aborts the run; a result that differs from the Python loop's is
-a finding too. The C loops alone are fuzzed by ``cellvpn/native/fuzz_frames.c``.
+a finding too. The pump writes to one end of a datagram socket pair, read back and compared
+with ``reference_pump``, its contract written again in Python. The C loops alone are fuzzed
+by ``cellvpn/native/fuzz_frames.c``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import socket
 import struct
 import sys
 from typing import Any
@@ -101,6 +104,141 @@ def check_pack(c: Any, rng: random.Random) -> None:
     assert got == want
 
 
+PUMP_HEADERS = struct.Struct("<8sIQBQQ" + "BBBxQI" + "iIIIxxxx")
+LEASES = [bytes([198, 18, 5, 2]), bytes([198, 18, 5, 3])]
+HOSTS = [bytes([198, 18, 5, 1]), bytes([198, 19, 0, 1])]
+
+
+def reference_pump(
+    data: bytes, pos: int, max_payload: int, lease: bytes, keep: bytes, hosts: bytes,
+    host_udp: bytes, flags: int, seq_next: int, allowance: int, channel: int, op: int,
+) -> tuple[int, list[bytes]]:  # fmt: skip
+    """What cvpn_pump_up must do, written again from its contract: the first byte not
+    carried, and the packets written."""
+    end = len(data)
+    at = pos
+    while end - at >= fr.HEADER_SIZE:
+        sig, size = struct.unpack_from("<8sI", data, at)
+        if sig != fr.SIGNATURE or size > max_payload:
+            return pos, []
+        if at + fr.HEADER_SIZE + size > end:
+            break
+        at += fr.HEADER_SIZE + size
+    keeps = [(keep[i : i + 4], keep[i + 4 : i + 8]) for i in range(0, len(keep), 8)]
+    host_set = {hosts[i : i + 4] for i in range(0, len(hosts), 4)}
+    ports = {int.from_bytes(host_udp[i : i + 2], "big") for i in range(0, len(host_udp), 2)}
+
+    def masked(a: bytes, m: bytes) -> bytes:
+        return bytes(x & y for x, y in zip(a, m, strict=True))
+
+    def host_ok(pkt: bytes) -> bool:
+        if flags & 2:
+            return True
+        if pkt[6] & 0x3F or pkt[7]:
+            return False
+        if pkt[9] == 1:
+            return bool(flags & 1) and len(pkt) >= 28 and pkt[20] == 8
+        return pkt[9] == 17 and len(pkt) >= 24 and int.from_bytes(pkt[22:24], "big") in ports
+
+    def packet_ok(pkt: bytes) -> bool:
+        if len(pkt) < 20 or pkt[0] != 0x45 or int.from_bytes(pkt[2:4], "big") != len(pkt):
+            return False
+        if pkt[9] == 6 or pkt[12:16] != lease:
+            return False
+        dst = pkt[16:20]
+        if dst in host_set:
+            return host_ok(pkt)
+        return not any(masked(dst, m) == masked(a, m) for a, m in keeps)
+
+    out: list[bytes] = []
+    while end - pos >= fr.HEADER_SIZE:
+        (size,) = struct.unpack_from("<I", data, pos + 8)
+        stop = pos + fr.HEADER_SIZE + size
+        if stop > end or data[pos + 20] != 0 or size < 36:
+            break
+        c = pos + fr.HEADER_SIZE
+        cid, seq, csize = data[c], *struct.unpack_from("<QI", data, c + 4)
+        vop, vsize = struct.unpack_from("<I4xI", data, c + 20)
+        pkt = data[c + 36 : stop]
+        if cid != channel or seq_next >= 2**64 - 1 or seq != seq_next or csize != size - 16:
+            break
+        if vop != op or vsize != len(pkt) or not packet_ok(pkt) or len(pkt) >= allowance:
+            break
+        out.append(pkt)
+        allowance -= len(pkt)
+        seq_next += 1
+        pos = stop
+    return pos, out
+
+
+def pump_stream(rng: random.Random, seq: int, lease: bytes) -> bytes:
+    """Data frames, mostly ones the pump carries, then bytes changed and the tail cut."""
+    out = bytearray()
+    for n in range(rng.randrange(10)):
+        dst = rng.choice(HOSTS + LEASES + [bytes([198, 19, 7, 7])] * 4)
+        proto = rng.choice([17, 17, 17, 1, 6, 47])
+        body = bytearray(rng.randbytes(rng.choice([0, 4, 8, 16, 100, 1400])))
+        if proto == 17 and len(body) >= 4:
+            body[2:4] = rng.choice([5201, 53, 9]).to_bytes(2, "big")
+        if proto == 1 and body:
+            body[0] = rng.choice([8, 0])
+        total = 20 + len(body) + (0 if rng.randrange(10) else rng.choice([1, -1]))
+        pkt = struct.pack(
+            "!BBHHHBBH4s4s", 0x45 if rng.randrange(10) else 0x46, 0, total & 0xFFFF, 1,
+            0 if rng.randrange(6) else 0x2000, 64, proto, 0,
+            lease if rng.randrange(8) else rng.choice(LEASES), dst,
+        ) + body  # fmt: skip
+        out += PUMP_HEADERS.pack(
+            fr.SIGNATURE, len(pkt) + 36, 5, 0, 0, 0, 0x53, 0, 2, (seq + n) % 2**64, len(pkt) + 20,
+            0, 1 if rng.randrange(12) else 2, 0, len(pkt),
+        ) + pkt  # fmt: skip
+    for _ in range(rng.randrange(3)):
+        if out:
+            out[rng.randrange(len(out))] = rng.randrange(256)
+    if out and rng.randrange(3) == 0:
+        del out[len(out) - rng.randrange(len(out) + 1) :]
+    return bytes(out)
+
+
+def check_pump(c: Any, rng: random.Random, ends: tuple[socket.socket, socket.socket]) -> None:
+    lease = rng.choice(LEASES)
+    seq = rng.choice([0, 7, 2**64 - 2, 2**64 - 1])
+    data = pump_stream(rng, seq, lease)
+    keep = b"".join(
+        rng.choice([bytes([198, 18, 5, 0, 255, 255, 255, 0]), rng.randbytes(8)])
+        for _ in range(rng.randrange(3))
+    )
+    hosts = b"".join(rng.sample(HOSTS, rng.randrange(3)))
+    host_udp = b"".join(p.to_bytes(2, "big") for p in rng.sample([5201, 53, 7], rng.randrange(4)))
+    flags = rng.randrange(4)
+    allowance = rng.choice([1, 100, 2000, 2**62 - 1])
+    max_payload = rng.choice([0, 100, 1500, 262144])
+    vnet = rng.randrange(2) == 1
+    args = (lease, keep, hosts, host_udp, flags, seq, allowance, 0x53, 1)
+    tun, peer = ends
+    got = c.pump_up(memoryview(data), 0, max_payload, tun.fileno(), vnet, *args)
+    written = []
+    while True:
+        try:
+            written.append(peer.recv(70000))
+        except BlockingIOError:
+            break
+    want_pos, want = reference_pump(data, 0, max_payload, *args)
+    header = bytes(10) if vnet else b""
+    assert got[0] == want_pos, (got, want_pos)
+    assert written == [header + p for p in want], "packets differ"
+    assert got[1:] == (len(want), sum(map(len, want)), sum(len(header) + len(p) for p in want))
+
+
+def tun_stand_in() -> tuple[socket.socket, socket.socket]:
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for end in ends:
+        end.setblocking(False)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+    return ends
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module")
@@ -109,15 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     c = load(args.module)
     rng = random.Random(args.seed)
+    ends = tun_stand_in()
+    counts = {"scan": 0, "pack": 0, "pump": 0}
     for n in range(args.inputs):
+        kind = ("scan", "pump", "scan", "pack")[n % 4]
+        counts[kind] += 1
         try:
-            (check_pack if n % 4 == 3 else check_scan)(c, rng)
+            if kind == "pump":
+                check_pump(c, rng, ends)
+            else:
+                (check_pack if kind == "pack" else check_scan)(c, rng)
         except AssertionError as e:
             print(f"finding at input {n} (seed {args.seed}): {e}", file=sys.stderr)
             return 1
+    for end in ends:
+        end.close()
     print(
-        f"sanitized module: {args.inputs:,} inputs (scan {args.inputs - args.inputs // 4:,},"
-        f" pack {args.inputs // 4:,}), 0 findings, seed {args.seed}"
+        f"sanitized module: {args.inputs:,} inputs (scan {counts['scan']:,},"
+        f" pump {counts['pump']:,}, pack {counts['pack']:,}), 0 findings, seed {args.seed}"
     )
     return 0
 

@@ -27,6 +27,7 @@ def test_the_c_loops_under_the_sanitizers(tmp_path: Path) -> None:
     done = subprocess.run([str(driver), INPUTS, "11"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "20000 inputs" in done.stdout and "0 findings" in done.stdout
+    assert "pump 5000 with" in done.stdout
 
 
 def test_the_module_under_the_sanitizers(tmp_path: Path) -> None:
@@ -52,3 +53,4 @@ def test_the_module_under_the_sanitizers(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert "20,000 inputs" in done.stdout and "0 findings" in done.stdout
+    assert "pump 5,000" in done.stdout
