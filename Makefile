@@ -90,14 +90,14 @@ fuzz: venv
 
 # The C fast path under AddressSanitizer and UndefinedBehaviorSanitizer: its loops alone
 # (cellvpn/native/fuzz_frames.c), then the module built with both, loaded into Python and fed
-# beside the Python loops (tests/native/sanitized.py); a million inputs each unless
-# CELLVPN_FUZZ_EXAMPLES says otherwise.
+# beside the Python loops (tests/native/sanitized.py); four million inputs each (a quarter of
+# them for the pump, half for the scan) unless CELLVPN_FUZZ_EXAMPLES says otherwise.
 fuzz-native: venv cc
 	mkdir -p build/sanitized
 	gcc $(SANITIZE) -Wall -Wextra cellvpn/native/fuzz_frames.c -o build/fuzz_frames
-	build/fuzz_frames $${CELLVPN_FUZZ_EXAMPLES:-1000000}
+	build/fuzz_frames $${CELLVPN_FUZZ_EXAMPLES:-4000000}
 	gcc $(SANITIZE) -fPIC -shared -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
 	    cellvpn/native/_fastpath.c -o build/sanitized/_fastpath.so
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	    ASAN_OPTIONS=detect_leaks=0 $(PY) -m tests.native.sanitized build/sanitized/_fastpath.so \
-	    --inputs $${CELLVPN_FUZZ_EXAMPLES:-1000000}
+	    --inputs $${CELLVPN_FUZZ_EXAMPLES:-4000000}
