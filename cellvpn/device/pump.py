@@ -9,7 +9,10 @@ one it is not, which goes to Python with everything after it. C carries a packet
 Python would write it unchanged:
 
 - a whole DATA frame on the VPN channel, its seq the next one, every size field right, op
-  VPN_SEND;
+  VPN_SEND, or VPN_SEND_GSO from a session that agreed to offload with a vnet header that
+  ``rebuild_header`` keeps as it is or rebuilds the same way each time: no flags (a plain
+  packet), or a UDP checksum for the device to finish (only to a TUN that takes vnet headers;
+  super-packets are Python's);
 - plain IPv4 (no options, the total length its size) from the session's lease, and not TCP
   (Python clamps the MSS of SYNs and joins segments for the offload TUN);
 - not to another client or to a host address a client could hold (``keep``: Python routes
@@ -91,6 +94,8 @@ class PumpPeer(Protocol):
     allowance: int
     passing: bool
     rate_up: TokenBucket | None
+    #: the session agreed to VPN_SEND_GSO
+    offload: bool
 
 
 class PumpTun(Protocol):
@@ -118,7 +123,7 @@ class PumpRoutes(Protocol):
 class UpPump:
     """One session's pump, the stream's ``DataPump``: ``(view, seq_next) -> (pos, taken)``."""
 
-    __slots__ = ("channel", "max_payload", "op", "peer", "pump_up", "routes")
+    __slots__ = ("channel", "max_payload", "op", "op_gso", "peer", "pump_up", "routes")
 
     def __init__(
         self,
@@ -127,6 +132,7 @@ class UpPump:
         pump_up: PumpUp,
         channel: int,
         op: int,
+        op_gso: int,
         max_payload: int,
     ) -> None:
         self.peer = peer
@@ -134,6 +140,7 @@ class UpPump:
         self.pump_up = pump_up
         self.channel = channel
         self.op = op
+        self.op_gso = op_gso
         self.max_payload = max_payload
 
     def __call__(self, view: memoryview, seq_next: int) -> tuple[int, int]:
@@ -149,6 +156,7 @@ class UpPump:
         pos, packets, ip_bytes, written = self.pump_up(
             view, 0, self.max_payload, fd, routes.vnet, peer.addr_key, keep, hosts, host_udp,
             host_flags, seq_next, min(peer.allowance, _MAX_ALLOWANCE), self.channel, self.op,
+            self.op_gso if peer.offload else 0,
         )  # fmt: skip
         if packets:
             counters = peer.counters

@@ -41,10 +41,10 @@ Pack = Callable[
 
 
 #: ``pump_up(view, pos, max_payload, fd, vnet, lease, keep, hosts, host_udp, host_flags,
-#: seq_next, allowance, channel, op) -> (pos, packets, ip_bytes, written)``: the server's pump
-#: from the stream to the TUN (``cellvpn/device/pump.py``)
+#: seq_next, allowance, channel, op, op_gso) -> (pos, packets, ip_bytes, written)``: the
+#: server's pump from the stream to the TUN (``cellvpn/device/pump.py``)
 PumpUp = Callable[
-    [memoryview, int, int, int, bool, bytes, bytes, bytes, bytes, int, int, int, int, int],
+    [memoryview, int, int, int, bool, bytes, bytes, bytes, bytes, int, int, int, int, int, int],
     tuple[int, int, int, int],
 ]
 

@@ -171,13 +171,15 @@ typedef struct {
 
 static const unsigned char plain_vnet[10];
 
-static int pump_write(void *arg, const unsigned char *pkt, size_t size, size_t *written)
+static int pump_write(void *arg, const unsigned char *vnet, const unsigned char *pkt, size_t size,
+                      size_t *written)
 {
     pump_ctx *ctx = arg;
     ssize_t n;
     do {
         if (ctx->vnet) {
-            struct iovec iov[2] = {{(void *)plain_vnet, sizeof plain_vnet}, {(void *)pkt, size}};
+            struct iovec iov[2] = {{(void *)(vnet ? vnet : plain_vnet), sizeof plain_vnet},
+                                   {(void *)pkt, size}};
             n = writev(ctx->fd, iov, 2);
         } else {
             n = write(ctx->fd, pkt, size);
@@ -191,9 +193,10 @@ static int pump_write(void *arg, const unsigned char *pkt, size_t size, size_t *
 
 PyDoc_STRVAR(pump_up_doc,
 "pump_up(view, pos, max_payload, fd, vnet, lease, keep, hosts, host_udp, host_flags,\n"
-"        seq_next, allowance, channel, op) -> (pos, packets, ip_bytes, written)\n\n"
-"Write to the TUN fd the VPN_SEND packets of the data frames at the start of view[pos:]\n"
-"(frames.h says which), each as one write (after a zero vnet header if vnet). lease is the\n"
+"        seq_next, allowance, channel, op, op_gso) -> (pos, packets, ip_bytes, written)\n\n"
+"Write to the TUN fd the VPN_SEND packets (and VPN_SEND_GSO ones if op_gso is not 0) of the\n"
+"data frames at the start of view[pos:] (frames.h says which), each as one write (after a\n"
+"vnet header if vnet). lease is the\n"
 "4-byte source every packet must have; keep holds up to 16 (address, mask) pairs of 4 bytes\n"
 "each, destinations left to Python; hosts up to 16 host addresses of 4 bytes, host_udp up to\n"
 "16 UDP ports of 2 bytes (big-endian) that to_host lets reach them, host_flags 1 for echo\n"
@@ -208,11 +211,11 @@ static PyObject *pump_up(PyObject *self, PyObject *args)
     unsigned long long max_payload, seq_next;
     int fd, vnet;
     Py_buffer lease, keep, hosts, udp;
-    unsigned host_flags, channel, op;
+    unsigned host_flags, channel, op, op_gso;
     long long allowance;
-    if (!PyArg_ParseTuple(args, "O!nKipy*y*y*y*IKLII:pump_up", &PyMemoryView_Type, &view, &pos,
+    if (!PyArg_ParseTuple(args, "O!nKipy*y*y*y*IKLIII:pump_up", &PyMemoryView_Type, &view, &pos,
                           &max_payload, &fd, &vnet, &lease, &keep, &hosts, &udp, &host_flags,
-                          &seq_next, &allowance, &channel, &op))
+                          &seq_next, &allowance, &channel, &op, &op_gso))
         return NULL;
     PyObject *result = NULL;
     cvpn_pump_cfg cfg;
@@ -235,6 +238,8 @@ static PyObject *pump_up(PyObject *self, PyObject *args)
     }
     cfg.channel = channel;
     cfg.op = op;
+    cfg.op_gso = op_gso;
+    cfg.vnet = vnet;
     cfg.seq_next = seq_next;
     cfg.allowance = allowance;
     cfg.lease = cvpn_get32(lease.buf);

@@ -143,6 +143,8 @@ static inline int cvpn_data_headers(unsigned char *out, const cvpn_data_run *run
 typedef struct {
     unsigned channel;  /* the VPN channel ('S') */
     uint32_t op;       /* VPN_SEND */
+    uint32_t op_gso;   /* VPN_SEND_GSO if the session agreed to offload, else 0 (none) */
+    int vnet;          /* the TUN takes a vnet header before each packet */
     uint64_t seq_next; /* the seq the next data frame must carry (the last accepted + 1) */
     int64_t allowance; /* IP bytes billing lets pass; a packet that would use it up is left */
     uint32_t lease;    /* the session's IPv4 address: every source must be it */
@@ -165,9 +167,37 @@ typedef struct {
     uint64_t written;   /* bytes the writes reported (with a vnet header each, if any) */
 } cvpn_pump_result;
 
-/* Write one IP packet to the TUN; store the bytes written. Nonzero: not written (the frame
- * is left to Python, which counts the failure as it always does). */
-typedef int (*cvpn_write_fn)(void *ctx, const unsigned char *pkt, size_t size, size_t *written);
+/* Write one IP packet to the TUN, after the vnet header `vnet` (NULL: an all-zero one, if the
+ * TUN takes headers at all); store the bytes written. Nonzero: not written (the frame is left
+ * to Python, which counts the failure as it always does). */
+typedef int (*cvpn_write_fn)(void *ctx, const unsigned char *vnet, const unsigned char *pkt,
+                             size_t size, size_t *written);
+
+/* The header Python's rebuild_header makes for a UDP packet whose checksum the device finishes:
+ * NEEDS_CSUM, GSO_NONE, the checksum at 20 + 6. */
+static const unsigned char cvpn_vnet_udp_csum[10] = {1, 0, 0, 0, 0, 0, 20, 0, 6, 0};
+
+/* A VPN_SEND_GSO packet's vnet header, as rebuild_header judges it, for the packets C carries
+ * (plain IPv4, not TCP): *out is the header to write (NULL: a plain one). 0 leaves the frame
+ * to Python: a super-packet, an unknown flag, checksum fields that do not match the packet, a
+ * checksum to finish without a vnet TUN (Python finishes it), a fragment with a checksum. */
+static inline int cvpn_pump_vnet(const cvpn_pump_cfg *cfg, const unsigned char *vh,
+                                 const unsigned char *pkt, size_t size,
+                                 const unsigned char **out)
+{
+    if ((vh[0] & ~3u) || (vh[1] & 0x7fu))
+        return 0;
+    if (!(vh[0] & 1)) {
+        *out = NULL;
+        return 1;
+    }
+    if (!cfg->vnet || (pkt[6] & 0x3f) || pkt[7] || pkt[9] != 17 || size < 28)
+        return 0;
+    if ((vh[6] | vh[7] << 8) != 20 || (vh[8] | vh[9] << 8) != 6)
+        return 0;
+    *out = cvpn_vnet_udp_csum;
+    return 1;
+}
 
 /* Whether to_host lets this packet (to a host address) pass, for what C knows of the rules;
  * 0 leaves it to Python, which knows them all (dns, tcp ports) and drops what they refuse. */
@@ -211,7 +241,8 @@ static inline int cvpn_pump_packet_ok(const cvpn_pump_cfg *cfg, const unsigned c
     return 1;
 }
 
-/* Carry the VPN_SEND packets at the start of buf[pos:end] to the TUN, frame by frame, and
+/* Carry the VPN_SEND (and VPN_SEND_GSO) packets at the start of buf[pos:end] to the TUN, frame
+ * by frame, and
  * stop at the first frame that is not whole, not one C may carry, or not written. A frame
  * header anywhere in the buffer that the reader would refuse stops it before it starts, since
  * then Python closes the session without carrying any of the read. */
@@ -243,13 +274,25 @@ static inline void cvpn_pump_up(const unsigned char *buf, size_t pos, size_t end
             cvpn_get32(c + 12) != size - CVPN_CHANNEL_HEADER)
             break;
         size_t ip = size - CVPN_CHANNEL_HEADER - CVPN_VPN_HEADER;
-        if (cvpn_get32(v + 4) != cfg->op || cvpn_get32(v + 12) != ip)
+        uint32_t op = cvpn_get32(v + 4);
+        if (cvpn_get32(v + 12) != ip)
             break;
-        const unsigned char *pkt = v + CVPN_VPN_HEADER;
+        const unsigned char *pkt = v + CVPN_VPN_HEADER, *vh = NULL, *header = NULL;
+        if (op == cfg->op_gso && cfg->op_gso != 0 && op != cfg->op) {
+            if (ip < 10)
+                break;
+            vh = pkt; /* VPN_SEND_GSO: a vnet header, then the packet */
+            pkt += 10;
+            ip -= 10;
+        } else if (op != cfg->op) {
+            break;
+        }
         if (!cvpn_pump_packet_ok(cfg, pkt, ip) || (int64_t)ip >= allowance)
             break;
+        if (vh != NULL && !cvpn_pump_vnet(cfg, vh, pkt, ip, &header))
+            break;
         size_t written = 0;
-        if (write(ctx, pkt, ip, &written) != 0)
+        if (write(ctx, header, pkt, ip, &written) != 0)
             break;
         allowance -= (int64_t)ip;
         seq++;

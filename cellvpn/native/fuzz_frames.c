@@ -176,17 +176,35 @@ static int in_list(const uint32_t *list, size_t n, uint32_t v)
 }
 
 /* Every packet the pump writes, checked against the rules again, from its bytes alone. */
-static int pump_write_check(void *arg, const unsigned char *pkt, size_t size, size_t *written)
+static int pump_write_check(void *arg, const unsigned char *vnet, const unsigned char *pkt,
+                            size_t size, size_t *written)
 {
     pump_check *c = arg;
     const cvpn_pump_cfg *cfg = c->cfg;
     const unsigned char *h = c->buf + c->next_frame;
-    CHECK(pkt == h + CVPN_DATA_HEADERS && c->next_frame + CVPN_DATA_HEADERS + size <= c->len);
+    int gso = cvpn_get32(h + 57) != cfg->op;
+    size_t extra = gso ? 10 : 0; /* VPN_SEND_GSO: a vnet header before the packet */
+    CHECK(pkt == h + CVPN_DATA_HEADERS + extra);
+    CHECK(c->next_frame + CVPN_DATA_HEADERS + extra + size <= c->len);
     CHECK(memcmp(h, cvpn_signature, 8) == 0 && h[20] == 0);
-    CHECK(cvpn_get32(h + 8) == size + 36 && h[37] == cfg->channel);
+    CHECK(cvpn_get32(h + 8) == size + extra + 36 && h[37] == cfg->channel);
     CHECK(cvpn_get64(h + 41) == c->seq && c->seq != UINT64_MAX);
-    CHECK(cvpn_get32(h + 49) == size + 20 && cvpn_get32(h + 57) == cfg->op);
-    CHECK(cvpn_get32(h + 65) == size);
+    CHECK(cvpn_get32(h + 49) == size + extra + 20);
+    CHECK(cvpn_get32(h + 57) == cfg->op || (cfg->op_gso && cvpn_get32(h + 57) == cfg->op_gso));
+    CHECK(cvpn_get32(h + 65) == size + extra);
+    if (gso) {
+        const unsigned char *vh = pkt - 10;
+        CHECK(vh[0] <= 3 && (vh[1] == 0 || vh[1] == 0x80));
+        if (vh[0] & 1) { /* a checksum for the device: UDP, not a fragment, to a vnet TUN */
+            CHECK(cfg->vnet && vnet != NULL && memcmp(vnet, "\1\0\0\0\0\0\24\0\6\0", 10) == 0);
+            CHECK(pkt[9] == 17 && size >= 28 && pkt[6] % 64 == 0 && pkt[7] == 0);
+            CHECK(vh[6] == 20 && vh[7] == 0 && vh[8] == 6 && vh[9] == 0);
+        } else {
+            CHECK(vnet == NULL);
+        }
+    } else {
+        CHECK(vnet == NULL);
+    }
     CHECK(size >= 20 && pkt[0] == 0x45 && (size_t)(pkt[2] * 256 + pkt[3]) == size);
     CHECK(pkt[9] != 6 && memcmp(pkt + 12, &cfg->lease, 4) == 0);
     CHECK((int64_t)size < c->allowance);
@@ -211,7 +229,7 @@ static int pump_write_check(void *arg, const unsigned char *pkt, size_t size, si
     }
     c->allowance -= (int64_t)size;
     c->seq++;
-    c->next_frame += CVPN_DATA_HEADERS + size;
+    c->next_frame += CVPN_DATA_HEADERS + extra + size;
     c->written++;
     if (below(50) == 0)
         return 1; /* a write that fails: the pump must stop at this frame */
@@ -229,7 +247,9 @@ static void fuzz_pump(void)
     unsigned char lease[4] = {198, 18, 5, (unsigned char)(2 + below(2))};
     cfg.lease = cvpn_get32(lease);
     cfg.channel = 0x53;
-    cfg.op = 1;
+    cfg.op = 0xbc;
+    cfg.op_gso = below(3) ? 0xc8 : 0;
+    cfg.vnet = (int)below(2);
     cfg.seq_next = below(4) ? below(1000) : UINT64_MAX - below(3);
     cfg.allowance = below(3) ? INT64_MAX / 2 : (int64_t)below(4000);
     cfg.n_keep = below(3);
@@ -253,14 +273,25 @@ static void fuzz_pump(void)
     unsigned char *tmp = malloc(cap);
     CHECK(tmp != NULL);
     size_t len = 0;
-    for (uint64_t n = 0; len + CVPN_DATA_HEADERS + 20 < cap; n++) {
+    for (uint64_t n = 0; len + CVPN_DATA_HEADERS + 30 < cap; n++) {
         size_t body = below(3) ? below(64) : below(1500);
         size_t size = 20 + body;
-        if (len + CVPN_DATA_HEADERS + size > cap)
+        int gso = below(3) == 0;
+        size_t extra = gso ? 10 : 0;
+        if (len + CVPN_DATA_HEADERS + extra + size > cap)
             break;
-        cvpn_data_run run = {5, 0, cfg.seq_next + n, cfg.channel, 2, cfg.op, 0};
-        cvpn_data_headers(tmp + len, &run, 0, size);
+        cvpn_data_run run = {5, 0, cfg.seq_next + n, cfg.channel, 2, gso ? 0xc8 : cfg.op, 0};
+        cvpn_data_headers(tmp + len, &run, 0, extra + size);
         unsigned char *p = tmp + len + CVPN_DATA_HEADERS;
+        if (gso) { /* a vnet header: mostly plain or a UDP checksum, sometimes anything */
+            static const unsigned char csum[10] = {1, 0, 0, 0, 0, 0, 20, 0, 6, 0};
+            memset(p, 0, 10);
+            if (below(2))
+                memcpy(p, csum, 10);
+            if (below(4) == 0)
+                p[below(10)] = (unsigned char)next();
+            p += 10;
+        }
         for (size_t i = 0; i < size; i++)
             p[i] = (unsigned char)next();
         p[0] = below(10) ? 0x45 : (unsigned char)next();
@@ -284,7 +315,7 @@ static void fuzz_pump(void)
         }
         if (p[9] == 1 && size > 20)
             p[20] = below(2) ? 8 : 0;
-        len += CVPN_DATA_HEADERS + size;
+        len += CVPN_DATA_HEADERS + extra + size;
     }
     for (uint64_t flips = below(3); flips > 0 && len; flips--)
         tmp[below(len)] ^= (unsigned char)(1u << below(8));
@@ -305,8 +336,8 @@ static void fuzz_pump(void)
     uint64_t ip = 0;
     for (uint64_t i = 0; i < r.packets; i++) {
         size_t size = cvpn_get32(buf + at + 8);
+        ip += size - 36 - (cvpn_get32(buf + at + 57) == cfg.op ? 0 : 10);
         at += CVPN_FRAME_HEADER + size;
-        ip += size - 36;
     }
     CHECK(at == r.pos && ip == r.ip_bytes && r.written == r.ip_bytes);
     pumped += r.packets;

@@ -231,7 +231,7 @@ class ServerSession(StreamApplication):
         pump_up = conn.fastpath.pump_up
         if pump_up is not None:
             conn.pump = UpPump(
-                self, server.forwarder, pump_up, CHANNEL_S, _OP_VPN_SEND,
+                self, server.forwarder, pump_up, CHANNEL_S, _OP_VPN_SEND, _OP_VPN_SEND_GSO,
                 conn.settings.max_payload,
             )  # fmt: skip
         server.sessions.add(sid, self)

@@ -112,9 +112,10 @@ HOSTS = [bytes([198, 18, 5, 1]), bytes([198, 19, 0, 1])]
 def reference_pump(
     data: bytes, pos: int, max_payload: int, lease: bytes, keep: bytes, hosts: bytes,
     host_udp: bytes, flags: int, seq_next: int, allowance: int, channel: int, op: int,
+    op_gso: int, vnet: bool,
 ) -> tuple[int, list[bytes]]:  # fmt: skip
     """What cvpn_pump_up must do, written again from its contract: the first byte not
-    carried, and the packets written."""
+    carried, and what was written (with its vnet header on a vnet TUN)."""
     end = len(data)
     at = pos
     while end - at >= fr.HEADER_SIZE:
@@ -162,9 +163,23 @@ def reference_pump(
         pkt = data[c + 36 : stop]
         if cid != channel or seq_next >= 2**64 - 1 or seq != seq_next or csize != size - 16:
             break
-        if vop != op or vsize != len(pkt) or not packet_ok(pkt) or len(pkt) >= allowance:
+        if vsize != len(pkt):
             break
-        out.append(pkt)
+        header = bytes(10)
+        if vop != op:
+            if not op_gso or vop != op_gso or len(pkt) < 10:
+                break
+            vh, pkt = pkt[:10], pkt[10:]
+            if vh[0] not in (0, 1, 2, 3) or vh[1] not in (0, 0x80):
+                break
+        if not packet_ok(pkt) or len(pkt) >= allowance:
+            break
+        if vop != op and vh[0] & 1:
+            frag = pkt[6] & 0x3F or pkt[7]
+            if not vnet or frag or pkt[9] != 17 or len(pkt) < 28 or vh[6:] != b"\x14\0\x06\0":
+                break
+            header = bytes([1, 0, 0, 0, 0, 0, 20, 0, 6, 0])
+        out.append(header + pkt if vnet else pkt)
         allowance -= len(pkt)
         seq_next += 1
         pos = stop
@@ -188,9 +203,13 @@ def pump_stream(rng: random.Random, seq: int, lease: bytes) -> bytes:
             0 if rng.randrange(6) else 0x2000, 64, proto, 0,
             lease if rng.randrange(8) else rng.choice(LEASES), dst,
         ) + body  # fmt: skip
+        op = rng.choice([0xBC] * 8 + [0xC8] * 3 + [0])
+        if op == 0xC8:  # a vnet header: plain, a UDP checksum, or anything
+            vh = rng.choice([bytes(10), bytes([1, 0, 0, 0, 0, 0, 20, 0, 6, 0]), rng.randbytes(10)])
+            pkt = vh + pkt
         out += PUMP_HEADERS.pack(
             fr.SIGNATURE, len(pkt) + 36, 5, 0, 0, 0, 0x53, 0, 2, (seq + n) % 2**64, len(pkt) + 20,
-            0, 1 if rng.randrange(12) else 2, 0, len(pkt),
+            0, op, 0, len(pkt),
         ) + pkt  # fmt: skip
     for _ in range(rng.randrange(3)):
         if out:
@@ -214,7 +233,7 @@ def check_pump(c: Any, rng: random.Random, ends: tuple[socket.socket, socket.soc
     allowance = rng.choice([1, 100, 2000, 2**62 - 1])
     max_payload = rng.choice([0, 100, 1500, 262144])
     vnet = rng.randrange(2) == 1
-    args = (lease, keep, hosts, host_udp, flags, seq, allowance, 0x53, 1)
+    args = (lease, keep, hosts, host_udp, flags, seq, allowance, 0x53, 0xBC, rng.choice([0, 0xC8]))
     tun, peer = ends
     got = c.pump_up(memoryview(data), 0, max_payload, tun.fileno(), vnet, *args)
     written = []
@@ -223,11 +242,11 @@ def check_pump(c: Any, rng: random.Random, ends: tuple[socket.socket, socket.soc
             written.append(peer.recv(70000))
         except BlockingIOError:
             break
-    want_pos, want = reference_pump(data, 0, max_payload, *args)
-    header = bytes(10) if vnet else b""
+    want_pos, want = reference_pump(data, 0, max_payload, *args, vnet)
     assert got[0] == want_pos, (got, want_pos)
-    assert written == [header + p for p in want], "packets differ"
-    assert got[1:] == (len(want), sum(map(len, want)), sum(len(header) + len(p) for p in want))
+    assert written == want, "packets differ"
+    ip = sum(len(p) - (10 if vnet else 0) for p in want)
+    assert got[1:] == (len(want), ip, sum(map(len, want)))
 
 
 def tun_stand_in() -> tuple[socket.socket, socket.socket]:

@@ -26,6 +26,10 @@ from tests.conftest import require_native
 from tests.server.test_session import Client, make_server
 
 LEASE = "198.18.9.2"
+#: vnet headers a client may put before a VPN_SEND_GSO packet
+PLAIN = bytes(10)
+UDP_CSUM = bytes([1, 0, 0, 0, 0, 0, 20, 0, 6, 0])
+TCP_GSO = bytes([1, 1, 40, 0, 0x88, 5, 20, 0, 16, 0])
 #: a host address outside the pool (the TUN's peer sees it as the host's own)
 HOST = "198.19.0.1"
 DESTINATIONS = [
@@ -86,8 +90,15 @@ def client_reads(draw: Any) -> list[tuple[str, Any]]:
     """A client's messages, each a VPN_SEND packet or another frame, to be written at once."""
     items: list[tuple[str, Any]] = []
     for _ in range(draw(st.integers(1, 12))):
-        what = draw(st.sampled_from(["send"] * 24 + ["ping", "other-op"] * 2 + ["service"]))
-        items.append((what, draw(client_packets())))
+        what = draw(
+            st.sampled_from(["send"] * 16 + ["gso"] * 8 + ["ping", "other-op"] * 2 + ["service"])
+        )
+        packet = draw(client_packets())
+        if what == "gso":  # a vnet header before it: plain, a UDP checksum to finish, or other
+            packet = (
+                draw(st.sampled_from([PLAIN, UDP_CSUM, TCP_GSO, bytes([4]) + bytes(9)])) + packet
+            )
+        items.append((what, packet))
     return items
 
 
@@ -147,9 +158,13 @@ class Twin:
 def twins(tmp_path: Path) -> Iterator[Any]:
     made: list[Twin] = []
 
-    def make(vnet: bool = False, to_host: str = "icmp, dns") -> tuple[Twin, Twin]:
+    def make(
+        vnet: bool = False, to_host: str = "icmp, dns", offload: bool = True
+    ) -> tuple[Twin, Twin]:
         fast = Twin(tmp_path / f"c{len(made)}", "on", vnet, to_host)
         slow = Twin(tmp_path / f"p{len(made)}", "off", vnet, to_host)
+        for twin in (fast, slow):  # as if HELLO had agreed to offload
+            twin.client.session.offload = offload
         made.extend((fast, slow))
         return fast, slow
 
@@ -165,6 +180,8 @@ def encode(client: Client, items: list[tuple[str, Any]]) -> bytes:
     for what, pkt in items:
         if what == "send":
             conn.send_channel(CHANNEL_S, 2, vpn.VpnPacket(vpn.OpCode.VPN_SEND, pkt).encode())
+        elif what == "gso":
+            conn.send_channel(CHANNEL_S, 2, vpn.VpnPacket(vpn.OpCode.VPN_SEND_GSO, pkt).encode())
         elif what == "ping":
             conn.send_channel(CHANNEL_S, 2, vpn.VpnPacket(vpn.OpCode.PING).encode())
         elif what == "service":
@@ -194,7 +211,7 @@ def run_pair(pair: tuple[Twin, Twin], data: bytes, cuts: list[int]) -> None:
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     reads=st.lists(
@@ -212,6 +229,7 @@ def run_pair(pair: tuple[Twin, Twin], data: bytes, cuts: list[int]) -> None:
     vnet=st.booleans(),
     to_host=st.sampled_from(["icmp, dns", "icmp, udp:5201, udp:7", "all", "none"]),
     allowance=st.sampled_from([None, None, 1, 60, 200, 10**6]),
+    offload=st.booleans(),
 )
 def test_the_pump_does_what_the_python_path_does(
     twins: Any,
@@ -219,9 +237,10 @@ def test_the_pump_does_what_the_python_path_does(
     vnet: bool,
     to_host: str,
     allowance: int | None,
+    offload: bool,
 ) -> None:
     require_native()
-    pair = twins(vnet, to_host)
+    pair = twins(vnet, to_host, offload)
     if allowance is not None:
         for twin in pair:
             twin.client.session.allowance = allowance
@@ -333,6 +352,48 @@ def test_what_the_pump_carries(twins: Any, why: str, to_host: str, packet: bytes
     assert pair[0].server.forwarder.pumped_packets == 2, why
 
 
+#: VPN_SEND_GSO packets: (why, vnet TUN, the session agreed to offload, vnet header, packet,
+#: carried by C)
+OUT = udp_to("198.19.7.7")
+CSUM_AT = bytes([1, 0, 0, 0, 0, 0])  # NEEDS_CSUM, GSO_NONE, then csum_start, csum_offset
+# fmt: off
+GSO_CASES = [
+    ("plain", False, True, PLAIN, OUT, True),
+    ("data valid", False, True, bytes([2]) + bytes(9), OUT, True),
+    ("udp checksum, vnet TUN", True, True, UDP_CSUM, OUT, True),
+    ("udp checksum, ECN bit", True, True, bytes([1, 0x80]) + UDP_CSUM[2:], OUT, True),
+    ("udp checksum to the host", True, True, UDP_CSUM, udp_to(HOST), True),
+    ("udp checksum, plain TUN", False, True, UDP_CSUM, OUT, False),
+    ("udp checksum offset wrong", True, True, CSUM_AT + bytes([20, 0, 16, 0]), OUT, False),
+    ("udp checksum start wrong", True, True, CSUM_AT + bytes([24, 0, 6, 0]), OUT, False),
+    ("udp checksum, fragment", True, True, UDP_CSUM,
+     ip_packet(LEASE, "198.19.7.7", 17, OUT[20:], frag=1), False),
+    ("checksum for gre", True, True, UDP_CSUM,
+     ip_packet(LEASE, "198.19.7.7", 47, bytes(16)), False),
+    ("a tcp super-packet", True, True, TCP_GSO,
+     ip_packet(LEASE, "198.19.7.7", 6, bytes(40)), False),
+    ("udp gso type", True, True, bytes([1, 5]) + UDP_CSUM[2:], OUT, False),
+    ("unknown flag", True, True, bytes([4]) + bytes(9), OUT, False),
+    ("no offload agreed", True, False, PLAIN, OUT, False),
+    ("spoofed", True, True, PLAIN, ip_packet("198.18.9.3", "198.19.7.7", 17, bytes(8)), False),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("why", "vnet", "offload", "header", "packet", "carried"),
+    GSO_CASES,
+    ids=[c[0] for c in GSO_CASES],
+)
+def test_vpn_send_gso_in_the_pump(
+    twins: Any, why: str, vnet: bool, offload: bool, header: bytes, packet: bytes, carried: bool
+) -> None:
+    require_native()
+    pair = twins(vnet=vnet, to_host="icmp, udp:5201", offload=offload)
+    run_pair(pair, encode(pair[0].client, [("gso", header + packet)] * 2), [])
+    assert pair[0].server.forwarder.pumped_packets == (2 if carried else 0), why
+
+
 #: header fields of the first of two data frames, each changed: the pump carries neither
 #: (offset in the frame, value): frame type, channel, channel size, seq, op, VPN size
 FRAMING = [
@@ -361,6 +422,18 @@ def test_a_frame_the_pump_may_not_carry(twins: Any, why: str, offset: int, value
     assert pair[0].server.forwarder.pumped_packets == 0, why
 
 
+def test_an_op_of_zero_is_not_vpn_send_gso_without_offload(twins: Any) -> None:
+    """0 stands for "no VPN_SEND_GSO" in the pump's arguments: a frame with op 0 is not one."""
+    require_native()
+    pair = twins(offload=False)
+    packet = PLAIN + OUT
+    header = struct.pack("<iIII4x", 0, 0, 0, len(packet))
+    for _ in range(2):
+        pair[0].client.conn.send_channel(CHANNEL_S, 2, header + packet)
+    run_pair(pair, pair[0].client.conn.data_to_send(), [])
+    assert pair[0].server.forwarder.pumped_packets == 0
+
+
 def test_the_rules_the_pump_gets() -> None:
     pool = ipaddress.IPv4Network("198.18.5.0/24")
     rules = ToHostRules.parse(["icmp", "udp:5201", "udp:53", "tcp:22"])
@@ -383,7 +456,7 @@ def test_the_rules_the_pump_gets() -> None:
 def test_the_pump_refuses_arguments_out_of_their_range() -> None:
     c = require_native()
     view = memoryview(b"")
-    good: list[Any] = [view, 0, 1000, 0, False, bytes(4), b"", b"", b"", 0, 0, 100, 2, 1]
+    good: list[Any] = [view, 0, 1000, 0, False, bytes(4), b"", b"", b"", 0, 0, 100, 2, 1, 0]
 
     def call(**changed: Any) -> None:
         args = list(good)
