@@ -6,6 +6,7 @@ The L4 proxy's counts are TCP payload bytes instead: there are no IP packets on 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -68,3 +69,36 @@ class SessionCounters:
 
 
 _NAMES = tuple(f.name for f in fields(SessionCounters))
+
+
+class Charged(Protocol):
+    """A session as counting and billing see it: every path that carries its packets (the
+    forwarder, the server's pump) charges them here."""
+
+    counters: SessionCounters
+    #: IP bytes that may still pass before ``allowance_used`` must be called (billing)
+    allowance: int
+
+    def allowance_used(self) -> None:
+        """The allowance reached zero: billing looks at the limits and sets a new one."""
+
+
+def charge_to_client(peer: Charged, packets: int, size: int) -> None:
+    """``packets`` (``size`` IP bytes) went towards the client: counted, and drawn from the
+    allowance, whose end hands over to billing. Every path to a client ends here."""
+    counters = peer.counters
+    counters.to_client_packets += packets
+    counters.to_client_bytes += size
+    peer.allowance -= size
+    if peer.allowance <= 0:
+        peer.allowance_used()
+
+
+def charge_from_client(peer: Charged, packets: int, size: int) -> None:
+    """As :func:`charge_to_client`, for what the client sent and the server passed on."""
+    counters = peer.counters
+    counters.from_client_packets += packets
+    counters.from_client_bytes += size
+    peer.allowance -= size
+    if peer.allowance <= 0:
+        peer.allowance_used()

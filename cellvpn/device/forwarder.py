@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from cellvpn.device import vnet
-from cellvpn.device.counters import SessionCounters
+from cellvpn.device.counters import SessionCounters, charge_from_client, charge_to_client
 from cellvpn.device.gro import coalesce
 from cellvpn.device.packet import clamp_mss
 from cellvpn.device.pump import PumpRules, PumpTun, pump_rules
@@ -85,27 +85,6 @@ class Peer(Protocol):
 
     def allowance_used(self) -> None:
         """The allowance reached zero: billing looks at the limits and sets a new one."""
-
-
-def charge_to_client(peer: Peer, packets: int, size: int) -> None:
-    """``packets`` (``size`` IP bytes) went towards the client: counted, and drawn from the
-    allowance, whose end hands over to billing. Every path to a client ends here."""
-    counters = peer.counters
-    counters.to_client_packets += packets
-    counters.to_client_bytes += size
-    peer.allowance -= size
-    if peer.allowance <= 0:
-        peer.allowance_used()
-
-
-def charge_from_client(peer: Peer, packets: int, size: int) -> None:
-    """As :func:`charge_to_client`, for what the client sent and the server passed on."""
-    counters = peer.counters
-    counters.from_client_packets += packets
-    counters.from_client_bytes += size
-    peer.allowance -= size
-    if peer.allowance <= 0:
-        peer.allowance_used()
 
 
 class Forwarder:

@@ -30,8 +30,9 @@ import ipaddress
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from cellvpn.device.counters import Charged, charge_from_client
+
 if TYPE_CHECKING:
-    from cellvpn.device.counters import SessionCounters
     from cellvpn.device.tohost import ToHost
     from cellvpn.native import PumpUp
     from cellvpn.ratelimit import TokenBucket
@@ -76,22 +77,23 @@ def pump_rules(clients: Iterable[ipaddress.IPv4Network], to_host: ToHost | None)
     clients = list(clients)
     keep = b"".join(n.network_address.packed + n.netmask.packed for n in clients)
     if to_host is None:
-        return PumpRules(keep, b"", b"", 0) if len(keep) <= 8 * MAX_KEEP else KEEP_ALL
-    hosts = sorted(a for a in to_host.addresses if len(a) == 4 and not leasable(clients, a))
+        hosts: list[bytes] = []
+    else:
+        hosts = sorted(a for a in to_host.addresses if len(a) == 4 and not leasable(clients, a))
     if len(keep) > 8 * MAX_KEEP or len(hosts) > MAX_HOSTS:
         return KEEP_ALL  # more than C has room for: Python decides everything
+    if to_host is None:
+        return PumpRules(keep, b"", b"", 0)
     rules = to_host.rules
     ports = sorted(rules.udp)[:MAX_HOSTS]  # a port left out goes to Python, which allows it
     flags = (HOST_ICMP if rules.icmp else 0) | (HOST_ALL if rules.everything else 0)
     return PumpRules(keep, b"".join(hosts), b"".join(p.to_bytes(2, "big") for p in ports), flags)
 
 
-class PumpPeer(Protocol):
+class PumpPeer(Charged, Protocol):
     """What the pump needs of a session."""
 
     addr_key: bytes
-    counters: SessionCounters
-    allowance: int
     passing: bool
     rate_up: TokenBucket | None
     #: the session agreed to VPN_SEND_GSO
@@ -159,10 +161,7 @@ class UpPump:
             self.op_gso if peer.offload else 0,
         )  # fmt: skip
         if packets:
-            counters = peer.counters
-            counters.from_client_packets += packets
-            counters.from_client_bytes += ip_bytes
-            peer.allowance -= ip_bytes
+            charge_from_client(peer, packets, ip_bytes)  # C stopped before the allowance's end
             stats = tun.stats
             stats.packets_written += packets
             stats.bytes_written += written
